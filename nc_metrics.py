@@ -1,0 +1,269 @@
+"""Neural Collapse metrics of Papyan, Han & Donoho (2020), as pure functions of tensors.
+
+Notation: h_i the penultimate feature of sample i with label y_i, N samples, C classes, d features;
+mu_c the class means, mu_G the global mean of the features; M~ the C x d matrix of centred class means
+mu_c - mu_G (its rows are the "means" below); W the C x d weight of the last linear layer, w_c its rows
+(uncentred), b its bias. Std is the unbiased (n - 1) estimate; Avg the plain average.
+
+    nc1                  Tr(Sigma_W Sigma_B^+) / C, with Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T,
+                         Sigma_B = (1/C) sum_c (mu_c - mu_G)(mu_c - mu_G)^T, and Sigma_B^+ its pseudo-inverse
+                         on its top C - 1 eigenpairs (Sigma_B has rank C - 1).                  (Figure 6)
+    equinorm_means       Std_c ||mu_c - mu_G|| / Avg_c ||mu_c - mu_G||.                          (Figure 2)
+    equinorm_weights     Std_c ||w_c|| / Avg_c ||w_c||.                                           (Figure 2)
+    equiangular_means    Std over the pairs c < c' of cos(mu_c - mu_G, mu_c' - mu_G).            (Figure 3)
+    equiangular_weights  Std over the pairs c < c' of cos(w_c, w_c') (both 0 when C = 2).         (Figure 3)
+    maxangle_means       Avg over c != c' of |cos(mu_c - mu_G, mu_c' - mu_G) + 1/(C - 1)|.       (Figure 4)
+    maxangle_weights     Avg over c != c' of |cos(w_c, w_c') + 1/(C - 1)|.                        (Figure 4)
+    self_duality         || W / ||W||_F - M~ / ||M~||_F ||_F^2.                                  (Figure 5)
+    ncc_mismatch         the fraction of samples where the classifier's argmax_c (w_c . h + b_c)
+                         differs from the nearest class mean argmin_c ||h - mu_c||.             (Figure 7)
+
+Everything is accumulated and computed in float64. `FeatureStats` gathers the class statistics in one
+streaming pass with memory O(C d + d^2) whatever the number of samples; `metrics_from_stats` turns them
+into every metric but `ncc_mismatch`, which needs the features themselves and is computed batch by
+batch with `ncc_disagreements` once the class means are known. `collapse_metrics` does all of it from
+full tensors. The expected calibration error, reported beside the collapse metrics, is here too.
+"""
+import torch
+
+STATS_KEYS = ("nc1", "equinorm_means", "equinorm_weights", "equiangular_means", "equiangular_weights",
+              "maxangle_means", "maxangle_weights", "self_duality")
+METRIC_KEYS = STATS_KEYS + ("ncc_mismatch",)
+
+
+class FeatureStats:
+    """Streaming float64 class statistics of features: counts, class means and within-class scatter.
+
+    Each class's sums are accumulated around a shift, the first sample seen of that class, so nearly
+    collapsed features far from the origin lose no precision to cancellation (and features identical
+    within their class give a within-class covariance of exactly zero).
+    Memory is O(C d + d^2) whatever the number of samples. Two accumulators can be merged (or their
+    tensors summed across processes once `rebase` has given them the same shift).
+    """
+
+    def __init__(self, num_classes: int, dim: int, device: torch.device | str | None = None):
+        if num_classes < 2:
+            raise ValueError(f"need at least 2 classes, got num_classes={num_classes}")
+        if dim < 1:
+            raise ValueError(f"need a positive feature dimension, got dim={dim}")
+        self.num_classes, self.dim = num_classes, dim
+        zeros = dict(dtype=torch.float64, device=device)
+        self.counts = torch.zeros(num_classes, **zeros)
+        self.shift = torch.zeros(num_classes, dim, **zeros)
+        self.sums = torch.zeros(num_classes, dim, **zeros)  # sum of (h - shift_c) per class
+        self.scatter = torch.zeros(dim, dim, **zeros)  # sum of (h - shift_y)(h - shift_y)^T
+
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a batch of features (B, d) with integer labels (B,) in [0, C)."""
+        _check_batch(features, labels, self.num_classes, self.dim)
+        h = features.detach().to(self.sums.device, torch.float64)
+        labels = labels.to(self.sums.device)
+        positions = torch.arange(len(labels), device=labels.device)
+        first = torch.full((self.num_classes,), len(labels), device=labels.device)
+        first.scatter_reduce_(0, labels, positions, reduce="amin")  # each class's first sample here
+        first_seen = (self.counts == 0) & (first < len(labels))
+        candidates = h[first.clamp(max=max(len(labels) - 1, 0))] if len(labels) else self.shift
+        self.shift = torch.where(first_seen[:, None], candidates, self.shift)
+        centred = h - self.shift[labels]
+        self.counts += torch.bincount(labels, minlength=self.num_classes).to(torch.float64)
+        self.sums.index_add_(0, labels, centred)
+        self.scatter.addmm_(centred.T, centred)
+
+    def merge(self, other: "FeatureStats") -> "FeatureStats":
+        """Add the samples accumulated by `other` to this accumulator (in place) and return it."""
+        if (other.num_classes, other.dim) != (self.num_classes, self.dim):
+            raise ValueError(f"cannot merge statistics of {other.num_classes} classes x {other.dim} "
+                             f"features into {self.num_classes} classes x {self.dim} features")
+        unseen = self.counts == 0
+        self.shift = torch.where(unseen[:, None], other.shift.to(self.shift.device), self.shift)
+        sums, scatter = other._recentred(self.shift.to(other.shift.device))
+        self.counts += other.counts.to(self.counts.device)
+        self.sums += sums.to(self.sums.device)
+        self.scatter += scatter.to(self.scatter.device)
+        return self
+
+    def rebase(self, shift: torch.Tensor) -> None:
+        """Re-centre the sums on another per-class shift (C, d); the statistics do not change."""
+        shift = shift.to(self.shift.device, torch.float64)
+        self.sums, self.scatter = self._recentred(shift)
+        self.shift = shift.clone()
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.counts.sum().item())
+
+    def class_means(self) -> torch.Tensor:
+        """The class means mu_c, (C, d); a class without samples is an error."""
+        self._require_every_class()
+        return self.shift + self.sums / self.counts[:, None]
+
+    def global_mean(self) -> torch.Tensor:
+        """The global mean mu_G of all features (the class means weighted by their counts), (d,)."""
+        return (self.counts @ self.class_means()) / self.counts.sum()
+
+    def within_class_covariance(self) -> torch.Tensor:
+        """Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T, (d, d)."""
+        self._require_every_class()
+        deviation = self.sums / self.counts.sqrt()[:, None]  # sqrt(n_c) (mu_c - shift_c)
+        return (self.scatter - deviation.T @ deviation) / self.counts.sum()
+
+    def _recentred(self, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sums, scatter) accumulated around `shift` instead of `self.shift`: h - a = (h - b) - (a - b)."""
+        delta = shift - self.shift
+        sums = self.sums - self.counts[:, None] * delta
+        cross = delta.T @ self.sums
+        scatter = self.scatter - cross - cross.T + delta.T @ (self.counts[:, None] * delta)
+        return sums, scatter
+
+    def _require_every_class(self) -> None:
+        empty = (self.counts == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"class(es) {empty[:10]} have no samples; every one of the "
+                             f"{self.num_classes} classes needs at least one")
+
+
+def collapse_metrics(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None = None, num_classes: int | None = None) -> dict[str, float]:
+    """Every metric of the module docstring (METRIC_KEYS) from full tensors: features (N, d), labels (N,),
+    the classifier weight (C, d) and bias (C,) (zero if None); C is weight's row count."""
+    classes = weight.shape[0]
+    if num_classes is not None and num_classes != classes:
+        raise ValueError(f"num_classes={num_classes} but the classifier has {classes} rows")
+    stats = FeatureStats(classes, weight.shape[1], device=features.device)
+    stats.update(features, labels)
+    metrics = metrics_from_stats(stats, weight)
+    metrics["ncc_mismatch"] = ncc_mismatch(features, weight, bias, stats.class_means())
+    return metrics
+
+
+def metrics_from_stats(stats: FeatureStats, weight: torch.Tensor) -> dict[str, float]:
+    """The metrics STATS_KEYS (all but ncc_mismatch) from accumulated statistics and the classifier (C, d)."""
+    _check_weight(weight, stats.num_classes, stats.dim)
+    w = weight.detach().to(stats.sums.device, torch.float64)
+    centred_means = stats.class_means() - stats.global_mean()
+    return {
+        "nc1": nc1(stats.within_class_covariance(), centred_means),
+        "equinorm_means": coefficient_of_variation(centred_means.norm(dim=1)),
+        "equinorm_weights": coefficient_of_variation(w.norm(dim=1)),
+        "equiangular_means": spread(pair_cosines(centred_means)),
+        "equiangular_weights": spread(pair_cosines(w)),
+        "maxangle_means": simplex_angle_deviation(centred_means),
+        "maxangle_weights": simplex_angle_deviation(w),
+        "self_duality": self_duality(w, centred_means),
+    }
+
+
+def nc1(within_covariance: torch.Tensor, centred_means: torch.Tensor) -> float:
+    """Tr(Sigma_W Sigma_B^+) / C, Sigma_B = M~^T M~ / C inverted on its top C - 1 eigenpairs.
+
+    Sigma_B's eigenpairs come from the thin SVD of the C x d matrix M~ (eigenvalues s_k^2 / C), which is
+    exact and cheap even for d = 2048, where a generic pinv of the d x d matrix mistakes rounding noise
+    for spectrum."""
+    classes = centred_means.shape[0]
+    _, singular, right = torch.linalg.svd(centred_means, full_matrices=False)
+    rank = min(classes - 1, centred_means.shape[1])
+    directions = right[:rank]  # (rank, d), orthonormal rows
+    eigenvalues = singular[:rank] ** 2 / classes
+    projected = ((directions @ within_covariance) * directions).sum(dim=1)  # v_k^T Sigma_W v_k
+    return ((projected / eigenvalues).sum() / classes).item()
+
+
+def coefficient_of_variation(values: torch.Tensor) -> float:
+    """Std / Avg of a vector of positive values (unbiased Std)."""
+    return (values.std() / values.mean()).item()
+
+
+def spread(values: torch.Tensor) -> float:
+    """The unbiased Std of a vector; 0 for a single value (C = 2 has one pair of classes)."""
+    return values.std().item() if len(values) > 1 else 0.0
+
+
+def pair_cosines(vectors: torch.Tensor) -> torch.Tensor:
+    """The cosines between rows c < c' of a (C, d) matrix, as a vector of C (C - 1) / 2 values."""
+    unit = vectors / vectors.norm(dim=1, keepdim=True)
+    rows, cols = torch.triu_indices(len(vectors), len(vectors), offset=1, device=vectors.device)
+    return (unit @ unit.T)[rows, cols]
+
+
+def simplex_angle_deviation(vectors: torch.Tensor) -> float:
+    """Avg over c != c' of |cos(v_c, v_c') + 1/(C - 1)|: zero exactly for a simplex ETF."""
+    return (pair_cosines(vectors) + 1.0 / (len(vectors) - 1)).abs().mean().item()
+
+
+def self_duality(weight: torch.Tensor, centred_means: torch.Tensor) -> float:
+    """|| W / ||W||_F - M~ / ||M~||_F ||_F^2."""
+    return (weight / weight.norm() - centred_means / centred_means.norm()).pow(2).sum().item()
+
+
+def ncc_mismatch(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 class_means: torch.Tensor) -> float:
+    """The fraction of samples whose classifier argmax_c (w_c . h + b_c) differs from the nearest class
+    mean argmin_c ||h - mu_c|| (ties go to the lower class index in both)."""
+    if len(features) == 0:
+        raise ValueError("ncc_mismatch needs at least one sample")
+    return ncc_disagreements(features, weight, bias, class_means).item() / len(features)
+
+
+def ncc_disagreements(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      class_means: torch.Tensor) -> torch.Tensor:
+    """The number of samples counted by `ncc_mismatch`, as a 0-dim tensor on the features' device
+    (so a streaming caller sums batches without waiting for the device)."""
+    _check_weight(weight, class_means.shape[0], class_means.shape[1])
+    _check_features(features, class_means.shape[1])
+    h = features.detach().to(torch.float64)
+    w = weight.detach().to(h.device, torch.float64)
+    logits = h @ w.T
+    if bias is not None:
+        logits += bias.detach().to(h.device, torch.float64)
+    means = class_means.to(h.device, torch.float64)
+    # Distances compared around the means' centre: translation-free, and no cancellation far from 0.
+    centre = means.mean(dim=0)
+    centred_means = means - centre
+    closeness = (h - centre) @ centred_means.T - 0.5 * centred_means.pow(2).sum(dim=1)
+    return (logits.argmax(dim=1) != closeness.argmax(dim=1)).sum()
+
+
+def calibration_bins(logits: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> torch.Tensor:
+    """Per confidence bin (equal width on [0, 1]): [count, sum of confidences, number correct], (num_bins, 3)
+    in float64; bins of several batches add up."""
+    probabilities = logits.detach().to(torch.float64).softmax(dim=1)
+    confidence, prediction = probabilities.max(dim=1)
+    # Bin k holds confidences in (k/B, (k+1)/B]; a confidence of exactly 0 cannot occur with softmax.
+    bins = (confidence * num_bins).ceil().long().clamp(1, num_bins) - 1
+    correct = (prediction == labels.to(prediction.device)).to(torch.float64)
+    table = torch.zeros(num_bins, 3, dtype=torch.float64, device=logits.device)
+    values = torch.stack([torch.ones_like(confidence), confidence, correct], dim=1)
+    return table.index_add_(0, bins, values)
+
+
+def expected_calibration_error(bins: torch.Tensor) -> float:
+    """ECE = sum_k (n_k / N) |acc_k - conf_k| from `calibration_bins` (Guo et al. 2017)."""
+    counts, confidence, correct = bins.unbind(dim=1)
+    return ((correct - confidence).abs().sum() / counts.sum()).item()
+
+
+def _check_batch(features: torch.Tensor, labels: torch.Tensor, num_classes: int, dim: int) -> None:
+    _check_features(features, dim)
+    if labels.dim() != 1 or len(labels) != len(features):
+        raise ValueError(f"labels must have shape ({len(features)},) to match the features, "
+                         f"got {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"labels must be integers, got {labels.dtype}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got values from "
+                         f"{labels.min().item()} to {labels.max().item()}")
+
+
+def _check_features(features: torch.Tensor, dim: int) -> None:
+    if features.dim() != 2 or features.shape[1] != dim:
+        raise ValueError(f"features must have shape (N, {dim}), got {tuple(features.shape)}")
+    if not torch.isfinite(features).all():
+        raise ValueError("features contain NaN or Inf; the network diverged or the input is corrupt")
+
+
+def _check_weight(weight: torch.Tensor, num_classes: int, dim: int) -> None:
+    if weight.dim() != 2 or tuple(weight.shape) != (num_classes, dim):
+        raise ValueError(f"the classifier weight must have shape ({num_classes}, {dim}), "
+                         f"got {tuple(weight.shape)}")
+    if num_classes < 2:
+        raise ValueError(f"need at least 2 classes, got {num_classes}")

@@ -1,0 +1,305 @@
+"""nc_metrics against closed-form cases, hand-computed examples, invariances and an exact reference."""
+import math
+
+import pytest
+import torch
+
+from nc_metrics import (METRIC_KEYS, STATS_KEYS, FeatureStats, calibration_bins, collapse_metrics,
+                        expected_calibration_error, metrics_from_stats, ncc_mismatch)
+
+SQRT2 = math.sqrt(2.0)
+
+
+def simplex_etf(num_classes: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """C unit vectors in R^d with pairwise cosine -1/(C-1), randomly oriented (d >= C - 1)."""
+    centred = torch.eye(num_classes, dtype=torch.float64) - 1.0 / num_classes
+    basis, _ = torch.linalg.qr(centred)  # orthonormal basis whose span contains the simplex
+    generator = torch.Generator().manual_seed(seed)
+    rotation, _ = torch.linalg.qr(torch.randn(dim, dim, dtype=torch.float64, generator=generator))
+    rank = num_classes - 1
+    coordinates = centred @ basis[:, :rank]  # (C, C-1) coordinates of the simplex in its own span
+    etf = coordinates @ rotation[:rank]
+    return etf / etf.norm(dim=1, keepdim=True)
+
+
+def as_features(means: list[list[float]], deviations: list[list[list[float]]]):
+    """Features mean_c + deviation for each class's list of deviations, with their labels."""
+    rows, labels = [], []
+    for c, (mean, devs) in enumerate(zip(means, deviations)):
+        for dev in devs:
+            rows.append([m + e for m, e in zip(mean, dev)])
+            labels.append(c)
+    return torch.tensor(rows, dtype=torch.float64), torch.tensor(labels)
+
+
+# ---------------------------------------------------------------- closed form: the simplex ETF
+
+@pytest.mark.parametrize("num_classes,dim", [(2, 1), (3, 2), (10, 9), (10, 512), (7, 30)])
+def test_simplex_etf_is_fully_collapsed(num_classes, dim):
+    etf = simplex_etf(num_classes, dim)
+    offset = torch.randn(dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    means = 3.7 * etf + offset  # any scale, any global mean
+    labels = torch.arange(num_classes).repeat_interleave(5)
+    features = means[labels]
+    weight = 0.4 * etf
+    bias = -weight @ offset  # the classifier ignores the global mean, as NC4 needs
+    metrics = collapse_metrics(features, labels, weight, bias)
+    assert metrics["nc1"] == 0.0
+    for key in METRIC_KEYS:
+        assert abs(metrics[key]) < 1e-10, key
+
+
+def test_simplex_etf_cosines_are_minus_one_over_c_minus_one():
+    from nc_metrics import pair_cosines
+    for num_classes in (3, 10, 100):
+        cosines = pair_cosines(simplex_etf(num_classes, num_classes + 5))
+        assert torch.allclose(cosines, torch.full_like(cosines, -1.0 / (num_classes - 1)), atol=1e-12)
+
+
+# ---------------------------------------------------------------- hand-computed small cases
+
+def test_two_classes_by_hand():
+    # mu_0 = (-1, 0), mu_1 = (1, 0), deviations +-(a, 1) with a = 1/2.
+    # Sigma_W = [[a^2, a], [a, 1]], Sigma_B = [[1, 0], [0, 0]] -> Tr(Sigma_W Sigma_B^+) = a^2, nc1 = a^2 / 2.
+    features, labels = as_features([[-1, 0], [1, 0]], [[[0.5, 1], [-0.5, -1]], [[0.5, 1], [-0.5, -1]]])
+    weight = torch.tensor([[-2.0, 0.0], [1.0, 1.0]])
+    metrics = collapse_metrics(features, labels, weight, bias=torch.tensor([0.0, -0.6]))
+    assert metrics["nc1"] == pytest.approx(0.125, rel=1e-12)
+    assert metrics["equinorm_means"] == pytest.approx(0.0, abs=1e-15)  # both centred means have norm 1
+    # ||w|| = 2 and sqrt(2): Std / Avg = (|2 - sqrt2| / sqrt2) / ((2 + sqrt2) / 2) = 3 sqrt2 - 4
+    assert metrics["equinorm_weights"] == pytest.approx(3 * SQRT2 - 4, rel=1e-12)
+    assert metrics["equiangular_means"] == 0.0 and metrics["equiangular_weights"] == 0.0  # one pair
+    assert metrics["maxangle_means"] == pytest.approx(0.0, abs=1e-15)  # cos = -1 = -1/(C-1)
+    assert metrics["maxangle_weights"] == pytest.approx(1 - 1 / SQRT2, rel=1e-12)  # cos(w0, w1) = -1/sqrt2
+    # <W, M~> = 3, ||W||_F = sqrt6, ||M~||_F = sqrt2: 2 - 2 * 3 / sqrt12 = 2 - sqrt3
+    assert metrics["self_duality"] == pytest.approx(2 - math.sqrt(3), rel=1e-12)
+    # Only (0.5, -1) disagrees: logits (-1, -1.1) pick class 0, its nearest mean is class 1's.
+    assert metrics["ncc_mismatch"] == 0.25
+
+
+def test_three_classes_by_hand():
+    # Means (1, 0), (0, 1), (-1, -1) (global mean 0), deviations +-(s, 0) with s = 0.3.
+    # Sigma_B = [[2, 1], [1, 2]] / 3, its inverse [[2, -1], [-1, 2]]; Sigma_W = [[s^2, 0], [0, 0]]
+    # -> Tr = 2 s^2, nc1 = 2 s^2 / 3 = 0.06.
+    devs = [[0.3, 0.0], [-0.3, 0.0]]
+    features, labels = as_features([[1, 0], [0, 1], [-1, -1]], [devs, devs, devs])
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+    metrics = collapse_metrics(features, labels, weight)
+    assert metrics["nc1"] == pytest.approx(0.06, rel=1e-12)
+    # norms 1, 1, sqrt2: mean m = (2 + sqrt2) / 3, unbiased Std = sqrt(((1-m)^2 * 2 + (sqrt2-m)^2) / 2)
+    m = (2 + SQRT2) / 3
+    cv = math.sqrt((2 * (1 - m) ** 2 + (SQRT2 - m) ** 2) / 2) / m
+    assert metrics["equinorm_means"] == pytest.approx(cv, rel=1e-12)
+    assert metrics["equinorm_weights"] == pytest.approx(cv, rel=1e-12)
+    # cosines 0, -1/sqrt2, -1/sqrt2: unbiased Std = 1/sqrt6; Avg |cos + 1/2| = (sqrt2 - 1/2) / 3
+    assert metrics["equiangular_means"] == pytest.approx(1 / math.sqrt(6), rel=1e-12)
+    assert metrics["equiangular_weights"] == pytest.approx(1 / math.sqrt(6), rel=1e-12)
+    assert metrics["maxangle_means"] == pytest.approx((SQRT2 - 0.5) / 3, rel=1e-12)
+    assert metrics["maxangle_weights"] == pytest.approx((SQRT2 - 0.5) / 3, rel=1e-12)
+    assert metrics["self_duality"] == pytest.approx(0.0, abs=1e-15)  # W equals M~
+    assert metrics["ncc_mismatch"] == 0.0
+
+
+def test_unbalanced_classes_use_the_weighted_global_mean():
+    # Class 0: (-1, 1), (-1, 1), (2, 1) -> mu_0 = (0, 1); class 1: (4, 1). mu_G = (3 mu_0 + mu_1) / 4 = (1, 1).
+    # M~ = [(-1, 0), (3, 0)]: Sigma_B = [[5, 0], [0, 0]]; Sigma_W = [[6 / 4, 0], [0, 0]] -> nc1 = 1.5 / 5 / 2.
+    features = torch.tensor([[-1.0, 1.0], [-1.0, 1.0], [2.0, 1.0], [4.0, 1.0]])
+    labels = torch.tensor([0, 0, 0, 1])
+    metrics = collapse_metrics(features, labels, weight=torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
+    assert metrics["nc1"] == pytest.approx(0.15, rel=1e-12)
+    assert metrics["equinorm_means"] == pytest.approx(SQRT2 / 2, rel=1e-12)  # norms 1 and 3
+    assert metrics["self_duality"] == pytest.approx(2 - 2 * 4 / (SQRT2 * math.sqrt(10)), rel=1e-12)
+
+
+def test_ncc_mismatch_with_other_means():
+    # Test features against another split's means (the paper's Figure 7).
+    means = torch.tensor([[0.0, 0.0], [4.0, 0.0]])
+    features = torch.tensor([[1.0, 0.0], [3.0, 0.0], [2.5, 1.0], [-1.0, 0.0]])
+    weight, bias = torch.tensor([[0.0, 0.0], [1.0, 0.0]]), torch.tensor([0.0, -2.2])
+    # classifier: class 1 iff x > 2.2 -> 0, 1, 1, 0; nearest mean: class 1 iff x > 2 -> 0, 1, 1, 0
+    assert ncc_mismatch(features, weight, bias, means) == 0.0
+    bias = torch.tensor([0.0, -2.8])  # class 1 iff x > 2.8: (2.5, 1) now disagrees
+    assert ncc_mismatch(features, weight, bias, means) == 0.25
+
+
+# ---------------------------------------------------------------- invariances and streaming
+
+def random_problem(num_samples=300, num_classes=5, dim=12, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_samples) % num_classes
+    means = 3 * torch.randn(num_classes, dim, dtype=torch.float64, generator=generator)
+    features = means[labels] + torch.randn(num_samples, dim, dtype=torch.float64, generator=generator)
+    weight = torch.randn(num_classes, dim, dtype=torch.float64, generator=generator)
+    bias = torch.randn(num_classes, dtype=torch.float64, generator=generator)
+    return features, labels, weight, bias
+
+
+def test_nc1_is_invariant_to_rotation_and_scale_of_the_features():
+    features, labels, weight, _ = random_problem()
+    rotation, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64,
+                                              generator=torch.Generator().manual_seed(3)))
+    base = collapse_metrics(features, labels, weight)["nc1"]
+    moved = collapse_metrics(5.5 * features @ rotation.T, labels, weight)["nc1"]
+    assert moved == pytest.approx(base, rel=1e-12)
+
+
+def test_self_duality_is_invariant_to_scaling_the_classifier():
+    features, labels, weight, _ = random_problem()
+    base = collapse_metrics(features, labels, weight)
+    scaled = collapse_metrics(features, labels, 17.0 * weight)
+    for key in ("self_duality", "equinorm_weights", "equiangular_weights", "maxangle_weights"):
+        assert scaled[key] == pytest.approx(base[key], rel=1e-12)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 300])
+def test_streaming_equals_full_tensors_for_any_batching_and_order(batch_size):
+    features, labels, weight, bias = random_problem()
+    full = collapse_metrics(features, labels, weight, bias)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(batch_size))
+    stats = FeatureStats(5, 12)
+    for chunk in order.split(batch_size):
+        stats.update(features[chunk], labels[chunk])
+    streamed = metrics_from_stats(stats, weight)
+    assert set(streamed) == set(STATS_KEYS)
+    for key in STATS_KEYS:
+        assert streamed[key] == pytest.approx(full[key], rel=1e-12), key
+
+
+def test_merging_two_accumulators_equals_one_over_the_union():
+    features, labels, weight, _ = random_problem()
+    first, second = FeatureStats(5, 12), FeatureStats(5, 12)
+    first.update(features[:100], labels[:100])
+    second.update(features[100:], labels[100:])
+    union = FeatureStats(5, 12)
+    union.update(features, labels)
+    merged = metrics_from_stats(first.merge(second), weight)
+    expected = metrics_from_stats(union, weight)
+    for key in STATS_KEYS:
+        assert merged[key] == pytest.approx(expected[key], rel=1e-12), key
+    assert first.num_samples == 300
+
+
+def test_merge_fills_classes_the_first_accumulator_has_not_seen():
+    features, labels, weight, _ = random_problem()
+    only_low, only_high = FeatureStats(5, 12), FeatureStats(5, 12)
+    low = labels < 2
+    only_low.update(features[low], labels[low])
+    only_high.update(features[~low], labels[~low])
+    union = FeatureStats(5, 12)
+    union.update(features, labels)
+    assert torch.allclose(only_low.merge(only_high).class_means(), union.class_means(), rtol=1e-13)
+
+
+def test_rebase_keeps_the_statistics():
+    features, labels, _, _ = random_problem()
+    stats = FeatureStats(5, 12)
+    stats.update(features, labels)
+    covariance = stats.within_class_covariance()
+    stats.rebase(torch.full((5, 12), 7.0, dtype=torch.float64))
+    assert torch.allclose(stats.within_class_covariance(), covariance, rtol=1e-10, atol=1e-13)
+
+
+def test_nearly_collapsed_features_far_from_the_origin_keep_their_precision():
+    num_classes, dim, per_class = 4, 16, 50
+    generator = torch.Generator().manual_seed(0)
+    etf = simplex_etf(num_classes, dim)
+    labels = torch.arange(num_classes).repeat(per_class)
+    noise = 1e-3 * torch.randn(len(labels), dim, dtype=torch.float64, generator=generator)
+    features = (1e4 + etf[labels] + noise).to(torch.float32)  # what a network hands over: float32
+    stats = FeatureStats(num_classes, dim)
+    for chunk in torch.arange(len(labels)).split(32):
+        stats.update(features[chunk], labels[chunk])
+    got = metrics_from_stats(stats, etf)["nc1"]
+
+    # Exact reference: two passes in float64, deviations taken around the final class means.
+    h = features.to(torch.float64)
+    means = torch.stack([h[labels == c].mean(dim=0) for c in range(num_classes)])
+    deviations = h - means[labels]
+    sigma_w = deviations.T @ deviations / len(h)
+    centred = means - h.mean(dim=0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / num_classes)
+    top = eigenvectors[:, -(num_classes - 1):] / eigenvalues[-(num_classes - 1):]
+    pinv = top @ eigenvectors[:, -(num_classes - 1):].T
+    expected = torch.trace(sigma_w @ pinv).item() / num_classes
+    assert expected > 0
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_hundred_classes_at_resnet50_width():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(100).repeat(3)
+    features = torch.randn(300, 2048, generator=generator)
+    weight = torch.randn(100, 2048, generator=generator)
+    metrics = collapse_metrics(features, labels, weight, torch.zeros(100), num_classes=100)
+    assert set(metrics) == set(METRIC_KEYS)
+    assert all(math.isfinite(value) for value in metrics.values())
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("labels,message", [
+    (torch.tensor([0, 1, 3]), r"labels must lie in \[0, 3\)"),
+    (torch.tensor([0, 1, -1]), r"labels must lie in \[0, 3\)"),
+    (torch.tensor([0, 1]), "labels must have shape"),
+    (torch.tensor([0.0, 1.0, 2.0]), "labels must be integers"),
+])
+def test_bad_labels_are_named(labels, message):
+    with pytest.raises(ValueError, match=message):
+        FeatureStats(3, 2).update(torch.zeros(3, 2), labels)
+
+
+def test_a_class_without_samples_is_named():
+    stats = FeatureStats(3, 2)
+    stats.update(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match=r"class\(es\) \[2\] have no samples"):
+        metrics_from_stats(stats, torch.randn(3, 2))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_features_are_refused(bad):
+    features = torch.randn(4, 2)
+    features[2, 1] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        FeatureStats(2, 2).update(features, torch.tensor([0, 1, 0, 1]))
+
+
+def test_mismatched_shapes_are_named():
+    with pytest.raises(ValueError, match=r"features must have shape \(N, 3\)"):
+        FeatureStats(2, 3).update(torch.zeros(4, 2), torch.tensor([0, 1, 0, 1]))
+    stats = FeatureStats(2, 3)
+    stats.update(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match=r"classifier weight must have shape \(2, 3\)"):
+        metrics_from_stats(stats, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="num_classes=3 but the classifier has 2 rows"):
+        collapse_metrics(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), torch.zeros(2, 3), num_classes=3)
+
+
+def test_fewer_than_two_classes_is_refused():
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        FeatureStats(1, 4)
+
+
+# ---------------------------------------------------------------- calibration
+
+def confident_logits(confidence: float, predicted: int) -> list[float]:
+    """Two-class logits whose softmax gives `confidence` to class `predicted`."""
+    pair = [math.log(confidence), math.log(1 - confidence)]
+    return pair if predicted == 0 else pair[::-1]
+
+
+def test_ece_is_zero_when_confidence_equals_accuracy():
+    # Four predictions of class 0 at confidence 0.75, three of them right.
+    logits = torch.tensor([confident_logits(0.75, 0)] * 4, dtype=torch.float64)
+    bins = calibration_bins(logits, torch.tensor([0, 0, 0, 1]))
+    assert expected_calibration_error(bins) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ece_two_bins_by_hand():
+    # Bin (0.8667, 0.9333]: 4 samples at 0.9, 2 right -> |0.5 - 0.9| = 0.4 with weight 4/6;
+    # bin (0.5333, 0.6]: 2 samples at 0.55, 1 right -> |0.5 - 0.55| = 0.05 with weight 2/6. ECE = 17/60.
+    logits = torch.tensor([confident_logits(0.9, 0)] * 4 + [confident_logits(0.55, 1)] * 2,
+                          dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1, 1, 0])
+    bins = calibration_bins(logits[:3], labels[:3]) + calibration_bins(logits[3:], labels[3:])
+    assert bins[:, 0].sum() == 6 and (bins[:, 0] > 0).sum() == 2
+    assert expected_calibration_error(bins) == pytest.approx(17 / 60, rel=1e-12)
