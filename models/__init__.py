@@ -1,0 +1,47 @@
+"""The network registry: `get_model(name, num_classes)` builds any network by name.
+
+Every network has the same explicit interface, so the collapse measurement never needs hooks:
+`model.features(x)` is the penultimate activation (B, D), exactly the input of the last linear layer
+`model.fc`, and `model(x)` is `model.fc(model.features(x))`. `width` scales every layer's channels
+proportionally; 64 is the width of the paper's ResNets.
+"""
+import re
+
+import torch.nn as nn
+
+from models.densenet import DenseNet
+from models.resnet import ResNet
+from models.vgg import VGG
+from models.vit import ViT
+from models.wrn import WideResNet
+
+_BUILDERS = {
+    "resnet18": lambda c, k, w: ResNet("basic", [2, 2, 2, 2], c, k, w),
+    "resnet34": lambda c, k, w: ResNet("basic", [3, 4, 6, 3], c, k, w),
+    "resnet50": lambda c, k, w: ResNet("bottleneck", [3, 4, 6, 3], c, k, w),
+    "vgg11": lambda c, k, w: VGG(11, c, k, w),
+    "vgg13": lambda c, k, w: VGG(13, c, k, w),
+    "vgg16": lambda c, k, w: VGG(16, c, k, w),
+    "vgg19": lambda c, k, w: VGG(19, c, k, w),
+    "densenet121": lambda c, k, w: DenseNet([6, 12, 24, 16], c, k, w),
+    "vit": lambda c, k, w: ViT(c, k, w),
+}
+MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+_WRN = re.compile(r"wrn(\d+)_(\d+)")
+
+
+def get_model(name: str, num_classes: int, in_channels: int = 3, width: int = 64) -> nn.Module:
+    """The network `name` (any case; `wrn<depth>_<k>` for any WideResNet) for `num_classes` classes."""
+    key = name.lower()
+    if key in _BUILDERS:
+        return _BUILDERS[key](in_channels, num_classes, width)
+    wide = _WRN.fullmatch(key)
+    if wide:
+        return WideResNet(int(wide[1]), int(wide[2]), in_channels, num_classes, width)
+    raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(MODEL_NAMES)}, "
+                     "wrn<depth>_<k> (e.g. wrn40_10)")
+
+
+def is_model_name(name: str) -> bool:
+    """Whether `get_model` knows `name` (a WideResNet's depth is checked when it is built)."""
+    return name.lower() in _BUILDERS or _WRN.fullmatch(name.lower()) is not None

@@ -1,0 +1,71 @@
+"""ResNet-18/34/50 (He et al. 2016) in the CIFAR form used by Papyan, Han & Donoho (2020): a 3x3
+stride-1 stem without max-pool, four stages of width w, 2w, 4w, 8w (strides 1, 2, 2, 2), global
+average pooling and one linear classifier."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inputs: int, channels: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.shortcut = _shortcut(inputs, channels, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inputs: int, channels: int, stride: int):
+        super().__init__()
+        outputs = channels * self.expansion
+        self.conv1 = nn.Conv2d(inputs, channels, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.conv3 = nn.Conv2d(channels, outputs, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(outputs)
+        self.shortcut = _shortcut(inputs, outputs, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, block: str, depths: list[int], in_channels: int, num_classes: int, width: int):
+        super().__init__()
+        kind = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU(inplace=True))
+        layers, inputs = [], width
+        for stage, depth in enumerate(depths):
+            channels = width * 2 ** stage
+            for index in range(depth):
+                layers.append(kind(inputs, channels, 2 if stage and not index else 1))
+                inputs = channels * kind.expansion
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(inputs, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.stem(x)).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def _shortcut(inputs: int, outputs: int, stride: int) -> nn.Module:
+    """Identity, or a strided 1x1 projection where the shape changes."""
+    if stride == 1 and inputs == outputs:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))

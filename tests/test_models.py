@@ -1,0 +1,62 @@
+"""The model registry: every network's interface, feature widths, width scaling and input shapes."""
+import pytest
+import torch
+import torch.nn as nn
+
+import models
+
+SMALL = [*models.MODEL_NAMES, "wrn16_2", "wrn10_1"]
+CNNS = [name for name in SMALL if name != "vit"]
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_forward_is_the_last_linear_layer_of_the_features(name):
+    torch.manual_seed(0)
+    model = models.get_model(name, num_classes=7, width=8).eval()
+    x = torch.randn(3, 3, 32, 32).to(memory_format=torch.channels_last)
+    features = model.features(x)
+    assert isinstance(model.fc, nn.Linear) and model.fc.in_features == features.shape[1]
+    assert model(x).shape == (3, 7)
+    assert torch.equal(model(x), model.fc(features))
+
+
+@pytest.mark.parametrize("name, width, dim", [("resnet18", 64, 512), ("resnet34", 64, 512), ("resnet50", 64, 2048),
+                                              ("resnet18", 32, 256), ("vgg16", 64, 512), ("vgg11", 16, 128),
+                                              ("wrn40_10", 64, 640), ("wrn16_2", 32, 64), ("vit", 64, 384),
+                                              ("densenet121", 64, 1024)])
+def test_feature_widths(name, width, dim):
+    assert models.get_model(name, num_classes=10, width=width).fc.in_features == dim
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_the_papers_resnets_give_their_feature_width_on_an_image(name):
+    model = models.get_model(name, num_classes=10).eval()
+    with torch.inference_mode():
+        assert model.features(torch.randn(1, 3, 32, 32)).shape == (1, model.fc.in_features)
+
+
+@pytest.mark.parametrize("name", CNNS)
+def test_cnns_take_grey_28x28_and_96x96_images(name):
+    model = models.get_model(name, num_classes=10, in_channels=1, width=4).eval()
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert model(torch.randn(1, 1, 96, 96)).shape == (1, 10)
+
+
+def test_the_vit_refuses_other_image_sizes():
+    with pytest.raises(ValueError, match="32x32"):
+        models.get_model("vit", num_classes=10, in_channels=1, width=4)(torch.randn(1, 1, 28, 28))
+
+
+def test_models_run_under_bf16_autocast():
+    model = models.get_model("resnet18", num_classes=10, width=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.randn(2, 3, 32, 32)).dtype == torch.bfloat16
+
+
+def test_names_are_case_insensitive_and_unknown_ones_list_the_choices():
+    assert isinstance(models.get_model("ResNet18", 10, width=4), nn.Module)
+    assert models.is_model_name("WRN28_10") and not models.is_model_name("resnet19")
+    with pytest.raises(ValueError, match="unknown model 'resnet19'; choose one of: resnet18.*wrn<depth>_<k>"):
+        models.get_model("resnet19", 10)
+    with pytest.raises(ValueError, match="6n\\+4"):
+        models.get_model("wrn20_2", 10)
