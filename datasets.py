@@ -1,0 +1,441 @@
+"""Image datasets from their standard files to normalised batches on the training device.
+
+Each split is read by our own readers from the files torchvision's download writes (torchvision is
+used only to download: its dataset classes check md5 sums, which a re-encoded offline copy fails).
+Instead of md5 sums the readers check shapes, dtypes, label ranges and, in `load_split`, the official
+number of samples per split. A whole split is held on the device as uint8; `batches` indexes it there,
+augments and normalises each batch on the device, with no DataLoader and no workers.
+"""
+import argparse
+import gzip
+import math
+import pickle
+import struct
+import zlib
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+import numpy as np
+import scipy.io
+import torch
+import torch.nn.functional as F
+
+from errors import UserError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a network needs to know of a dataset: classes, image channels and image side in pixels."""
+    num_classes: int
+    channels: int
+    size: int
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "CIFAR10": DatasetInfo(10, 3, 32),
+    "CIFAR100": DatasetInfo(100, 3, 32),
+    "MNIST": DatasetInfo(10, 1, 28),
+    "FashionMNIST": DatasetInfo(10, 1, 28),
+    "SVHN": DatasetInfo(10, 3, 32),
+    "STL10": DatasetInfo(10, 3, 96),
+    "synthetic": DatasetInfo(10, 3, 32),
+}
+
+# The generated dataset: a smooth random colour template per class plus per-image brightness and
+# per-pixel Gaussian noise, all in pixel levels (0..255). Its seed is fixed so that runs with
+# different training seeds train on the same data.
+SYNTHETIC_DATA_SEED = 20200924
+SYNTHETIC_TRAIN_PER_CLASS = 100
+SYNTHETIC_TEST_PER_CLASS = 50
+SYNTHETIC_TEMPLATE_GRID = 4
+SYNTHETIC_TEMPLATE_STD = 20.0
+SYNTHETIC_BRIGHTNESS_STD = 20.0
+SYNTHETIC_NOISE_STD = 60.0
+
+# Official (train, test) sizes, checked by `load_split` in place of md5 sums.
+SPLIT_SIZES: dict[str, tuple[int, int]] = {
+    "CIFAR10": (50000, 10000),
+    "CIFAR100": (50000, 10000),
+    "MNIST": (60000, 10000),
+    "FashionMNIST": (60000, 10000),
+    "SVHN": (73257, 26032),
+    "STL10": (5000, 8000),
+    "synthetic": (10 * SYNTHETIC_TRAIN_PER_CLASS, 10 * SYNTHETIC_TEST_PER_CLASS),
+}
+
+CROP_PADDING = 4
+
+Split = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, C, H, W) and int64 labels (N,)
+
+
+def canonical_name(name: str) -> str:
+    """The dataset's name as spelled in DATASETS, found case-insensitively; usable as an argparse type."""
+    by_lower = {known.lower(): known for known in DATASETS}
+    if name.lower() not in by_lower:
+        raise _UnknownDataset(f"unknown dataset '{name}'; choose one of: {', '.join(DATASETS)}")
+    return by_lower[name.lower()]
+
+
+def load_run_data(name: str, root: str | Path, samples_per_class: int | None, seed: int, download: bool,
+                  device: torch.device) -> tuple[Split, Split, int]:
+    """A run's data on `device`: the seeded class-balanced training subset, the whole test split, and
+    the number of training samples per class kept."""
+    train_images, train_labels = load_split(name, root, True, download)
+    keep = balanced_indices(train_labels, samples_per_class, seed)
+    test_images, test_labels = load_split(name, root, False, download)
+    per_class = len(keep) // len(train_labels.unique())
+    return ((train_images[keep].to(device), train_labels[keep].to(device)),
+            (test_images.to(device), test_labels.to(device)), per_class)
+
+
+def load_split(name: str, root: str | Path, train: bool, download: bool = False) -> Split:
+    """A split as uint8 images (N, C, H, W) and int64 labels (N,) in the files' order, downloaded first
+    when asked and missing, and checked to have the official number of samples."""
+    name = canonical_name(name)
+    root = Path(root).absolute()
+    if download and None in _located_files(name, root, train):
+        _download(name, root, train)
+    images, labels = read_split(name, root, train)
+    check_count(name, train, len(labels), root)
+    return images, labels
+
+
+def read_split(name: str, root: str | Path, train: bool) -> Split:
+    """A split as `load_split` gives it, with its format checked but not its size, so that copies of
+    any size read (small test files, deliberately cut-down copies)."""
+    name = canonical_name(name)
+    if name == "synthetic":
+        return _synthetic_split(train)
+    root = Path(root).absolute()
+    paths = _split_paths(name, root, train)
+    info = DATASETS[name]
+    images, labels = _READERS[name](paths, info.num_classes)
+    if images.shape[1:] != (info.channels, info.size, info.size):
+        raise _corrupt(paths[0], f"its images are {images.shape[1:]}, not {(info.channels, info.size, info.size)}")
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def check_count(name: str, train: bool, count: int, root: str | Path) -> None:
+    """Raise UserError unless `count` is the official number of samples of the split."""
+    expected = SPLIT_SIZES[name][0 if train else 1]
+    if count != expected:
+        split = "train" if train else "test"
+        raise UserError(f"the {name} {split} split in {Path(root).absolute()} has {count} samples instead of "
+                        f"the official {expected}; delete that copy and pass --download to fetch it again")
+
+
+def balanced_indices(labels: torch.Tensor, samples_per_class: int | None, seed: int) -> torch.Tensor:
+    """Sorted int64 indices of a seeded subset with `samples_per_class` samples of every class present;
+    None takes as many as the smallest class has."""
+    cpu_labels = labels.cpu()
+    classes, counts = torch.unique(cpu_labels, return_counts=True)
+    most = int(counts.min())
+    per_class = most if samples_per_class is None else samples_per_class
+    if per_class < 1:
+        raise UserError(f"--samples-per-class must be at least 1, not {per_class}")
+    if per_class > most:
+        raise UserError(f"--samples-per-class {per_class} is more than the data has: at most {most} per class")
+    generator = torch.Generator().manual_seed(seed)
+    picks = []
+    for label in classes:
+        members = torch.nonzero(cpu_labels == label).squeeze(1)
+        picks.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    return torch.sort(torch.cat(picks)).values.to(labels.device)
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and population std of uint8 images (N, C, H, W), in [0, 1] units."""
+    # A 256-bin histogram per channel holds all the statistics exactly, so the images are never
+    # copied to floating point; the moments are then taken in float64 from 256 numbers.
+    histograms = torch.stack([torch.bincount(images[:, channel].reshape(-1), minlength=256)
+                              for channel in range(images.shape[1])]).cpu().double()
+    levels = torch.arange(256, dtype=torch.float64) / 255
+    counts = histograms.sum(1)
+    mean = histograms @ levels / counts
+    variance = (histograms * (levels - mean[:, None]) ** 2).sum(1) / counts
+    return mean.tolist(), variance.sqrt().tolist()
+
+
+def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 images (B, C, H, W) as float32 (x/255 - mean)/std per channel, in channels_last memory format."""
+    shape = (1, len(mean), 1, 1)
+    mean_t = _to_device(torch.tensor(mean, dtype=torch.float32).view(shape), images.device)
+    std_t = _to_device(torch.tensor(std, dtype=torch.float32).view(shape), images.device)
+    scaled = images.to(dtype=torch.float32, memory_format=torch.channels_last)
+    return scaled.div_(255).sub_(mean_t).div_(std_t)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """uint8 images (B, C, H, W), each randomly cropped from its reflect-padded self (padding
+    CROP_PADDING) and flipped left-right with probability 1/2; randomness from the CPU `generator`."""
+    count, _, height, width = images.shape
+    device = images.device
+    offsets = _to_device(torch.randint(0, 2 * CROP_PADDING + 1, (count, 2), generator=generator), device)
+    flips = _to_device(torch.randint(0, 2, (count, 1), generator=generator, dtype=torch.bool), device)
+    rows = torch.arange(height, device=device)
+    columns = torch.arange(width, device=device)
+    columns = torch.where(flips, width - 1 - columns, columns)
+    source_rows = _reflected(rows + offsets[:, :1] - CROP_PADDING, height)
+    source_columns = _reflected(columns + offsets[:, 1:] - CROP_PADDING, width)
+    samples = torch.arange(count, device=device)[:, None, None]
+    # Advanced indices around a slice put their dimensions first: (B, H, W, C), i.e. channels_last.
+    picked = images[samples, :, source_rows[:, :, None], source_columns[:, None, :]]
+    return picked.permute(0, 3, 1, 2)
+
+
+def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean: list[float], std: list[float], *,
+            shuffle: torch.Generator | None = None, augment_with: torch.Generator | None = None,
+            rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised float32 channels_last images and int64 labels, batch by batch, on the images' device.
+
+    With `shuffle`, the order is `torch.randperm` from that CPU generator (the same on every device);
+    otherwise the stored order. The last batch may be smaller. With `world_size` > 1, rank `rank` gets
+    its contiguous share of each global batch of `batch_size` samples."""
+    count = len(labels)
+    if shuffle is None:
+        order = torch.arange(count, device=images.device)
+    else:
+        order = _to_device(torch.randperm(count, generator=shuffle), images.device)
+    for start in range(0, count, batch_size):
+        chosen = torch.tensor_split(order[start:start + batch_size], world_size)[rank]
+        batch = images[chosen]
+        if augment_with is not None:
+            batch = augment(batch, augment_with)
+        yield normalize(batch, mean, std), labels[chosen]
+
+
+def num_batches(count: int, batch_size: int) -> int:
+    """The number of batches `batches` yields for `count` samples (the last one may be smaller)."""
+    return math.ceil(count / batch_size)
+
+
+class _UnknownDataset(ValueError, argparse.ArgumentTypeError):
+    """An unknown dataset name; argparse shows an ArgumentTypeError's message as it is."""
+
+
+# Relative paths of each dataset's (train, test) files; any of them may also be gzipped (name + ".gz").
+_FILES: dict[str, tuple[list[str], list[str]]] = {
+    "CIFAR10": ([f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)], ["cifar-10-batches-py/test_batch"]),
+    "CIFAR100": (["cifar-100-python/train"], ["cifar-100-python/test"]),
+    "SVHN": (["train_32x32.mat"], ["test_32x32.mat"]),
+    "STL10": (["stl10_binary/train_X.bin", "stl10_binary/train_y.bin"],
+              ["stl10_binary/test_X.bin", "stl10_binary/test_y.bin"]),
+    "synthetic": ([], []),
+    **{name: ([f"{name}/raw/train-images-idx3-ubyte", f"{name}/raw/train-labels-idx1-ubyte"],
+              [f"{name}/raw/t10k-images-idx3-ubyte", f"{name}/raw/t10k-labels-idx1-ubyte"])
+       for name in ("MNIST", "FashionMNIST")},
+}
+
+# numpy's own array-rebuilding functions, wherever this numpy version keeps them: what `pickle`
+# calls for an array under protocols up to 4, and under protocol 5.
+_RECONSTRUCT = np.empty(0).__reduce__()[0]
+_FROMBUFFER = np.empty(0).__reduce_ex__(5)[0]
+
+# The only globals a CIFAR pickle may name: those that rebuild numpy arrays, under the module names
+# that numpy 1 (and Python 2) and numpy 2 write.
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+# What a damaged file makes the readers raise (pickle and loadmat fail in many ways on cut-off bytes).
+_DAMAGE = (pickle.UnpicklingError, EOFError, ValueError, TypeError, LookupError, AttributeError,
+           OverflowError, OSError, zlib.error, scipy.io.matlab.MatReadError)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that builds only numpy arrays and plain containers, so a file cannot run code."""
+
+    def __init__(self, file: BinaryIO, path: Path):
+        super().__init__(file, encoding="latin1")
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise UserError(f"{self.path} asks to load {module}.{name}, which a dataset file never needs; "
+                            "refusing to read it: delete it and download the dataset again")
+        return _PICKLE_GLOBALS[module, name]
+
+
+def _located_files(name: str, root: Path, train: bool) -> list[Path | None]:
+    """Each file of the split as found under `root` (plain or gzipped), None where absent."""
+    located = []
+    for relative in _FILES[name][0 if train else 1]:
+        candidates = [root / relative, root / f"{relative}.gz"]
+        located.append(next((path for path in candidates if path.is_file()), None))
+    return located
+
+
+def _split_paths(name: str, root: Path, train: bool) -> list[Path]:
+    located = _located_files(name, root, train)
+    if None in located:
+        missing = _FILES[name][0 if train else 1][located.index(None)]
+        raise UserError(f"{name} not found in {root} (looked for {missing}); pass --download to fetch it, "
+                        "or --data-root to point at a copy")
+    return located
+
+
+def _download(name: str, root: Path, train: bool) -> None:
+    # Imported here: torchvision's datasets take a while to import and are needed only to download.
+    import torchvision.datasets
+
+    split = {"train": train} if name in ("CIFAR10", "CIFAR100", "MNIST", "FashionMNIST") \
+        else {"split": "train" if train else "test"}
+    try:
+        getattr(torchvision.datasets, name)(str(root), download=True, **split)
+    except (OSError, RuntimeError) as err:
+        raise UserError(f"could not download {name} into {root} ({err}); check the network connection, "
+                        "or put a copy there and pass --data-root") from None
+
+
+def _corrupt(path: Path, why: str) -> UserError:
+    return UserError(f"{path} is truncated or corrupt ({why}); delete it and download it again (--download)")
+
+
+def _open(path: Path) -> BinaryIO:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _read_bytes(path: Path) -> bytearray:
+    """The file's (decompressed) bytes, as a bytearray so that arrays built on it are writable."""
+    try:
+        with _open(path) as file:
+            return bytearray(file.read())
+    except (EOFError, OSError, zlib.error) as err:
+        raise _corrupt(path, str(err)) from None
+
+
+def _checked_labels(values: object, count: int, num_classes: int, path: Path) -> np.ndarray:
+    """`values` as int64 labels, checked to be `count` of them, each in [0, num_classes)."""
+    try:
+        labels = np.asarray(values).astype(np.int64).reshape(-1)
+    except (ValueError, TypeError):
+        raise _corrupt(path, "its labels are not integers") from None
+    if len(labels) != count:
+        raise _corrupt(path, f"{len(labels)} labels for {count} images")
+    if count and (labels.min() < 0 or labels.max() >= num_classes):
+        raise _corrupt(path, f"labels outside 0..{num_classes - 1}")
+    return labels
+
+
+def _read_cifar(paths: list[Path], num_classes: int, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    parts = [_read_cifar_batch(path, num_classes, label_key) for path in paths]
+    return np.concatenate([images for images, _ in parts]), np.concatenate([labels for _, labels in parts])
+
+
+def _read_cifar_batch(path: Path, num_classes: int, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """One pickled CIFAR batch: `data` rows hold the red, green and blue 32x32 planes in turn."""
+    with _open(path) as file:
+        try:
+            entry = _ArrayUnpickler(file, path).load()
+        except _DAMAGE as err:
+            raise _corrupt(path, f"unpickling failed: {err}") from None
+    if not isinstance(entry, dict):
+        raise _corrupt(path, "it does not hold a dictionary")
+    # Python 2 pickles read with encoding="bytes" (or rewritten from such a read) have bytes keys.
+    entry = {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in entry.items()}
+    data = entry.get("data")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise _corrupt(path, "its 'data' is not an N x 3072 uint8 array")
+    if label_key not in entry:
+        raise _corrupt(path, f"it has no '{label_key}'")
+    labels = _checked_labels(entry[label_key], len(data), num_classes, path)
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _read_idx_pair(paths: list[Path], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    images_path, labels_path = paths
+    images = _read_idx(images_path, 3)
+    labels = _checked_labels(_read_idx(labels_path, 1), len(images), num_classes, labels_path)
+    return images[:, None], labels
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An idx file of unsigned bytes: magic 0x0000 08 <ndim>, then ndim big-endian uint32 sizes, then data."""
+    raw = _read_bytes(path)
+    header = 4 + 4 * ndim
+    if len(raw) < header or raw[:4] != bytes([0, 0, 0x08, ndim]):
+        raise _corrupt(path, f"not an idx file of unsigned bytes with {ndim} dimension(s)")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    if len(raw) - header != math.prod(dims):
+        raise _corrupt(path, f"{len(raw) - header} data bytes where its header promises {math.prod(dims)}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _read_svhn(paths: list[Path], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A MATLAB file with `X` (32, 32, 3, N) uint8 and `y` (N, 1) in 1..10, where 10 is the digit 0."""
+    (path,) = paths
+    try:
+        with _open(path) as file:
+            contents = scipy.io.loadmat(file)
+    except _DAMAGE as err:
+        raise _corrupt(path, f"reading it as a MATLAB file failed: {err}") from None
+    pixels, digits = contents.get("X"), contents.get("y")
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 4 or digits is None:
+        raise _corrupt(path, "it lacks a 4-dimensional uint8 'X' and a 'y'")
+    images = np.ascontiguousarray(pixels.transpose(3, 2, 0, 1))
+    labels = _checked_labels(np.where(digits == 10, 0, digits), len(images), num_classes, path)
+    return images, labels
+
+
+def _read_stl(paths: list[Path], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Raw uint8 files: each image 3 x 96 x 96 stored column-major (width before height); labels 1..10."""
+    images_path, labels_path = paths
+    raw = _read_bytes(images_path)
+    image_bytes = 3 * 96 * 96
+    if len(raw) % image_bytes:
+        raise _corrupt(images_path, f"{len(raw)} bytes is not a whole number of {image_bytes}-byte images")
+    images = np.ascontiguousarray(np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2))
+    labels = _checked_labels(np.frombuffer(_read_bytes(labels_path), dtype=np.uint8).astype(np.int64) - 1,
+                             len(images), num_classes, labels_path)
+    return images, labels
+
+
+_READERS: dict[str, Callable[[list[Path], int], tuple[np.ndarray, np.ndarray]]] = {
+    "CIFAR10": partial(_read_cifar, label_key="labels"),
+    "CIFAR100": partial(_read_cifar, label_key="fine_labels"),
+    "MNIST": _read_idx_pair,
+    "FashionMNIST": _read_idx_pair,
+    "SVHN": _read_svhn,
+    "STL10": _read_stl,
+}
+
+
+def _synthetic_split(train: bool) -> Split:
+    """The generated split: the same bits on every call, labels cycling through the classes."""
+    per_class = SYNTHETIC_TRAIN_PER_CLASS if train else SYNTHETIC_TEST_PER_CLASS
+    info = DATASETS["synthetic"]
+    generator = torch.Generator().manual_seed(SYNTHETIC_DATA_SEED + (1 if train else 2))
+    labels = torch.arange(info.num_classes * per_class) % info.num_classes
+    shape = (len(labels), info.channels, info.size, info.size)
+    noise = SYNTHETIC_NOISE_STD * torch.randn(shape, generator=generator)
+    brightness = SYNTHETIC_BRIGHTNESS_STD * torch.randn((len(labels), 1, 1, 1), generator=generator)
+    pixels = _synthetic_templates()[labels] + brightness + noise
+    return pixels.round_().clamp_(0, 255).to(torch.uint8), labels
+
+
+def _synthetic_templates() -> torch.Tensor:
+    """One smooth colour image per class (float pixel levels): coarse noise upsampled bilinearly."""
+    info = DATASETS["synthetic"]
+    generator = torch.Generator().manual_seed(SYNTHETIC_DATA_SEED)
+    grid = SYNTHETIC_TEMPLATE_GRID
+    coarse = torch.randn((info.num_classes, info.channels, grid, grid), generator=generator)
+    smooth = F.interpolate(coarse, size=(info.size, info.size), mode="bilinear", align_corners=False)
+    return 127.5 + SYNTHETIC_TEMPLATE_STD * smooth
+
+
+def _reflected(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices past either edge mirrored back inside [0, size), the edge itself not repeated."""
+    index = torch.where(index < 0, -index, index)
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # non_blocking: a blocking host-to-GPU copy would wait for every queued kernel at each batch.
+    return tensor.to(device, non_blocking=True)
