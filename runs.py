@@ -6,6 +6,7 @@ A run folder holds everything about one training run:
     log.csv                one row per epoch
     checkpoints/epoch_0001.pt ...   the analysis checkpoints (model weights, epoch, config)
     last.pt                everything needed to resume, rewritten every epoch
+    summary.json           epochs done, the TPT onset epoch, the last epoch's accuracy and loss
     nc_metrics.csv         the collapse metrics of every analysis checkpoint (validate_nc.py)
 
 Every file is written to a temporary file in the same folder and renamed into place, so a kill
@@ -14,11 +15,17 @@ never leaves a half-written file where a complete one is expected.
 import contextlib
 import csv
 import io
+import json
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 from errors import UserError
+from nc_metrics import STATS_KEYS
 
 TMP_SUFFIX = ".tmp"
 
@@ -62,3 +69,108 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+LOG_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_ece", "seconds"]
+NC_COLUMNS = ["epoch", "train_acc", "train_loss", "test_acc", "test_loss", "test_ece", *STATS_KEYS,
+              "ncc_mismatch_train", "ncc_mismatch_test"]
+
+
+def checkpoint_path(run_dir: Path, epoch: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"epoch_{epoch:04d}.pt"
+
+
+def checkpoint_files(run_dir: Path) -> list[tuple[int, Path]]:
+    """The complete analysis checkpoints of a run as (epoch, path), in epoch order (files being
+    written have a temporary name and are not listed)."""
+    found = []
+    for path in (Path(run_dir) / "checkpoints").glob("epoch_*.pt"):
+        stem = path.stem.removeprefix("epoch_")
+        if stem.isdigit():
+            found.append((int(stem), path))
+    return sorted(found)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write a checkpoint (tensors and plain Python values only) atomically."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """Load a checkpoint with `weights_only=True`: a file that would run code while loading is refused
+    before anything runs, and a truncated or foreign file gets a message naming it."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise UserError(f"{path} is corrupt or not a checkpoint ({err}); delete it") from None
+        culprit = re.search(r"GLOBAL ([\w.]+)", str(err))
+        name = culprit.group(1) if culprit else "a global that is not a tensor"
+        raise UserError(f"{path} asks to run code while loading ({name}) and was refused; "
+                        "only load checkpoints written by train.py") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
+        reason = str(err).split(". ")[0] if str(err) else type(err).__name__
+        raise UserError(f"{path} is truncated or not a checkpoint ({reason}); delete it") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(f"{path} is not a checkpoint written by train.py (no model or config in it)")
+    return state
+
+
+def read_config(run_dir: Path) -> dict | None:
+    """The run's config.json, or None if the folder has none."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is corrupt ({err}); restore it or start the run in a new --run-dir") from None
+
+
+def write_config(run_dir: Path, config: dict) -> None:
+    write_text(Path(run_dir) / "config.json", json.dumps(config, indent=2) + "\n")
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    """summary.json: epochs done, the TPT onset epoch (the first with zero training error, or null) and
+    the last epoch's numbers, for a glance at a run without reading its log."""
+    write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    """The rows of log.csv with numbers parsed (epoch as int)."""
+    return [_parse_row(row) for row in read_csv(Path(run_dir) / "log.csv")]
+
+
+def write_log(run_dir: Path, rows: list[dict]) -> None:
+    write_csv(Path(run_dir) / "log.csv", rows, LOG_COLUMNS)
+
+
+def read_nc_metrics(run_dir: Path) -> list[dict]:
+    """The rows of nc_metrics.csv with numbers parsed, in epoch order."""
+    return sorted((_parse_row(row) for row in read_csv(Path(run_dir) / "nc_metrics.csv")),
+                  key=lambda row: row["epoch"])
+
+
+def write_nc_metrics(run_dir: Path, rows: list[dict]) -> None:
+    write_csv(Path(run_dir) / "nc_metrics.csv", sorted(rows, key=lambda row: row["epoch"]), NC_COLUMNS)
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Delete the temporary files a killed process left in the run folder; return them."""
+    leftovers = [*Path(run_dir).glob(f"*{TMP_SUFFIX}"), *Path(run_dir).glob(f"checkpoints/*{TMP_SUFFIX}")]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
+
+
+def _parse_row(row: dict[str, str]) -> dict:
+    parsed = {}
+    for key, text in row.items():
+        if key == "epoch":
+            parsed[key] = int(text)
+        else:
+            parsed[key] = float(text) if text not in ("", None) else None
+    return parsed

@@ -1,0 +1,240 @@
+"""The paper's training protocol as defaults, the flags that select a run, and the run's folder name.
+
+Papyan, Han & Donoho (2020) train with SGD, momentum 0.9, batch size 128, weight decay 5e-4 for 350
+epochs, dividing the learning rate by 10 after epochs 350/3 and 2*350/3, with no augmentation, on a
+class-balanced training set, and pick each learning rate from 25 values log-spaced on [1e-4, 0.25].
+Every flag left out resolves to that protocol; `resolve_config` turns the flags into the run's
+complete settings (written to `config.json`), and `run_name` names its folder after what differs from
+the defaults, so runs never share a folder.
+"""
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import datasets
+import losses
+import models
+from errors import UserError
+
+# The grid points of logspace(1e-4, 0.25, 25) the paper used for these pairs; 0.0679 is the
+# authors' MNIST value, used for every other pair.
+PAPER_LR = {("CIFAR10", "resnet18"): 0.1302501827396728, ("CIFAR100", "resnet50"): 0.18045095091164853}
+OTHER_LR = 0.0679
+ADAPTIVE_LR = 1e-3  # Adam and AdamW diverge at the SGD rates above
+
+PROTOCOL = {"model": "resnet18", "width": 64, "epochs": 350, "batch_size": 128, "momentum": 0.9,
+            "weight_decay": 5e-4, "lr_gamma": 0.1, "num_checkpoints": 50, "optimizer": "sgd",
+            "loss": "ce", "target_scale": 1.0, "label_smoothing": 0.1, "focal_gamma": 3.0,
+            "mixup_alpha": 0.0, "mixup_same_class": False, "augment": False}
+# Departures from the protocol per dataset: CIFAR-100 is the paper's ResNet-50 case; synthetic is
+# the CPU quick start, small enough to train and validate in a few minutes on two cores.
+DATASET_DEFAULTS = {"CIFAR100": {"model": "resnet50"},
+                    "synthetic": {"epochs": 30, "width": 16, "num_checkpoints": 15}}
+
+# Settings that change what a run computes: a run folder belongs to one value of each (epochs may
+# grow, which continues the run). Anything else (device, data folder, checkpoint count) may change.
+RESULT_KEYS = ("dataset", "model", "width", "loss", "target_scale", "label_smoothing", "focal_gamma",
+               "optimizer", "lr", "momentum", "weight_decay", "batch_size", "lr_milestones", "lr_gamma",
+               "samples_per_class", "seed", "augment", "mixup_alpha", "mixup_same_class", "precision",
+               "normalization")
+
+# How a non-default setting shows in the run folder's name.
+NAME_TAGS = (("width", "w"), ("samples_per_class", "spc"), ("optimizer", ""), ("lr", "lr"),
+             ("momentum", "mom"), ("weight_decay", "wd"), ("batch_size", "bs"), ("lr_milestones", "ms"),
+             ("lr_gamma", "gamma"), ("target_scale", "kappa"), ("label_smoothing", "eps"),
+             ("focal_gamma", "fgamma"), ("augment", "aug"), ("mixup_alpha", "mixup"),
+             ("mixup_same_class", "sameclass"), ("precision", ""))
+
+
+def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that select a run (and so its default folder), shared by train.py and validate_nc.py."""
+    add = parser.add_argument
+    add("--dataset", type=_dataset_name, default="synthetic",
+        help=f"one of {', '.join(datasets.DATASETS)} (any case; default: synthetic, offline)")
+    add("--model", type=_model_name, help="network from the registry "
+        f"({', '.join(models.MODEL_NAMES)}, wrn<depth>_<k>); default resnet18, resnet50 for CIFAR100")
+    add("--width", type=positive_int, help="channel width; 64 is the paper's ResNet (default 64, 16 on synthetic)")
+    add("--loss", type=_loss_name, default="ce", help=f"{', '.join(losses.LOSSES)} (cross_entropy = ce; default ce)")
+    add("--target-scale", type=positive_float, help="kappa: regression targets are kappa * one-hot (mse, mae, smooth_l1; default 1)")
+    add("--label-smoothing", type=fraction, help="epsilon of label_smoothing (default 0.1)")
+    add("--focal-gamma", type=non_negative_float, help="gamma of focal (default 3)")
+    add("--optimizer", choices=("sgd", "adam", "adamw"), help="default sgd, the paper's")
+    add("--lr", type=positive_float, help="learning rate (default: the paper's grid value for the dataset "
+        f"and model: {PAPER_LR[('CIFAR10', 'resnet18')]} for CIFAR10/resnet18, "
+        f"{PAPER_LR[('CIFAR100', 'resnet50')]} for CIFAR100/resnet50, else {OTHER_LR}; {ADAPTIVE_LR} for adam(w))")
+    add("--momentum", type=fraction, help="SGD momentum (default 0.9)")
+    add("--weight-decay", type=non_negative_float, help="default 5e-4")
+    add("--lr-milestones", type=positive_int, nargs="+", metavar="EPOCH",
+        help="multiply the learning rate by --lr-gamma after these epochs (default: epochs/3 and 2*epochs/3)")
+    add("--lr-gamma", type=positive_float, help="learning-rate factor at each milestone (default 0.1)")
+    add("--samples-per-class", type=positive_int, metavar="K",
+        help="train on a seeded class-balanced subset of K images per class (default: the largest balanced subset)")
+    add("--augment", action="store_true", default=None,
+        help="random 4-pixel crops and horizontal flips on the device (off in the paper; NC is always measured on clean data)")
+    add("--mixup-alpha", type=non_negative_float, metavar="ALPHA",
+        help="Mixup with lambda ~ Beta(alpha, alpha); 0 is off (default 0; Fisher et al. use 1)")
+    add("--mixup-same-class", action="store_true", default=None,
+        help="mix each example with another of its own class")
+    add("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+        help="training precision: bf16 autocast where the device runs it fast (CUDA, CPUs with native "
+        "bf16), else fp32 (default auto); measurement is always strict fp32")
+    add("--seed", type=int, default=0, help="fixes initialisation, data order and subset (default 0)")
+    add("--run-dir", type=Path, help="the run folder (default: runs/<DATASET>-<model>-<loss>-seed<seed>[-<non-default settings>])")
+
+
+def resolve_config(args: argparse.Namespace, device: torch.device) -> dict:
+    """Every setting of the run, from the flags and the defaults (data-derived settings come later)."""
+    dataset = args.dataset
+    defaults = defaults_for(dataset, args.model, args.optimizer)
+    loss = args.loss
+    regression = loss in losses.REGRESSION_LOSSES
+    config = {"dataset": dataset, "num_classes": datasets.DATASETS[dataset].num_classes,
+              "in_channels": datasets.DATASETS[dataset].channels}
+    for key in ("model", "width", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
+                "lr_gamma", "num_checkpoints", "augment", "mixup_alpha", "mixup_same_class"):
+        value = getattr(args, key, None)
+        config[key] = defaults[key] if value is None else value
+    config["loss"] = loss
+    config["target_scale"] = _chosen(args.target_scale, defaults["target_scale"], regression)
+    config["label_smoothing"] = _chosen(args.label_smoothing, defaults["label_smoothing"], loss == "label_smoothing")
+    config["focal_gamma"] = _chosen(args.focal_gamma, defaults["focal_gamma"], loss == "focal")
+    if config["optimizer"] != "sgd":
+        config["momentum"] = None
+    config["lr_milestones"] = sorted(args.lr_milestones or default_milestones(config["epochs"]))
+    config["samples_per_class"] = args.samples_per_class
+    config["seed"] = args.seed
+    config["precision"] = resolve_precision(args.precision, device)
+    return config
+
+
+def defaults_for(dataset: str, model: str | None, optimizer: str | None) -> dict:
+    """The protocol's default of every setting for this dataset (and model and optimizer, which set the lr)."""
+    defaults = {**PROTOCOL, **DATASET_DEFAULTS.get(dataset, {})}
+    model = model or defaults["model"]
+    optimizer = optimizer or defaults["optimizer"]
+    lr = ADAPTIVE_LR if optimizer != "sgd" else PAPER_LR.get((dataset, model), OTHER_LR)
+    return {**defaults, "model": model, "optimizer": optimizer, "lr": lr,
+            "samples_per_class": None, "precision": "auto"}
+
+
+def default_milestones(epochs: int) -> list[int]:
+    """The paper's schedule: the rate drops after epochs floor(E/3) and floor(2E/3)."""
+    return [epochs // 3, 2 * epochs // 3]
+
+
+def checkpoint_epochs(epochs: int, count: int) -> list[int]:
+    """`count` distinct epochs in 1..epochs, log-spaced, the last always included: the authors' list,
+    unique(round(logspace(0, log10(E), K))) for the smallest K that gives `count` epochs."""
+    if count >= epochs:
+        return list(range(1, epochs + 1))
+    for points in range(count, 100 * count + epochs):
+        grid = np.unique(np.round(np.logspace(0, math.log10(epochs), points)).astype(int))
+        if len(grid) >= count:
+            return grid[np.linspace(0, len(grid) - 1, count).round().astype(int)].tolist()
+    raise AssertionError("unreachable: the grid reaches every epoch")
+
+
+def run_name(config: dict, args: argparse.Namespace) -> str:
+    """<DATASET>-<model>-<loss>-seed<seed>, then a tag for each setting given on the command line
+    that differs from its default."""
+    defaults = defaults_for(config["dataset"], config["model"], config["optimizer"])
+    parts = [config["dataset"], config["model"], config["loss"], f"seed{config['seed']}"]
+    for key, tag in NAME_TAGS:
+        given = getattr(args, key, None)
+        if given is None or given == defaults[key] or given is False:
+            continue
+        value = config[key]
+        if isinstance(value, bool):
+            parts.append(tag)
+        elif isinstance(value, list):
+            parts.append(tag + "_".join(map(str, value)))
+        else:
+            parts.append(f"{tag}{value:g}" if isinstance(value, float) else f"{tag}{value}")
+    return "-".join(parts)
+
+
+def default_run_dir(config: dict, args: argparse.Namespace) -> Path:
+    return Path(args.run_dir) if args.run_dir else Path("runs") / run_name(config, args)
+
+
+def result_differences(old: dict, new: dict) -> list[str]:
+    """The result-changing settings on which two configs differ, as 'key: old -> new'."""
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in RESULT_KEYS if old.get(key) != new.get(key)]
+
+
+def paper_run_name(dataset: str) -> str:
+    """The folder name of the run with every default for this dataset."""
+    return f"{dataset}-{defaults_for(dataset, None, None)['model']}-{PROTOCOL['loss']}-seed0"
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when there is a GPU, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu or --device auto")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` is bf16 where the device computes bf16 natively (CUDA with bf16, CPUs with AVX512-BF16
+    or AMX), else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bf16" if device.type == "cpu" and native else "fp32"
+
+
+def _chosen(value, default, relevant: bool):
+    """A loss parameter's value if its loss uses it, else None (so unused settings never clash)."""
+    if not relevant:
+        return None
+    return default if value is None else value
+
+
+def _dataset_name(name: str) -> str:
+    try:
+        return datasets.canonical_name(name)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _model_name(name: str) -> str:
+    if not models.is_model_name(name):
+        raise argparse.ArgumentTypeError(f"unknown model '{name}'; choose one of: "
+                                         f"{', '.join(models.MODEL_NAMES)}, wrn<depth>_<k>")
+    return name.lower()
+
+
+def _loss_name(name: str) -> str:
+    try:
+        return losses.canonical_loss(name)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def positive_int(text: str) -> int:
+    return _checked(int(text), lambda v: v > 0, "must be a positive integer", text)
+
+
+def positive_float(text: str) -> float:
+    return _checked(float(text), lambda v: v > 0, "must be positive", text)
+
+
+def non_negative_float(text: str) -> float:
+    return _checked(float(text), lambda v: v >= 0, "must not be negative", text)
+
+
+def fraction(text: str) -> float:
+    return _checked(float(text), lambda v: 0 <= v < 1, "must lie in [0, 1)", text)
+
+
+def _checked(value, ok, rule: str, text: str):
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{rule}, got {text}")
+    return value

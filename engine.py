@@ -1,0 +1,149 @@
+"""Running a model over data: the training epoch, the per-epoch evaluation and the collapse measurement.
+
+Training and evaluation keep their running sums on the device and read them once per epoch, so the
+device never waits for the host inside an epoch. The measurement pass is strict float32 whatever the
+training precision (autocast off, TF32 off): bf16-rounded features put NC1 off by 44% at NC1 ~ 1e-4.
+All randomness of an epoch (data order, augmentation, Mixup) is drawn from generators seeded by
+(seed, epoch), so an epoch is the same whether the run was resumed before it or not.
+"""
+import contextlib
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import datasets
+import losses
+import models
+from nc_metrics import (FeatureStats, calibration_bins, expected_calibration_error, metrics_from_stats,
+                        ncc_disagreements)
+
+Split = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, C, H, W) and int64 labels, on the device
+
+
+def build_model(config: dict, device: torch.device) -> nn.Module:
+    """The run's network (from the registry, as config.json describes it) on the device, channels-last."""
+    model = models.get_model(config["model"], config["num_classes"], config["in_channels"], config["width"])
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: losses.LossFn, data: Split,
+                config: dict, epoch: int, on_batch: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """One epoch of training; returns the mean loss and the (running, train-mode) accuracy."""
+    model.train()
+    images, labels = data
+    shuffle, augment_with, pairing = (epoch_generator(config["seed"], epoch, stream) for stream in range(3))
+    lambdas = np.random.default_rng([config["seed"], epoch, 3])
+    loss_sum = torch.zeros((), device=images.device)
+    correct = torch.zeros((), device=images.device)
+    for x, y in datasets.batches(images, labels, config["batch_size"], *_normalization(config),
+                                 shuffle=shuffle, augment_with=augment_with if config["augment"] else None):
+        targets: losses.Targets = y
+        if config["mixup_alpha"] > 0:
+            x, targets = losses.mix_batch(x, y, config["mixup_alpha"], lambdas, pairing,
+                                          same_class=config["mixup_same_class"])
+        with autocast(images.device, config["precision"]):
+            logits = model(x)
+        loss = loss_fn(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        correct += losses.correct_count(logits.detach(), targets)
+        on_batch()
+    return {"train_loss": loss_sum.item() / len(labels), "train_acc": correct.item() / len(labels)}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loss_fn: losses.LossFn, data: Split, config: dict,
+             batch_size: int = 1000) -> dict[str, float]:
+    """Loss, accuracy and expected calibration error (15 bins) on a split, in the training precision."""
+    model.eval()
+    images, labels = data
+    loss_sum = torch.zeros((), device=images.device)
+    correct = torch.zeros((), device=images.device)
+    bins = torch.zeros(15, 3, dtype=torch.float64, device=images.device)
+    for x, y in datasets.batches(images, labels, batch_size, *_normalization(config)):
+        with autocast(images.device, config["precision"]):
+            logits = model(x).float()
+        loss_sum += loss_fn(logits, y) * len(y)
+        correct += losses.correct_count(logits, y)
+        bins += calibration_bins(logits, y)
+    return {"test_loss": loss_sum.item() / len(labels), "test_acc": correct.item() / len(labels),
+            "test_ece": expected_calibration_error(bins)}
+
+
+@contextlib.contextmanager
+def strict_float32() -> Iterator[None]:
+    """IEEE float32 for every matmul and convolution (no TF32, no bf16), restored on exit."""
+    backends = [torch.backends, torch.backends.cuda.matmul, torch.backends.cudnn.conv,
+                torch.backends.mkldnn.matmul, torch.backends.mkldnn.conv]
+    saved = [backend.fp32_precision for backend in backends]
+    for backend in backends:
+        backend.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for backend, value in zip(backends, saved):
+            backend.fp32_precision = value
+
+
+@torch.inference_mode()
+@strict_float32()
+def measure_collapse(model: nn.Module, loss_fn: losses.LossFn, train: Split, test: Split, config: dict,
+                     batch_size: int = 1000) -> dict[str, float]:
+    """Every number validate_nc.py records for one checkpoint, from one strict-float32 pass over each split.
+
+    The train pass feeds `FeatureStats` and keeps its features (float32, on the device) until the class
+    means are known, for `ncc_mismatch_train`; the test pass compares with the *train* means
+    (`ncc_mismatch_test`, the paper's Figure 7)."""
+    model.eval()
+    weight, bias = model.fc.weight, model.fc.bias
+    stats = FeatureStats(config["num_classes"], weight.shape[1], device=train[0].device)
+    kept, train_totals = [], torch.zeros(2, device=train[0].device)
+    for features, logits, y in _features_and_logits(model, train, config, batch_size):
+        stats.update(features, y)
+        kept.append(features)
+        train_totals += torch.stack([loss_fn(logits, y) * len(y), losses.correct_count(logits, y)])
+    means = stats.class_means()
+    ncc_train = sum(ncc_disagreements(features, weight, bias, means) for features in kept)
+    del kept
+    test_totals = torch.zeros(3, dtype=torch.float64, device=test[0].device)
+    bins = torch.zeros(15, 3, dtype=torch.float64, device=test[0].device)
+    for features, logits, y in _features_and_logits(model, test, config, batch_size):
+        test_totals += torch.stack([loss_fn(logits, y) * len(y), losses.correct_count(logits, y),
+                                    ncc_disagreements(features, weight, bias, means)]).to(torch.float64)
+        bins += calibration_bins(logits, y)
+    n_train, n_test = len(train[1]), len(test[1])
+    train_loss, train_correct = train_totals.tolist()
+    test_loss, test_correct, ncc_test = test_totals.tolist()
+    return {"train_acc": train_correct / n_train, "train_loss": train_loss / n_train,
+            "test_acc": test_correct / n_test, "test_loss": test_loss / n_test,
+            "test_ece": expected_calibration_error(bins),
+            **metrics_from_stats(stats, weight),
+            "ncc_mismatch_train": ncc_train.item() / n_train, "ncc_mismatch_test": ncc_test / n_test}
+
+
+def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    """A CPU generator for one random stream of one epoch, independent of every other (seed, epoch, stream)."""
+    state = np.random.SeedSequence([seed, epoch, stream]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """bf16 autocast when the run trains in bf16, a no-op context otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _features_and_logits(model: nn.Module, data: Split, config: dict,
+                         batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(penultimate features, logits, labels) per batch."""
+    images, labels = data
+    for x, y in datasets.batches(images, labels, batch_size, *_normalization(config)):
+        features = model.features(x)
+        yield features, model.fc(features), y
+
+
+def _normalization(config: dict) -> tuple[list[float], list[float]]:
+    return config["normalization"]["mean"], config["normalization"]["std"]

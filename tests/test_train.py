@@ -1,0 +1,114 @@
+"""train.py end to end on the CPU: the run folder it writes, reproducibility, and its refusals."""
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+import config
+import runs
+import train
+from errors import UserError
+
+TINY = ("--dataset", "synthetic", "--width", "4", "--epochs", "3", "--num-checkpoints", "3",
+        "--samples-per-class", "20", "--device", "cpu")
+
+
+def run_train(run_dir, *flags: str) -> int:
+    return train.main(train.parse_args([*TINY, "--run-dir", str(run_dir), *flags]))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    assert run_train(run_dir) == 0
+    return run_dir
+
+
+def test_the_run_folder_holds_config_log_and_checkpoints(tiny_run):
+    settings = json.loads((tiny_run / "config.json").read_text())
+    assert settings["dataset"] == "synthetic" and settings["epochs"] == 3 and settings["width"] == 4
+    assert settings["samples_per_class"] == 20 and settings["precision"] in ("fp32", "bf16")
+    assert len(settings["normalization"]["mean"]) == 3
+    with open(tiny_run / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["epoch"]) for row in rows] == [1, 2, 3]
+    assert list(rows[0]) == runs.LOG_COLUMNS
+    assert all(math.isfinite(float(row[column])) for row in rows for column in runs.LOG_COLUMNS)
+    assert sorted(path.name for path in (tiny_run / "checkpoints").iterdir()) == \
+        ["epoch_0001.pt", "epoch_0002.pt", "epoch_0003.pt"]
+    analysis = torch.load(tiny_run / "checkpoints" / "epoch_0002.pt", weights_only=True)
+    assert set(analysis) == {"model", "epoch", "config"} and analysis["epoch"] == 2
+    last = torch.load(tiny_run / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "epoch", "rng", "config"} <= set(last) and last["epoch"] == 3
+    assert last["config"] == settings
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["epochs_done"] == 3 and summary["train_acc"] == float(rows[-1]["train_acc"])
+    first_perfect = next((int(row["epoch"]) for row in rows if float(row["train_acc"]) == 1.0), None)
+    assert summary["tpt_epoch"] == first_perfect
+    assert not list(tiny_run.rglob("*.tmp"))
+
+
+def test_the_learning_rate_follows_the_milestones(tmp_path):
+    run_train(tmp_path / "run", "--lr", "0.08", "--lr-milestones", "1", "2", "--lr-gamma", "0.5")
+    assert [row["lr"] for row in runs.read_log(tmp_path / "run")] == pytest.approx([0.08, 0.04, 0.02])
+
+
+def test_the_same_seed_gives_identical_weights_and_log(tiny_run, tmp_path):
+    assert run_train(tmp_path / "again") == 0
+    first = torch.load(tiny_run / "last.pt", weights_only=True)["model"]
+    second = torch.load(tmp_path / "again" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert _without_seconds(runs.read_log(tiny_run)) == _without_seconds(runs.read_log(tmp_path / "again"))
+
+
+def test_another_seed_gives_other_weights(tiny_run, tmp_path):
+    run_train(tmp_path / "other", "--seed", "1")
+    first = torch.load(tiny_run / "last.pt", weights_only=True)["model"]
+    other = torch.load(tmp_path / "other" / "last.pt", weights_only=True)["model"]
+    assert not torch.equal(first["fc.weight"], other["fc.weight"])
+
+
+def test_dataset_names_are_case_insensitive_and_folders_use_the_canonical_spelling():
+    args = train.parse_args(["--dataset", "SYNTHETIC", "--samples-per-class", "20"])
+    settings = config.resolve_config(args, torch.device("cpu"))
+    assert settings["dataset"] == "synthetic"
+    assert config.default_run_dir(settings, args).name == "synthetic-resnet18-ce-seed0-spc20"
+
+
+def test_too_many_samples_per_class_names_the_maximum(tmp_path):
+    with pytest.raises(UserError, match="at most 100 per class"):
+        run_train(tmp_path / "run", "--samples-per-class", "101")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_diverging_run_stops_and_keeps_what_it_saved(tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError, match="diverged in epoch 2.*--lr"):
+        run_train(run_dir, "--lr-milestones", "1", "--lr-gamma", "1e12")
+    saved = torch.load(runs.checkpoint_path(run_dir, 1), weights_only=True)["model"]
+    assert all(tensor.isfinite().all() for tensor in saved.values())
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1
+    assert not runs.checkpoint_path(run_dir, 2).exists()
+    assert [row["epoch"] for row in runs.read_log(run_dir)] == [1]
+
+
+def test_a_missing_dataset_names_the_folder_and_the_flag(tmp_path):
+    with pytest.raises(UserError, match=r"CIFAR10 not found in .*data.*--download"):
+        train.main(train.parse_args(["--dataset", "cifar10", "--data-root", str(tmp_path / "data"),
+                                     "--run-dir", str(tmp_path / "run"), "--device", "cpu"]))
+
+
+def test_help_documents_every_flag_of_the_issue(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--dataset", "--model", "--epochs", "--lr", "--momentum", "--weight-decay", "--batch-size",
+                 "--lr-milestones", "--lr-gamma", "--samples-per-class", "--num-checkpoints", "--seed",
+                 "--data-root", "--download", "--run-dir", "--device", "--width", "--precision"):
+        assert flag in text
+
+
+def _without_seconds(rows: list[dict]) -> list[dict]:
+    return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]

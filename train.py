@@ -1,0 +1,224 @@
+"""Train a network with the protocol of Papyan, Han & Donoho (2020), saving log-spaced checkpoints.
+
+    python train.py --dataset CIFAR10      # ResNet-18, SGD, 350 epochs: the paper's run
+    python train.py --dataset CIFAR100     # ResNet-50
+    python train.py --dataset synthetic    # the offline quick start: a few minutes on a CPU
+
+The run folder (default runs/<DATASET>-<model>-<loss>-seed<seed>[-<non-default settings>]) receives
+config.json, log.csv, checkpoints/epoch_XXXX.pt at log-spaced epochs, and last.pt every epoch. Running
+the same command again continues from last.pt; with a larger --epochs it extends the run.
+"""
+import argparse
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import config
+import datasets
+import engine
+import losses
+import runs
+from errors import UserError, run_cli
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_selection_arguments(parser)
+    add = parser.add_argument
+    add("--epochs", type=config.positive_int, help="epochs to train (default 350; 30 on synthetic); a "
+        "larger value on an existing run continues it")
+    add("--batch-size", type=config.positive_int, help="default 128")
+    add("--num-checkpoints", type=config.positive_int, help="analysis checkpoints, log-spaced in 1..epochs, "
+        "the last epoch always included (default 50; 15 on synthetic)")
+    add("--data-root", type=Path, default=Path("data"), help="folder holding the datasets (default ./data)")
+    add("--download", action="store_true", help="download the dataset into --data-root if it is missing")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    add("--deterministic", action="store_true", help="bit-identical reruns: PyTorch's deterministic "
+        "algorithms, no cuDNN autotuning (on a GPU this costs speed, often 10-30%%)")
+    add("--compile", action="store_true", help="torch.compile the model (checkpoints still hold the plain weights)")
+    return parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    device = config.resolve_device(args.device)
+    settings = config.resolve_config(args, device)
+    run_dir = config.default_run_dir(settings, args)
+    previous = runs.read_config(run_dir)
+    if previous and args.lr_milestones is None:
+        settings["lr_milestones"] = previous["lr_milestones"]  # an extended run keeps its schedule
+    train, test = load_data(settings, args, device)
+    if previous:
+        _refuse_clash(previous, settings, run_dir)
+    _set_determinism(args.deterministic, device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runs.remove_leftovers(run_dir)
+    runs.write_config(run_dir, settings)
+
+    torch.manual_seed(settings["seed"])
+    model = engine.build_model(settings, device)
+    optimizer = make_optimizer(model, settings, device)
+    scheduler = make_scheduler(optimizer, settings)
+    loss_fn = losses.loss_from_config(settings)
+    start, log = _resume(run_dir, model, optimizer, scheduler, device)
+    step_model = torch.compile(model) if args.compile else model
+
+    print(f"run {run_dir}: {settings['dataset']} ({len(train[1])} train / {len(test[1])} test images), "
+          f"{settings['model']} width {settings['width']}, {settings['loss']}, {settings['precision']} on {device}"
+          + (f"; resuming after epoch {start}" if start else ""))
+    train_for(settings, run_dir, step_model, model, optimizer, scheduler, loss_fn, train, test, start, log)
+    return 0
+
+
+def load_data(settings: dict, args: argparse.Namespace, device: torch.device) -> tuple[engine.Split, engine.Split]:
+    """The class-balanced training subset and the test split on the device; records in `settings`
+    the subset size and the normalisation (per-channel statistics of the training subset)."""
+    train, test, per_class = datasets.load_run_data(settings["dataset"], args.data_root, settings["samples_per_class"],
+                                                    settings["seed"], args.download, device)
+    mean, std = datasets.channel_stats(train[0])
+    settings["samples_per_class"] = per_class
+    settings["normalization"] = {"mean": mean, "std": std}
+    settings["data_root"] = str(args.data_root)
+    return train, test
+
+
+def make_optimizer(model: torch.nn.Module, settings: dict, device: torch.device) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper's), or Adam/AdamW; fused kernels on CUDA."""
+    common = dict(lr=settings["lr"], weight_decay=settings["weight_decay"])
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if settings["optimizer"] == "sgd":
+        return torch.optim.SGD(model.parameters(), momentum=settings["momentum"], **common, **fast)
+    kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[settings["optimizer"]]
+    return kind(model.parameters(), **common, **fast)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, settings: dict) -> torch.optim.lr_scheduler.MultiStepLR:
+    """The rate is multiplied by lr_gamma after each milestone epoch (stepped once per epoch, after it)."""
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, settings["lr_milestones"], settings["lr_gamma"])
+
+
+def train_for(settings: dict, run_dir: Path, step_model: torch.nn.Module, model: torch.nn.Module,
+              optimizer: torch.optim.Optimizer, scheduler, loss_fn: losses.LossFn,
+              train: engine.Split, test: engine.Split, start: int, log: list[dict]) -> None:
+    """Train epochs start+1 .. epochs, saving the log, the analysis checkpoints and last.pt each epoch."""
+    epochs = settings["epochs"]
+    analysed = set(config.checkpoint_epochs(epochs, settings["num_checkpoints"]))
+    tpt = _tpt_epoch(log)
+    began = time.perf_counter()
+    bar = tqdm(range(start + 1, epochs + 1), initial=start, total=epochs, unit="epoch", desc=run_dir.name,
+               dynamic_ncols=True)
+    for epoch in bar:
+        tick = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        with tqdm(total=datasets.num_batches(len(train[1]), settings["batch_size"]), leave=False,
+                  unit="batch", dynamic_ncols=True) as batches:
+            row = engine.train_epoch(step_model, optimizer, loss_fn, train, settings, epoch, batches.update)
+        row |= engine.evaluate(step_model, loss_fn, test, settings)
+        _refuse_divergence(model, row, epoch, lr)
+        scheduler.step()
+        row = {"epoch": epoch, "lr": lr, **row, "seconds": time.perf_counter() - tick}
+        if epoch in analysed:
+            runs.save_checkpoint(runs.checkpoint_path(run_dir, epoch),
+                                 {"model": model.state_dict(), "epoch": epoch, "config": settings})
+        log.append(row)
+        runs.write_log(run_dir, log)  # before last.pt: a resume drops rows past last.pt's epoch
+        runs.save_checkpoint(run_dir / "last.pt", {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch, "rng": _rng_states(), "config": settings})
+        bar.set_postfix(loss=f"{row['train_loss']:.4f}", acc=f"{row['train_acc']:.2%}", lr=f"{lr:.3g}")
+        tqdm.write(_epoch_line(row, epochs))
+        if tpt is None and row["train_acc"] == 1.0:
+            tpt = epoch
+            tqdm.write(f"epoch {epoch}: zero training error, the terminal phase of training (TPT) begins")
+        runs.write_summary(run_dir, {"epochs_done": epoch, "tpt_epoch": tpt, **{k: row[k] for k in _SUMMARY}})
+    bar.close()
+    print(f"done: {epochs} epochs in {run_dir} ({time.perf_counter() - began:.0f} s this session); "
+          + (f"TPT began at epoch {tpt}" if tpt else "training error never reached zero")
+          + f". Next: python validate_nc.py --run-dir {run_dir}")
+
+
+def _resume(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+            device: torch.device) -> tuple[int, list[dict]]:
+    """Restore last.pt if the run has one: (epochs done, log rows up to them)."""
+    last = run_dir / "last.pt"
+    log = runs.read_log(run_dir)
+    if not last.exists():
+        if log:
+            raise UserError(f"{run_dir} has a log.csv but no last.pt to resume from; "
+                            "start the run in a new --run-dir")
+        return 0, []
+    state = runs.load_checkpoint(last, device)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_states(state["rng"])
+    return state["epoch"], [row for row in log if row["epoch"] <= state["epoch"]]
+
+
+def _refuse_clash(previous: dict, settings: dict, run_dir: Path) -> None:
+    differences = config.result_differences(previous, settings)
+    if settings["epochs"] < previous["epochs"]:
+        differences.append(f"epochs: {previous['epochs']} -> {settings['epochs']} (a run can only be extended)")
+    if differences:
+        raise UserError(f"{run_dir} holds a run with other settings ({'; '.join(differences)}); "
+                        "pass --run-dir to start a new run, or repeat the original flags to continue it")
+
+
+def _refuse_divergence(model: torch.nn.Module, row: dict, epoch: int, lr: float) -> None:
+    weights_finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
+    if not (torch.tensor(row["train_loss"]).isfinite() and weights_finite):
+        raise UserError(f"training diverged in epoch {epoch} (loss {row['train_loss']}); nothing of that "
+                        f"epoch was saved. Lower the learning rate, e.g. --lr {lr / 2:g}, in a new --run-dir")
+
+
+def _set_determinism(deterministic: bool, device: torch.device) -> None:
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def _rng_states() -> dict:
+    """Every global random state, as tensors and plain values (weights_only loads them)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
+                      "has_gauss": has_gauss, "gauss": gauss},
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    numpy = states["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["gauss"]))
+    python = states["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss_next"]))
+
+
+_SUMMARY = ("train_loss", "train_acc", "test_loss", "test_acc", "test_ece")
+
+
+def _tpt_epoch(log: list[dict]) -> int | None:
+    return next((row["epoch"] for row in log if row["train_acc"] == 1.0), None)
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    return (f"epoch {row['epoch']:>4}/{epochs}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
+            f"acc {row['train_acc']:.2%}  test loss {row['test_loss']:.4f} acc {row['test_acc']:.2%} "
+            f"ece {row['test_ece']:.3f}  {row['seconds']:.1f}s")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, parse_args))
