@@ -1,0 +1,335 @@
+"""Every figure of the repo, drawn from the tables of run folders (never from a model): the paper's
+Figures 2-7, the training curves and Table 1.
+
+    python plotting.py nc RUN_DIR [RUN_DIR ...] --out DIR          # fig2_equinorm.png ... fig7_ncc_mismatch.png
+    python plotting.py curves RUN_DIR [RUN_DIR ...] --out DIR      # training_curves.png
+    python plotting.py panel RUN_DIR [RUN_DIR ...] --out FILE.png  # Figures 2-7 in one compact 2x3 panel
+
+Several runs are overlaid, one colour per run, labelled by the result settings on which their configs
+differ. Within a figure of two quantities, solid is the class means (or test) and dashed the
+classifiers (or train). A thin dashed vertical line in the run's colour marks its TPT onset, the first
+epoch of log.csv with zero training error.
+
+Epochs are on a log axis (the analysis checkpoints are log-spaced), and so are the quantities of
+Figures 2-6 and the losses, which fall towards 0 over orders of magnitude; Figure 7's mismatch, the
+accuracies and the ECE are proportions, on a linear axis. A log axis cannot show 0: such values are
+left out, which breaks the line there, and the legend adds "zeros not shown" (a row of epoch 0 is
+likewise left off the epoch axis). They are not clipped to a floor, which would draw a value that was
+never measured at a height set by an arbitrary constant.
+"""
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display: chosen before pyplot loads
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.lines import Line2D
+from PIL import Image
+
+import runs
+from config import RESULT_KEYS
+from errors import UserError, run_cli
+
+DPI = 150
+STYLE = {"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10}  # >= 10 pt at the saved size
+SINGLE_SIZE = (7.0, 5.0)
+CURVES_SIZE = (15.0, 4.8)
+PANEL_SIZE = (12.0, 7.0)
+STYLES = ("-", "--")  # first quantity of a figure solid, second dashed
+MARKER_SIZE = 3
+NC_TABLE, LOG_TABLE = "nc_metrics.csv", "log.csv"
+
+
+@dataclass(frozen=True)
+class Quantity:
+    column: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One axes' worth of a figure: what it shows, from which table of the run folder, and how."""
+    title: str
+    ylabel: str
+    quantities: tuple[Quantity, ...]
+    log_y: bool
+    table: str
+
+
+_X = r"\mathbf{x}"
+NC_FIGURES = {
+    "fig2_equinorm.png": Panel(
+        "Equinorm (Figure 2)", rf"$\mathrm{{Std}}_c\,\|{_X}_c\|\ /\ \mathrm{{Avg}}_c\,\|{_X}_c\|$",
+        (Quantity("equinorm_means", rf"class means ${_X}_c = \mu_c - \mu_G$"),
+         Quantity("equinorm_weights", rf"classifiers ${_X}_c = w_c$")), log_y=True, table=NC_TABLE),
+    "fig3_equiangularity.png": Panel(
+        "Equiangularity (Figure 3)", rf"$\mathrm{{Std}}_{{c \neq c'}}\ \cos({_X}_c, {_X}_{{c'}})$",
+        (Quantity("equiangular_means", rf"class means ${_X}_c = \mu_c - \mu_G$"),
+         Quantity("equiangular_weights", rf"classifiers ${_X}_c = w_c$")), log_y=True, table=NC_TABLE),
+    "fig4_max_equiangularity.png": Panel(
+        "Maximal angle (Figure 4)",
+        rf"$\mathrm{{Avg}}_{{c \neq c'}}\ |\cos({_X}_c, {_X}_{{c'}}) + 1/(C-1)|$",
+        (Quantity("maxangle_means", rf"class means ${_X}_c = \mu_c - \mu_G$"),
+         Quantity("maxangle_weights", rf"classifiers ${_X}_c = w_c$")), log_y=True, table=NC_TABLE),
+    "fig5_self_duality.png": Panel(
+        "Self-duality (Figure 5)", r"$\|\,W / \|W\|_F - \tilde{M} / \|\tilde{M}\|_F\,\|_F^2$",
+        (Quantity("self_duality", r"classifiers $W$ vs. centred means $\tilde{M}$"),), log_y=True, table=NC_TABLE),
+    "fig6_nc1.png": Panel(
+        "Within-class variation (Figure 6)", r"$\mathrm{Tr}(\Sigma_W\,\Sigma_B^{+})\ /\ C$",
+        (Quantity("nc1", "train features"),), log_y=True, table=NC_TABLE),
+    "fig7_ncc_mismatch.png": Panel(
+        "NCC mismatch (Figure 7)",
+        r"proportion with $\mathrm{argmax}_c\,(w_c \cdot h + b_c)$" "\n" r"$\neq \mathrm{argmin}_c\,\|h - \mu_c\|$",
+        (Quantity("ncc_mismatch_test", "test"), Quantity("ncc_mismatch_train", "train")), log_y=False, table=NC_TABLE),
+}
+CURVE_PANELS = (
+    Panel("Loss", "loss", (Quantity("test_loss", "test"), Quantity("train_loss", "train")), log_y=True, table=LOG_TABLE),
+    Panel("Accuracy", "accuracy (fraction correct)",
+          (Quantity("test_acc", "test"), Quantity("train_acc", "train")), log_y=False, table=LOG_TABLE),
+    Panel("Calibration", "expected calibration error (ECE)", (Quantity("test_ece", "test"),), log_y=False,
+          table=LOG_TABLE),
+)
+CURVES_FILE = "training_curves.png"
+
+
+def plot_run(run_dir: Path, out_dir: Path) -> list[Path]:
+    """Figures 2-7 and the training curves of one run, written into `out_dir`; the paths written."""
+    return plot_runs([run_dir], out_dir) + [plot_curves([run_dir], out_dir)]
+
+
+def plot_runs(run_dirs: list[Path], out_dir: Path) -> list[Path]:
+    """Figures 2-7 with the runs overlaid, one file per figure in `out_dir`; the paths written."""
+    loaded = _load_runs(run_dirs, NC_TABLE)
+    written = []
+    for filename, panel in NC_FIGURES.items():
+        with plt.rc_context(STYLE):
+            fig, ax = plt.subplots(figsize=SINGLE_SIZE, layout="constrained")
+            _draw(ax, panel, loaded, with_runs=True)
+            fig.suptitle(_describe(loaded))
+            written.append(_save(fig, Path(out_dir) / filename))
+    return written
+
+
+def plot_curves(run_dirs: list[Path], out_dir: Path) -> Path:
+    """training_curves.png in `out_dir`: loss | accuracy | test ECE per epoch from log.csv."""
+    loaded = _load_runs(run_dirs, LOG_TABLE)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=CURVES_SIZE, layout="constrained")
+        for ax, panel in zip(axes, CURVE_PANELS):
+            _draw(ax, panel, loaded, with_runs=False)
+        _legend_runs(fig, loaded)
+        fig.suptitle(_describe(loaded))
+        return _save(fig, Path(out_dir) / CURVES_FILE)
+
+
+def plot_panel(run_dirs: list[Path], out_path: Path) -> Path:
+    """Figures 2-7 as one compact 2x3 panel (the same content as the single figures) at `out_path`."""
+    loaded = _load_runs(run_dirs, NC_TABLE)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(2, 3, figsize=PANEL_SIZE, layout="constrained")
+        for ax, panel in zip(axes.flat, NC_FIGURES.values()):
+            _draw(ax, panel, loaded, with_runs=False)
+        _legend_runs(fig, loaded)
+        fig.suptitle(_describe(loaded))
+        return _save(fig, Path(out_path))
+
+
+def tpt_table(run_dir: Path) -> str:
+    """The paper's Table 1 for one run, as Markdown: the test accuracy at the TPT onset (the first
+    epoch with zero training error) and at the last epoch of log.csv, with the epoch numbers."""
+    run_dir = Path(run_dir)
+    log = _read_required(run_dir, LOG_TABLE)
+    config = runs.read_config(run_dir) or {}
+    onset = _tpt_row(log)
+    last = log[-1]
+    if onset is None:
+        best = max((row["train_acc"] for row in log if row.get("train_acc") is not None), default=float("nan"))
+        onset_cells = [f"never reached (best train accuracy {_percent(best)})", "n/a"]
+    else:
+        onset_cells = [str(onset["epoch"]), _percent(onset["test_acc"])]
+    cells = [config.get("dataset", "?"), config.get("model", "?"), *onset_cells,
+             str(last["epoch"]), _percent(last["test_acc"])]
+    header = ["dataset", "model", "TPT onset epoch (zero training error)", "test accuracy at TPT onset",
+              "last epoch", "test accuracy at last epoch"]
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                      "| " + " | ".join(cells) + " |"]) + "\n"
+
+
+def tpt_onset(log: list[dict]) -> int | None:
+    """The first epoch of log.csv's rows whose training accuracy is exactly 1, or None."""
+    row = _tpt_row(log)
+    return None if row is None else row["epoch"]
+
+
+def run_labels(configs: list[dict], names: list[str]) -> list[str]:
+    """A legend label per run: the result settings whose values are not all equal across `configs`,
+    like "loss=mse, mixup_alpha=1.0"; the run folder `names` if none differ."""
+    differing = [key for key in RESULT_KEYS if len({str(config.get(key)) for config in configs}) > 1]
+    if not differing:
+        return list(names)
+    return [", ".join(f"{key}={config.get(key)}" for key in differing) for config in configs]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, summary, out_help in (
+            ("nc", "Figures 2-7, one file each, the runs overlaid", "folder for the six figures"),
+            ("curves", "training_curves.png: loss, accuracy and test ECE per epoch", "folder for the figure"),
+            ("panel", "Figures 2-7 in one compact 2x3 panel", "the PNG file to write")):
+        command = commands.add_parser(name, help=summary, description=summary)
+        command.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders to plot")
+        command.add_argument("--out", type=Path, required=True, help=out_help)
+    return parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.command == "nc":
+        written = plot_runs(args.run_dirs, args.out)
+    elif args.command == "curves":
+        written = [plot_curves(args.run_dirs, args.out)]
+    else:
+        written = [plot_panel(args.run_dirs, args.out)]
+    for path in written:
+        print(path)
+    return 0
+
+
+@dataclass(frozen=True)
+class _Run:
+    config: dict
+    label: str
+    colour: tuple
+    tpt_epoch: int | None
+    tables: dict[str, list[dict]]
+
+
+# What makes each table, for the message when a run folder lacks it.
+_READERS = {NC_TABLE: (runs.read_nc_metrics, "python validate_nc.py --run-dir {}"),
+            LOG_TABLE: (runs.read_log, "python train.py --run-dir {} (with the run's --dataset and other flags)")}
+
+
+def _load_runs(run_dirs: list[Path], needed: str) -> list[_Run]:
+    run_dirs = [Path(run_dir) for run_dir in run_dirs]
+    tables = [{needed: _read_required(run_dir, needed), LOG_TABLE: runs.read_log(run_dir)} for run_dir in run_dirs]
+    configs = [runs.read_config(run_dir) or {} for run_dir in run_dirs]
+    labels = run_labels(configs, _folder_names(run_dirs))
+    colours = plt.get_cmap("tab10").colors
+    return [_Run(config, label, colours[i % len(colours)], tpt_onset(table[LOG_TABLE]), table)
+            for i, (config, label, table) in enumerate(zip(configs, labels, tables))]
+
+
+def _read_required(run_dir: Path, filename: str) -> list[dict]:
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a run folder (no such directory); check the path")
+    reader, command = _READERS[filename]
+    rows = reader(run_dir)
+    if not rows:
+        raise UserError(f"{run_dir} has no {filename} (or it has no rows yet); make it with: {command.format(run_dir)}")
+    return rows
+
+
+def _folder_names(run_dirs: list[Path]) -> list[str]:
+    """The runs' folder names, or their full paths where two folders share a name."""
+    names = [run_dir.resolve().name for run_dir in run_dirs]
+    return names if len(set(names)) == len(names) else [str(run_dir) for run_dir in run_dirs]
+
+
+def _draw(ax: plt.Axes, panel: Panel, loaded: list[_Run], with_runs: bool) -> None:
+    """Draw every run's quantities of `panel` on `ax`, with the TPT onsets, axes and legend."""
+    marker = _marker(panel)
+    zeros_hidden = set()
+    for run in loaded:
+        for quantity, style in zip(panel.quantities, STYLES):
+            epochs, values, hidden = _series(run.tables[panel.table], quantity.column, panel.log_y)
+            ax.plot(epochs, values, linestyle=style, color=run.colour, marker=marker, markersize=MARKER_SIZE)
+            if hidden:
+                zeros_hidden.add(quantity.column)
+        if run.tpt_epoch is not None:
+            ax.axvline(run.tpt_epoch, color=run.colour, linestyle="--", linewidth=1, alpha=0.7)
+    ax.set_xscale("log")
+    if panel.log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(panel.ylabel)
+    ax.set_title(panel.title)
+    ax.grid(True, which="major", alpha=0.3)
+    handles = _quantity_handles(panel, loaded, zeros_hidden)
+    if with_runs and len(loaded) > 1:
+        handles += _run_handles(loaded)
+    ax.legend(handles=handles)
+
+
+def _series(rows: list[dict], column: str, log_y: bool) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Epochs and values of `column`, NaN where missing or, on a log axis, not positive (which breaks
+    the line there); and whether a zero or negative value was hidden."""
+    epochs = np.array([row["epoch"] for row in rows], dtype=float)
+    values = np.array([np.nan if row.get(column) is None else row[column] for row in rows], dtype=float)
+    hidden = log_y & np.isfinite(values) & (values <= 0)
+    return np.where(epochs > 0, epochs, np.nan), np.where(hidden, np.nan, values), bool(hidden.any())
+
+
+def _quantity_handles(panel: Panel, loaded: list[_Run], zeros_hidden: set[str]) -> list[Line2D]:
+    """Legend entries for the quantities (by line style) and the TPT onset, in the run's colour when
+    there is one run (else neutral grey, the colours then being the runs')."""
+    colour = loaded[0].colour if len(loaded) == 1 else "0.3"
+    handles = [Line2D([], [], color=colour, linestyle=style, marker=_marker(panel), markersize=MARKER_SIZE,
+                      label=quantity.name + (" (zeros not shown)" if quantity.column in zeros_hidden else ""))
+               for quantity, style in zip(panel.quantities, STYLES)]
+    if any(run.tpt_epoch is not None for run in loaded):
+        handles.append(Line2D([], [], color=colour, linestyle="--", linewidth=1, label="TPT onset"))
+    return handles
+
+
+def _marker(panel: Panel) -> str:
+    """Dots on the analysis checkpoints, which are few and log-spaced, to show where collapse was
+    measured; none on log.csv's every epoch, where they would merge into a thick line."""
+    return "o" if panel.table == NC_TABLE else ""
+
+
+def _run_handles(loaded: list[_Run]) -> list[Line2D]:
+    return [Line2D([], [], color=run.colour, linewidth=3, label=run.label) for run in loaded]
+
+
+def _legend_runs(fig: plt.Figure, loaded: list[_Run]) -> None:
+    """One legend of the runs' colours below a multi-axes figure, when there are several runs."""
+    if len(loaded) > 1:
+        fig.legend(handles=_run_handles(loaded), loc="outside lower center", ncols=min(len(loaded), 3))
+
+
+def _describe(loaded: list[_Run]) -> str:
+    """The dataset / model of the runs, for the figure's subtitle."""
+    pairs = dict.fromkeys(f"{run.config.get('dataset', '?')} / {run.config.get('model', '?')}" for run in loaded)
+    return "; ".join(pairs)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    """Write `fig` at 150 dpi as a 256-colour PNG: line art loses nothing visible, and the file is a
+    third of the size of matplotlib's RGBA one (the 2x3 panel of three runs stays under 300 KB)."""
+    try:
+        fig.set_dpi(DPI)
+        fig.canvas.draw()
+        pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+    finally:
+        plt.close(fig)
+    image = Image.fromarray(pixels).quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    with runs.atomic_path(path) as tmp:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(tmp, format="png", optimize=True, dpi=(DPI, DPI))
+    return path
+
+
+def _tpt_row(log: list[dict]) -> dict | None:
+    return next((row for row in log if row.get("train_acc") == 1.0), None)
+
+
+def _percent(fraction: float | None) -> str:
+    return "n/a" if fraction is None or np.isnan(fraction) else f"{100 * fraction:.2f}%"
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, parse_args))

@@ -1,0 +1,125 @@
+"""validate_nc.py end to end on tiny CPU runs: the metrics table, the figures, skipping and recomputing,
+damaged checkpoints, and collapse on the synthetic dataset."""
+import math
+import shutil
+
+import pytest
+from PIL import Image
+
+import runs
+import train
+import validate_nc
+from errors import UserError
+
+TINY = ("--dataset", "synthetic", "--width", "4", "--epochs", "3", "--num-checkpoints", "3",
+        "--samples-per-class", "20", "--device", "cpu")
+FIGURES = ["fig2_equinorm.png", "fig3_equiangularity.png", "fig4_max_equiangularity.png", "fig5_self_duality.png",
+           "fig6_nc1.png", "fig7_ncc_mismatch.png", "training_curves.png"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny trained run, copied afresh for each test so that tests cannot see each other's results."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    train.main(train.parse_args([*TINY, "--run-dir", str(run_dir)]))
+    return run_dir
+
+
+@pytest.fixture
+def run_dir(trained, tmp_path):
+    return shutil.copytree(trained, tmp_path / "run")
+
+
+def validate(run_dir, *flags: str) -> int:
+    return validate_nc.main(validate_nc.parse_args(
+        ["--run-dir", str(run_dir), "--plots-dir", str(run_dir.parent / "plots"), "--device", "cpu", *flags]))
+
+
+def test_the_table_has_a_row_per_checkpoint_with_every_column(run_dir):
+    assert validate(run_dir) == 0
+    rows = runs.read_nc_metrics(run_dir)
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert all(set(row) == set(runs.NC_COLUMNS) for row in rows)
+    assert all(math.isfinite(row[column]) for row in rows for column in runs.NC_COLUMNS)
+    assert all(0 <= row[column] <= 1 for row in rows
+               for column in ("train_acc", "test_acc", "ncc_mismatch_train", "ncc_mismatch_test", "test_ece"))
+
+
+def test_every_figure_is_a_png_at_150_dpi(run_dir):
+    validate(run_dir)
+    plots = run_dir.parent / "plots"
+    for name in FIGURES:
+        with Image.open(plots / name) as image:
+            assert image.format == "PNG"
+            assert image.info["dpi"] == pytest.approx((150, 150), abs=0.1)
+            assert image.width >= 600 and image.height >= 400
+    assert "| synthetic |" in (plots / "tpt_table.md").read_text()
+
+
+def test_measured_checkpoints_are_skipped_unless_recomputed(run_dir, capsys):
+    validate(run_dir)
+    table = (run_dir / "nc_metrics.csv").read_text()
+    rows = runs.read_nc_metrics(run_dir)
+    rows[0]["nc1"] = 12345.0
+    runs.write_nc_metrics(run_dir, rows)
+    capsys.readouterr()
+    validate(run_dir)
+    assert "0 checkpoint(s) measured" in capsys.readouterr().out
+    assert runs.read_nc_metrics(run_dir)[0]["nc1"] == 12345.0
+    validate(run_dir, "--recompute")
+    assert "3 checkpoint(s) measured" in capsys.readouterr().out
+    assert runs.read_nc_metrics(run_dir)[0]["nc1"] == pytest.approx(table_nc1(table), rel=1e-12)
+
+
+def test_new_checkpoints_of_a_run_still_training_are_added(run_dir, capsys):
+    runs.checkpoint_path(run_dir, 3).unlink()
+    validate(run_dir)
+    assert [row["epoch"] for row in runs.read_nc_metrics(run_dir)] == [1, 2]
+    shutil.copy(run_dir / "last.pt", runs.checkpoint_path(run_dir, 3))
+    capsys.readouterr()
+    validate(run_dir)
+    assert "1 checkpoint(s) measured" in capsys.readouterr().out
+    assert [row["epoch"] for row in runs.read_nc_metrics(run_dir)] == [1, 2, 3]
+
+
+def test_a_truncated_checkpoint_is_named_and_the_others_are_measured(run_dir, capsys):
+    damaged = runs.checkpoint_path(run_dir, 2)
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    assert validate(run_dir) == 1
+    assert str(damaged) in capsys.readouterr().err
+    assert [row["epoch"] for row in runs.read_nc_metrics(run_dir)] == [1, 3]
+
+
+def test_a_checkpoint_of_another_run_is_refused(run_dir, tmp_path):
+    train.main(train.parse_args([*TINY, "--seed", "1", "--epochs", "1", "--num-checkpoints", "1",
+                                 "--run-dir", str(tmp_path / "other")]))
+    shutil.copy(runs.checkpoint_path(tmp_path / "other", 1), runs.checkpoint_path(run_dir, 1))
+    with pytest.raises(UserError, match="seed: 0 -> 1|seed: 1 -> 0"):
+        validate(run_dir)
+
+
+def test_a_missing_run_folder_names_the_train_command(tmp_path):
+    with pytest.raises(UserError, match=r"no run folder at .*missing.*python train\.py"):
+        validate(tmp_path / "missing")
+
+
+def test_a_run_without_checkpoints_names_the_train_command(run_dir):
+    shutil.rmtree(run_dir / "checkpoints")
+    with pytest.raises(UserError, match=r"no checkpoints yet.*python train\.py"):
+        validate(run_dir)
+
+
+@pytest.mark.slow
+def test_the_synthetic_default_collapses(tmp_path):
+    """The quick start's run: NC1 at the last checkpoint is at least 10x below NC1 at the first."""
+    run_dir = tmp_path / "quick"
+    train.main(train.parse_args(["--dataset", "synthetic", "--device", "cpu", "--run-dir", str(run_dir)]))
+    assert validate(run_dir) == 0
+    rows = runs.read_nc_metrics(run_dir)
+    assert rows[-1]["nc1"] < rows[0]["nc1"] / 10
+    assert rows[-1]["train_acc"] == 1.0
+
+
+def table_nc1(table: str) -> float:
+    header, first = table.splitlines()[:2]
+    return float(first.split(",")[header.split(",").index("nc1")])

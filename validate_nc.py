@@ -1,0 +1,119 @@
+"""Measure Neural Collapse at every analysis checkpoint of a run, then draw the paper's Figures 2-7.
+
+    python validate_nc.py --dataset CIFAR10        # the run `python train.py --dataset CIFAR10` made
+    python validate_nc.py --run-dir runs/NAME      # any run folder
+
+For each checkpoint, in epoch order, the model is rebuilt from the checkpoint's own config, run once
+in strict float32 over the class-balanced training subset it was trained on (clean: no augmentation,
+no Mixup) and once over the test split, and a row is added to <run>/nc_metrics.csv. Checkpoints already
+in the table are skipped (unless --recompute), so a run still training can be validated again later.
+Figures go to <DATASET>_plots/ for the paper-default run and to <DATASET>_plots/<run name>/ otherwise.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import config
+import datasets
+import engine
+import losses
+import plotting
+import runs
+from errors import UserError, run_cli
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_selection_arguments(parser)
+    add = parser.add_argument
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    add("--batch-size", type=config.positive_int, default=1000, help="images per forward pass (default 1000)")
+    add("--plots-dir", type=Path, help="where the figures go (default <DATASET>_plots/[<run name>/])")
+    add("--recompute", action="store_true", help="measure every checkpoint again, even those in the table")
+    add("--data-root", type=Path, help="folder holding the datasets (default: the one the run was trained from)")
+    add("--download", action="store_true", help="download the dataset into --data-root if it is missing")
+    return parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    device = config.resolve_device(args.device)
+    run_dir = config.default_run_dir(config.resolve_config(args, device), args)
+    run_config = _run_config(run_dir, args)
+    checkpoints = runs.checkpoint_files(run_dir)
+    if not checkpoints:
+        raise UserError(f"{run_dir} has no checkpoints yet; train first: python train.py --run-dir {run_dir} ...")
+    table = {row["epoch"]: row for row in runs.read_nc_metrics(run_dir)}
+    todo = [(epoch, path) for epoch, path in checkpoints if args.recompute or epoch not in table]
+    unreadable = measure_checkpoints(todo, run_config, run_dir, table, args, device)
+
+    plots_dir = args.plots_dir or default_plots_dir(run_config, run_dir)
+    if table:
+        written = plotting.plot_run(run_dir, plots_dir)
+        summary = plotting.tpt_table(run_dir)
+        runs.write_text(plots_dir / "tpt_table.md", summary)
+        print(summary)
+        print(f"{len(todo) - len(unreadable)} checkpoint(s) measured, {len(table)} in {run_dir / 'nc_metrics.csv'}; "
+              f"{len(written) + 1} files in {plots_dir}/")
+    if unreadable:
+        print(f"error: {len(unreadable)} checkpoint(s) could not be read: {', '.join(map(str, unreadable))}; "
+              "delete them (the others were measured)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def measure_checkpoints(todo: list[tuple[int, Path]], run_config: dict, run_dir: Path, table: dict,
+                        args: argparse.Namespace, device: torch.device) -> list[Path]:
+    """Measure each checkpoint, adding its row to `table` and rewriting nc_metrics.csv after each one;
+    returns the checkpoints that could not be read."""
+    if not todo:
+        return []
+    root = args.data_root or Path(run_config["data_root"])
+    train, test, _ = datasets.load_run_data(run_config["dataset"], root, run_config["samples_per_class"],
+                                            run_config["seed"], args.download, device)
+    unreadable = []
+    progress = tqdm(todo, unit="checkpoint", desc=run_dir.name, dynamic_ncols=True)
+    for epoch, path in progress:
+        try:
+            state = runs.load_checkpoint(path, device)
+        except UserError as err:
+            tqdm.write(f"warning: {err}; skipped", file=sys.stderr)
+            unreadable.append(path)
+            continue
+        _refuse_foreign(state["config"], run_config, path)
+        model = engine.build_model(state["config"], device)
+        model.load_state_dict(state["model"])
+        measured = engine.measure_collapse(model, losses.loss_from_config(state["config"]), train, test,
+                                           state["config"], args.batch_size)
+        table[epoch] = {"epoch": epoch, **measured}
+        runs.write_nc_metrics(run_dir, list(table.values()))
+        progress.set_postfix(epoch=epoch, nc1=f"{table[epoch]['nc1']:.3g}",
+                             test_acc=f"{table[epoch]['test_acc']:.2%}")
+    return unreadable
+
+
+def default_plots_dir(run_config: dict, run_dir: Path) -> Path:
+    """<DATASET>_plots/ for the paper-default run, <DATASET>_plots/<run name>/ for any other."""
+    base = Path(f"{run_config['dataset']}_plots")
+    return base if run_dir.name == config.paper_run_name(run_config["dataset"]) else base / run_dir.name
+
+
+def _run_config(run_dir: Path, args: argparse.Namespace) -> dict:
+    run_config = runs.read_config(run_dir) if run_dir.is_dir() else None
+    if run_config is None:
+        raise UserError(f"no run folder at {run_dir}; train it first: "
+                        f"python train.py --dataset {args.dataset}" + (f" --run-dir {run_dir}" if args.run_dir else ""))
+    return run_config
+
+
+def _refuse_foreign(checkpoint_config: dict, run_config: dict, path: Path) -> None:
+    differences = config.result_differences(checkpoint_config, run_config)
+    if differences:
+        raise UserError(f"{path} belongs to another run than its folder's config.json ({'; '.join(differences)}); "
+                        "move it to its own run folder")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, parse_args))
