@@ -30,7 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     config.add_selection_arguments(parser)
     add = parser.add_argument
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
-    add("--batch-size", type=config.positive_int, default=1000, help="images per forward pass (default 1000)")
+    # Its own dest: a training batch size is a run-selecting setting, this one is not.
+    add("--batch-size", dest="eval_batch_size", type=config.positive_int, default=1000,
+        help="images per forward pass (default 1000; changes speed, not results)")
     add("--plots-dir", type=Path, help="where the figures go (default <DATASET>_plots/[<run name>/])")
     add("--recompute", action="store_true", help="measure every checkpoint again, even those in the table")
     add("--data-root", type=Path, help="folder holding the datasets (default: the one the run was trained from)")
@@ -86,7 +88,7 @@ def measure_checkpoints(todo: list[tuple[int, Path]], run_config: dict, run_dir:
         model = engine.build_model(state["config"], device)
         model.load_state_dict(state["model"])
         measured = engine.measure_collapse(model, losses.loss_from_config(state["config"]), train, test,
-                                           state["config"], args.batch_size)
+                                           state["config"], args.eval_batch_size)
         table[epoch] = {"epoch": epoch, **measured}
         runs.write_nc_metrics(run_dir, list(table.values()))
         progress.set_postfix(epoch=epoch, nc1=f"{table[epoch]['nc1']:.3g}",

@@ -98,6 +98,16 @@ def test_a_checkpoint_of_another_run_is_refused(run_dir, tmp_path):
         validate(run_dir)
 
 
+def test_the_same_flags_find_the_folder_train_wrote(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flags = ["--dataset", "Synthetic", "--width", "4", "--samples-per-class", "20", "--device", "cpu"]
+    train.main(train.parse_args([*flags, "--epochs", "1", "--num-checkpoints", "1"]))
+    assert validate_nc.main(validate_nc.parse_args([*flags, "--batch-size", "64"])) == 0
+    run_dir = tmp_path / "runs" / "synthetic-resnet18-ce-seed0-w4-spc20"
+    assert [row["epoch"] for row in runs.read_nc_metrics(run_dir)] == [1]
+    assert (tmp_path / "synthetic_plots" / run_dir.name / "fig6_nc1.png").is_file()
+
+
 def test_a_missing_run_folder_names_the_train_command(tmp_path):
     with pytest.raises(UserError, match=r"no run folder at .*missing.*python train\.py"):
         validate(tmp_path / "missing")
