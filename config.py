@@ -121,8 +121,8 @@ def defaults_for(dataset: str, model: str | None, optimizer: str | None) -> dict
 
 
 def default_milestones(epochs: int) -> list[int]:
-    """The paper's schedule: the rate drops after epochs floor(E/3) and floor(2E/3)."""
-    return [epochs // 3, 2 * epochs // 3]
+    """The paper's schedule: the rate drops after epochs floor(E/3) and floor(2E/3) (those past epoch 0)."""
+    return sorted({epoch for epoch in (epochs // 3, 2 * epochs // 3) if epoch > 0})
 
 
 def checkpoint_epochs(epochs: int, count: int) -> list[int]:

@@ -120,6 +120,8 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
 
 def read_config(run_dir: Path) -> dict | None:
     """The run's config.json, or None if the folder has none."""
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise UserError(f"{run_dir} is not a folder; pass --run-dir a new folder or a run's folder")
     path = Path(run_dir) / "config.json"
     if not path.exists():
         return None

@@ -1,0 +1,54 @@
+"""Run train.py in this process and SIGKILL it at a chosen moment, as a pre-empted job dies.
+
+    python tests/kill_harness.py steps N TRAIN_ARGS...   # killed right after the N-th optimizer step
+    python tests/kill_harness.py save N TRAIN_ARGS...    # killed half-way through writing the N-th file torch.save writes
+
+Nothing of train.py is changed: the harness wraps torch's optimizer step and torch.save, which is
+where a real kill lands (in the middle of an epoch, or while a checkpoint is being written).
+"""
+import io
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train  # noqa: E402
+from errors import run_cli  # noqa: E402
+
+
+def kill_after(calls: int, before_dying=lambda *args: None):
+    """A wrapper factory: the wrapped function runs normally until its `calls`-th call, which runs
+    `before_dying` with the call's arguments and then kills the process."""
+    seen = 0
+
+    def wrap(function):
+        def wrapped(*args, **kwargs):
+            nonlocal seen
+            seen += 1
+            if seen == calls:
+                before_dying(function, *args, **kwargs)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return function(*args, **kwargs)
+        return wrapped
+    return wrap
+
+
+def write_half(save, state, path, *args, **kwargs):
+    """Write the first half of the file torch.save would write, as a kill during the write leaves it."""
+    buffer = io.BytesIO()
+    save(state, buffer)
+    Path(path).write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+
+
+if __name__ == "__main__":
+    mode, count, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    if mode == "steps":
+        torch.optim.SGD.step = kill_after(count)(torch.optim.SGD.step)
+    else:
+        torch.save = kill_after(count, write_half)(torch.save)
+    sys.argv = ["train.py", *argv]
+    sys.exit(run_cli(train.main, train.parse_args))

@@ -1,0 +1,174 @@
+"""Reliability and safety: a run killed at any moment resumes to the run it would have been, files are
+never half-written, checkpoints cannot run code, and every user error is one line and a non-zero exit."""
+import errno
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import runs
+import train
+from errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "synthetic", "--width", "4", "--epochs", "4", "--num-checkpoints", "3",
+        "--samples-per-class", "20", "--device", "cpu", "--deterministic"]
+# 200 images in batches of 128: two optimizer steps per epoch. Saves per epoch: the analysis
+# checkpoint (epochs 1, 2, 4) and last.pt.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def command(script: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=ONE_THREAD,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    assert command("train.py", *TINY, "--run-dir", str(run_dir)).returncode == 0
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, count", [
+    ("steps", 3),  # in the middle of epoch 2
+    ("steps", 4),  # after the last step of epoch 2, before its evaluation and files
+    ("save", 4),   # while writing epoch 2's last.pt, its analysis checkpoint already written
+    ("save", 3),   # while writing epoch 2's analysis checkpoint
+])
+def test_a_killed_run_resumes_to_the_uninterrupted_one(uninterrupted, tmp_path, mode, count):
+    run_dir = tmp_path / "run"
+    killed = command("tests/kill_harness.py", mode, str(count), *TINY, "--run-dir", str(run_dir))
+    assert killed.returncode == -9, killed.stderr
+    assert runs.load_checkpoint(run_dir / "last.pt")["epoch"] == 1  # the previous last.pt is intact
+    resumed = command("train.py", *TINY, "--run-dir", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch 1" in resumed.stdout
+    assert not list(run_dir.rglob("*.tmp"))
+    assert _without_seconds(runs.read_log(run_dir)) == _without_seconds(runs.read_log(uninterrupted))
+    for name in ["last.pt", *(f"checkpoints/epoch_{epoch:04d}.pt" for epoch in (1, 2, 4))]:
+        expected = torch.load(uninterrupted / name, weights_only=True)["model"]
+        got = torch.load(run_dir / name, weights_only=True)["model"]
+        assert all(torch.equal(expected[key], got[key]) for key in expected), name
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == \
+        ["epoch_0001.pt", "epoch_0002.pt", "epoch_0004.pt"]
+
+
+def test_a_kill_while_writing_leaves_the_previous_file_readable(tmp_path):
+    run_dir = tmp_path / "run"
+    killed = command("tests/kill_harness.py", "save", "2", *TINY, "--epochs", "1", "--run-dir", str(run_dir))
+    assert killed.returncode == -9
+    assert not (run_dir / "last.pt").exists() and list(run_dir.glob("last.pt.*.tmp"))
+    assert runs.load_checkpoint(runs.checkpoint_path(run_dir, 1))["epoch"] == 1
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    runs.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "config": {}, "epoch": 1})
+
+    def disk_full(state, file):
+        Path(file).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(UserError, match="could not write .*last.pt: No space left on device; free some space"):
+        runs.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "config": {}, "epoch": 2})
+    assert runs.load_checkpoint(path)["epoch"] == 1
+    assert list(tmp_path.iterdir()) == [path]
+
+
+class Payload:
+    """An object whose unpickling calls open(marker, "w"), i.e. runs code of the file's choosing."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = {"model": Payload(marker), "epoch": 1, "config": {}}
+    pickle.loads(pickle.dumps(Payload(marker))).close()  # the payload is real: plain unpickling runs it
+    assert marker.exists()
+    marker.unlink()
+
+    run_dir = tmp_path / "run"
+    assert command("train.py", *TINY, "--epochs", "1", "--num-checkpoints", "1", "--run-dir", str(run_dir)).returncode == 0
+    torch.save(evil, runs.checkpoint_path(run_dir, 1))
+    result = command("validate_nc.py", "--run-dir", str(run_dir), "--device", "cpu",
+                     "--plots-dir", str(tmp_path / "plots"))
+    assert result.returncode == 1
+    assert "asks to run code while loading (io.open) and was refused" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not marker.exists()
+    with pytest.raises(UserError, match="refused"):
+        runs.load_checkpoint(runs.checkpoint_path(run_dir, 1))
+    assert not marker.exists()
+
+
+def test_checkpoints_hold_only_tensors_and_plain_types(tmp_path):
+    run_dir = tmp_path / "run"
+    train.main(train.parse_args([*TINY[:-1], "--epochs", "1", "--num-checkpoints", "1", "--run-dir", str(run_dir)]))
+    for path in (run_dir / "last.pt", runs.checkpoint_path(run_dir, 1)):
+        _assert_plain(torch.load(path, weights_only=True))
+
+
+def test_a_config_clash_is_refused_and_a_longer_run_continues(tmp_path):
+    run_dir = tmp_path / "run"
+    flags = [*TINY[:-1], "--epochs", "2", "--num-checkpoints", "2", "--run-dir", str(run_dir)]
+    train.main(train.parse_args(flags))
+    config_before = (run_dir / "config.json").read_text()
+    with pytest.raises(UserError, match=r"other settings \(lr: 0\.0679 -> 0\.01\); pass --run-dir"):
+        train.main(train.parse_args([*flags, "--lr", "0.01"]))
+    with pytest.raises(UserError, match="epochs: 2 -> 1 .a run can only be extended"):
+        train.main(train.parse_args([*flags, "--epochs", "1"]))
+    assert (run_dir / "config.json").read_text() == config_before
+    train.main(train.parse_args([*flags, "--epochs", "3"]))
+    assert [row["epoch"] for row in runs.read_log(run_dir)] == [1, 2, 3]
+    assert runs.load_checkpoint(run_dir / "last.pt")["config"]["lr_milestones"] == [1]
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("train.py", ["--dataset", "imagenet"], "argument --dataset: unknown dataset 'imagenet'; choose one of: CIFAR10"),
+    ("train.py", ["--model", "resnet19"], "argument --model: unknown model 'resnet19'; choose one of: resnet18"),
+    ("train.py", ["--loss", "hinge"], "argument --loss: unknown loss 'hinge'; choose one of: ce"),
+    ("train.py", ["--dataset", "CIFAR10", "--data-root", "{tmp}/none"], "CIFAR10 not found in"),
+    ("train.py", ["--samples-per-class", "500"], "at most 100 per class"),
+    ("train.py", ["--run-dir", "{tmp}/file.txt"], "is not a folder"),
+    ("train.py", ["--run-dir", "{tmp}/bad"], "config.json is corrupt"),
+    ("validate_nc.py", ["--run-dir", "{tmp}/nothing"], "no run folder at"),
+    ("validate_nc.py", ["--dataset", "MNIST"], "no run folder at runs/MNIST-resnet18-ce-seed0; train it first"),
+])
+def test_user_errors_are_one_line_and_a_non_zero_exit(tmp_path, script, args, message):
+    (tmp_path / "file.txt").write_text("not a folder")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{half")
+    result = command(script, *(arg.format(tmp=tmp_path) for arg in args), "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]  # argparse prints its usage above it
+    assert "error: " in last_line and message in last_line
+    assert "Traceback" not in result.stderr
+
+
+def _assert_plain(value) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            assert isinstance(key, (str, int))
+            _assert_plain(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _assert_plain(item)
+    else:
+        assert value is None or isinstance(value, (torch.Tensor, str, int, float, bool)), type(value)
+
+
+def _without_seconds(rows: list[dict]) -> list[dict]:
+    return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
+
