@@ -207,7 +207,7 @@ def _dataset_name(name: str) -> str:
 def _model_name(name: str) -> str:
     if not models.is_model_name(name):
         raise argparse.ArgumentTypeError(f"unknown model '{name}'; choose one of: "
-                                         f"{', '.join(models.MODEL_NAMES)}, wrn<depth>_<k>")
+                                         f"{', '.join(models.MODEL_NAMES)}, wrn<depth>_<k> with depth 6n+4 (e.g. wrn40_10)")
     return name.lower()
 
 

@@ -7,6 +7,8 @@ All randomness of an epoch (data order, augmentation, Mixup) is drawn from gener
 (seed, epoch), so an epoch is the same whether the run was resumed before it or not.
 """
 import contextlib
+import copy
+import itertools
 from typing import Callable, Iterator
 
 import numpy as np
@@ -17,7 +19,7 @@ import datasets
 import losses
 import models
 from nc_metrics import (FeatureStats, calibration_bins, expected_calibration_error, metrics_from_stats,
-                        ncc_disagreements)
+                        ncc_disagreements, plane_coordinates, simplex_plane)
 
 Split = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, C, H, W) and int64 labels, on the device
 
@@ -125,6 +127,59 @@ def measure_collapse(model: nn.Module, loss_fn: losses.LossFn, train: Split, tes
             "ncc_mismatch_train": ncc_train.item() / n_train, "ncc_mismatch_test": ncc_test / n_test}
 
 
+REPRESENTATION_COLUMNS = ["kind", "lam", "class_a", "class_b", "x", "y"]
+
+
+@torch.inference_mode()
+@strict_float32()
+def mixup_representations(model: nn.Module, train: Split, config: dict, classes: list[int], lambdas: list[float],
+                          per_class: int = 100, bn_mode: str = "eval") -> list[dict]:
+    """The last-layer features of Mixup inputs of three classes, in the plane of their classifiers'
+    simplex (Fisher, Meng & Papyan 2024, Figure 1), as rows of REPRESENTATION_COLUMNS.
+
+    Up to `per_class` training images of each class are paired with another of the same class
+    (kind "same") and, in order, with those of each other class (kind "mixed"); for every lam the
+    features of lam * x_a + (1 - lam) * x_b are projected on `simplex_plane` of the three classifier
+    rows, around the mean clean feature of the three classes. Rows of kind "classifier" hold the
+    centred classifier rows and "mean" the clean class means, in the same plane. With bn_mode "train"
+    batch norm uses each lam's batch statistics, on a copy: the model itself is left untouched."""
+    model = copy.deepcopy(model).train() if bn_mode == "train" else model.eval()
+    images, labels = train
+    generator = torch.Generator().manual_seed(config["seed"])
+    members = []
+    for label in classes:
+        found = torch.nonzero(labels.cpu() == label).squeeze(1)
+        members.append(found[torch.randperm(len(found), generator=generator)[:per_class]])
+    count = min(len(found) for found in members)
+    if count < 2:
+        raise ValueError(f"classes {classes} need at least 2 training images each")
+    firsts, seconds, kinds = [], [], []
+    for label, found in zip(classes, members):
+        firsts.append(found[:count])
+        seconds.append(found[:count].roll(1))  # each image with the next one of its class, never itself
+        kinds += [("same", label, label)] * count
+    for (a, found_a), (b, found_b) in itertools.combinations(zip(classes, members), 2):
+        firsts.append(found_a[:count])
+        seconds.append(found_b[:count])
+        kinds += [("mixed", a, b)] * count
+
+    def batch(indices: list[torch.Tensor]) -> torch.Tensor:
+        return datasets.normalize(images[torch.cat(indices).to(images.device)], *_normalization(config))
+
+    x_a, x_b = batch(firsts), batch(seconds)
+    weight = model.fc.weight[classes]
+    basis = simplex_plane(weight)
+    clean = model.features(batch([found[:count] for found in members]))
+    origin = clean.double().mean(dim=0)
+    rows = []
+    for lam in lambdas:
+        points = plane_coordinates(model.features(lam * x_a + (1 - lam) * x_b), basis, origin).tolist()
+        rows += [{"kind": kind, "lam": lam, "class_a": a, "class_b": b, "x": x, "y": y}
+                 for (kind, a, b), (x, y) in zip(kinds, points)]
+    rows += _simplex_rows(weight, basis, clean, classes, count, origin)
+    return rows
+
+
 def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
     """A CPU generator for one random stream of one epoch, independent of every other (seed, epoch, stream)."""
     state = np.random.SeedSequence([seed, epoch, stream]).generate_state(2, dtype=np.uint32)
@@ -143,6 +198,16 @@ def _features_and_logits(model: nn.Module, data: Split, config: dict,
     for x, y in datasets.batches(images, labels, batch_size, *_normalization(config)):
         features = model.features(x)
         yield features, model.fc(features), y
+
+
+def _simplex_rows(weight: torch.Tensor, basis: torch.Tensor, clean: torch.Tensor, classes: list[int], count: int,
+                  origin: torch.Tensor) -> list[dict]:
+    """Rows of the centred classifier rows and the clean class means, in the simplex plane."""
+    arrows = plane_coordinates(weight.double() - weight.double().mean(dim=0), basis, torch.zeros_like(basis[0]))
+    means = plane_coordinates(clean.double().view(len(classes), count, -1).mean(dim=1), basis, origin)
+    return [{"kind": kind, "lam": 1.0, "class_a": label, "class_b": label, "x": x, "y": y}
+            for kind, points in (("classifier", arrows), ("mean", means))
+            for label, (x, y) in zip(classes, points.tolist())]
 
 
 def _normalization(config: dict) -> tuple[list[float], list[float]]:

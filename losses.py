@@ -5,11 +5,14 @@ Every loss takes the logits z (B, C) and targets that are either hard labels y (
 averaged over the batch; e_y is the one-hot vector of y and kappa the target scale:
 
     ce               -log softmax(z)_y
-    mse              sum_c (z_c - kappa e_y,c)^2
-    mae              sum_c |z_c - kappa e_y,c|
-    smooth_l1        sum_c huber(z_c - kappa e_y,c), huber(x) = x^2 / 2 if |x| < 1 else |x| - 1/2
+    mse              (1/C) sum_c (z_c - kappa e_y,c)^2
+    mae              (1/C) sum_c |z_c - kappa e_y,c|
+    smooth_l1        (1/C) sum_c huber(z_c - kappa e_y,c), huber(x) = x^2 / 2 if |x| < 1 else |x| - 1/2
     label_smoothing  -sum_c q_c log softmax(z)_c with q = (1 - eps) e_y + eps / C
     focal            -(1 - p_y)^gamma log p_y, p = softmax(z) (Lin et al. 2017; gamma = 0 is ce)
+
+The regression losses average over the classes, as torch's MSELoss does: summed, MSE's gradient is C
+times larger and the protocol's learning rate diverges in the first epoch.
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -68,7 +71,7 @@ def make_loss(name: str, num_classes: int, target_scale: float = 1.0, label_smoo
 
         def per_label(z, y):
             target = target_scale * F.one_hot(y, num_classes).to(z.dtype)
-            return distance(z - target).sum(dim=1).mean()
+            return distance(z - target).mean()
 
     def loss(logits: torch.Tensor, targets: Targets) -> torch.Tensor:
         logits = logits.float()

@@ -22,7 +22,8 @@ Everything is accumulated and computed in float64. `FeatureStats` gathers the cl
 streaming pass with memory O(C d + d^2) whatever the number of samples; `metrics_from_stats` turns them
 into every metric but `ncc_mismatch`, which needs the features themselves and is computed batch by
 batch with `ncc_disagreements` once the class means are known. `collapse_metrics` does all of it from
-full tensors. The expected calibration error, reported beside the collapse metrics, is here too.
+full tensors. The expected calibration error, reported beside the collapse metrics, is here too, and
+the plane of three classes' simplex onto which the Mixup representation figure projects features.
 """
 import torch
 
@@ -240,6 +241,24 @@ def expected_calibration_error(bins: torch.Tensor) -> float:
     """ECE = sum_k (n_k / N) |acc_k - conf_k| from `calibration_bins` (Guo et al. 2017)."""
     counts, confidence, correct = bins.unbind(dim=1)
     return ((correct - confidence).abs().sum() / counts.sum()).item()
+
+
+def simplex_plane(rows: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis (2, d), float64, of the plane of the triangle that three vectors (3, d) span
+    once centred at their mean; the first axis points at the first centred vector."""
+    if rows.shape[0] != 3:
+        raise ValueError(f"simplex_plane takes 3 vectors, not {rows.shape[0]}")
+    centred = rows.double() - rows.double().mean(dim=0)
+    first = centred[0] / centred[0].norm()
+    second = centred[1] - (centred[1] @ first) * first
+    if second.norm() <= 1e-12 * centred.norm():
+        raise ValueError("the three vectors are collinear: they span no plane")
+    return torch.stack([first, second / second.norm()])
+
+
+def plane_coordinates(vectors: torch.Tensor, basis: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+    """The coordinates (n, 2), float64, of the vectors (n, d) minus `origin`, projected on `basis` (2, d)."""
+    return (vectors.double() - origin.double()) @ basis.T
 
 
 def _check_batch(features: torch.Tensor, labels: torch.Tensor, num_classes: int, dim: int) -> None:

@@ -4,6 +4,7 @@ Figures 2-7, the training curves and Table 1.
     python plotting.py nc RUN_DIR [RUN_DIR ...] --out DIR          # fig2_equinorm.png ... fig7_ncc_mismatch.png
     python plotting.py curves RUN_DIR [RUN_DIR ...] --out DIR      # training_curves.png
     python plotting.py panel RUN_DIR [RUN_DIR ...] --out FILE.png  # Figures 2-7 in one compact 2x3 panel
+    python plotting.py representations CSV [--out FILE.png]        # the Mixup representation figure
 
 Several runs are overlaid, one colour per run, labelled by the result settings on which their configs
 differ. Within a figure of two quantities, solid is the class means (or test) and dashed the
@@ -138,6 +139,40 @@ def plot_panel(run_dirs: list[Path], out_path: Path) -> Path:
         return _save(fig, Path(out_path))
 
 
+def plot_representations(table: Path, out_path: Path | None = None) -> Path:
+    """The Mixup representation figure (Fisher, Meng & Papyan 2024, Figure 1) from the CSV that
+    `validate_nc.py --representations` writes; by default beside it, as .png.
+
+    Same-class mixes are drawn in greens and mixes of two classes in purples, darker for larger lam
+    (the weight of class_a); arrows are the centred classifier rows, crosses the clean class means."""
+    rows = _read_representations(Path(table))
+    points = [row for row in rows if row["kind"] in ("same", "mixed")]
+    radius = max(np.hypot(row["x"], row["y"]) for row in points) or 1.0
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(6.5, 6.0), layout="constrained")
+        for kind, colours, label in (("same", "Greens", "same-class mixes"), ("mixed", "Purples", "two-class mixes")):
+            chosen = [row for row in points if row["kind"] == kind]
+            ax.scatter([row["x"] for row in chosen], [row["y"] for row in chosen], s=6, label=label,
+                       c=[0.25 + 0.75 * row["lam"] for row in chosen], cmap=colours, vmin=0, vmax=1, linewidths=0)
+        arrows = [row for row in rows if row["kind"] == "classifier"]
+        scale = radius / max(np.hypot(row["x"], row["y"]) for row in arrows)
+        for row in arrows:
+            ax.annotate("", xy=(scale * row["x"], scale * row["y"]), xytext=(0, 0),
+                        arrowprops={"arrowstyle": "->", "color": "black", "linewidth": 1.5})
+            ax.annotate(f"$w_{{{row['class_a']}}}$", (1.08 * scale * row["x"], 1.08 * scale * row["y"]), ha="center")
+        means = [row for row in rows if row["kind"] == "mean"]
+        ax.scatter([row["x"] for row in means], [row["y"] for row in means], marker="x", s=60, color="black",
+                   label="class means (clean)")
+        limit = 1.2 * radius  # room for the arrows' tips and labels, which are not drawn outside the axes
+        ax.set(xlim=(-limit, limit), ylim=(-limit, limit), aspect="equal")
+        ax.set_xlabel("simplex plane, axis 1")
+        ax.set_ylabel("simplex plane, axis 2")
+        ax.set_title(f"Mixup representations of classes {', '.join(str(row['class_a']) for row in arrows)}\n"
+                     "(darker: larger weight of the first class of the pair)")
+        ax.legend(loc="best")
+        return _save(fig, Path(out_path) if out_path else Path(table).with_suffix(".png"))
+
+
 def tpt_table(run_dir: Path) -> str:
     """The paper's Table 1 for one run, as Markdown: the test accuracy at the TPT onset (the first
     epoch with zero training error) and at the last epoch of log.csv, with the epoch numbers."""
@@ -177,6 +212,10 @@ def run_labels(configs: list[dict], names: list[str]) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    representations = commands.add_parser("representations", help="the Mixup representation figure from its CSV",
+                                          description="the Mixup representation figure from its CSV")
+    representations.add_argument("table", type=Path, metavar="CSV", help="mixup_representations_epoch<E>.csv")
+    representations.add_argument("--out", type=Path, help="the PNG file to write (default: beside the CSV)")
     for name, summary, out_help in (
             ("nc", "Figures 2-7, one file each, the runs overlaid", "folder for the six figures"),
             ("curves", "training_curves.png: loss, accuracy and test ECE per epoch", "folder for the figure"),
@@ -188,7 +227,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.command == "nc":
+    if args.command == "representations":
+        written = [plot_representations(args.table, args.out)]
+    elif args.command == "nc":
         written = plot_runs(args.run_dirs, args.out)
     elif args.command == "curves":
         written = [plot_curves(args.run_dirs, args.out)]
@@ -321,6 +362,16 @@ def _save(fig: plt.Figure, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(tmp, format="png", optimize=True, dpi=(DPI, DPI))
     return path
+
+
+def _read_representations(table: Path) -> list[dict]:
+    if not table.is_file():
+        raise UserError(f"{table} not found; make it with: python validate_nc.py --run-dir RUN --representations")
+    try:
+        return [{**row, **{key: float(row[key]) for key in ("lam", "x", "y")}, "class_a": int(row["class_a"]),
+                 "class_b": int(row["class_b"])} for row in runs.read_csv(table)]
+    except (KeyError, ValueError, TypeError):
+        raise UserError(f"{table} is not a representation table written by validate_nc.py --representations") from None
 
 
 def _tpt_row(log: list[dict]) -> dict | None:

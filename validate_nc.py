@@ -24,6 +24,8 @@ import plotting
 import runs
 from errors import UserError, run_cli
 
+REPRESENTATION_LAMBDAS = [step / 10 for step in range(11)]
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,6 +39,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--recompute", action="store_true", help="measure every checkpoint again, even those in the table")
     add("--data-root", type=Path, help="folder holding the datasets (default: the one the run was trained from)")
     add("--download", action="store_true", help="download the dataset into --data-root if it is missing")
+    add("--representations", action="store_true", help="instead of the metrics, draw the Mixup representation "
+        "figure of Fisher, Meng & Papyan (2024): features of mixed training pairs of three classes in the "
+        "plane of their classifiers' simplex")
+    # Its own dest: train.py's --epochs is a run setting, these are checkpoints to draw.
+    add("--epochs", dest="draw_epochs", type=config.positive_int, nargs="+", metavar="E",
+        help="with --representations: the checkpoint epochs to draw (default: the last)")
+    add("--classes", type=int, nargs=3, metavar=("A", "B", "C"),
+        help="with --representations: the three classes (default: three drawn at random from the run's seed)")
+    add("--bn-mode", choices=("eval", "train"), default="eval", help="with --representations: batch norm with "
+        "its running statistics (eval, default) or each batch's (train, as Fisher et al.; the model is not changed)")
     return parser.parse_args(argv)
 
 
@@ -47,6 +59,8 @@ def main(args: argparse.Namespace) -> int:
     checkpoints = runs.checkpoint_files(run_dir)
     if not checkpoints:
         raise UserError(f"{run_dir} has no checkpoints yet; train first: python train.py --run-dir {run_dir} ...")
+    if args.representations:
+        return draw_representations(dict(checkpoints), run_config, run_dir, args, device)
     table = {row["epoch"]: row for row in runs.read_nc_metrics(run_dir)}
     todo = [(epoch, path) for epoch, path in checkpoints if args.recompute or epoch not in table]
     unreadable = measure_checkpoints(todo, run_config, run_dir, table, args, device)
@@ -96,10 +110,45 @@ def measure_checkpoints(todo: list[tuple[int, Path]], run_config: dict, run_dir:
     return unreadable
 
 
+def draw_representations(checkpoints: dict[int, Path], run_config: dict, run_dir: Path,
+                         args: argparse.Namespace, device: torch.device) -> int:
+    """mixup_representations_epoch<E>.csv and .png in the plots folder, for each chosen checkpoint."""
+    epochs = args.draw_epochs or [max(checkpoints)]
+    missing = [epoch for epoch in epochs if epoch not in checkpoints]
+    if missing:
+        raise UserError(f"{run_dir} has no checkpoint of epoch {missing[0]}; choose among {sorted(checkpoints)}")
+    classes = _representation_classes(args.classes, run_config)
+    root = args.data_root or Path(run_config["data_root"])
+    train, _, _ = datasets.load_run_data(run_config["dataset"], root, run_config["samples_per_class"],
+                                         run_config["seed"], args.download, device)
+    plots_dir = args.plots_dir or default_plots_dir(run_config, run_dir)
+    for epoch in epochs:
+        state = runs.load_checkpoint(checkpoints[epoch], device)
+        model = engine.build_model(state["config"], device)
+        model.load_state_dict(state["model"])
+        rows = engine.mixup_representations(model, train, state["config"], classes, REPRESENTATION_LAMBDAS,
+                                            bn_mode=args.bn_mode)
+        table = plots_dir / f"mixup_representations_epoch{epoch}.csv"
+        plots_dir.mkdir(parents=True, exist_ok=True)
+        runs.write_csv(table, rows, engine.REPRESENTATION_COLUMNS)
+        print(plotting.plot_representations(table))
+    return 0
+
+
 def default_plots_dir(run_config: dict, run_dir: Path) -> Path:
     """<DATASET>_plots/ for the paper-default run, <DATASET>_plots/<run name>/ for any other."""
     base = Path(f"{run_config['dataset']}_plots")
     return base if run_dir.name == config.paper_run_name(run_config["dataset"]) else base / run_dir.name
+
+
+def _representation_classes(chosen: list[int] | None, run_config: dict) -> list[int]:
+    num_classes = run_config["num_classes"]
+    if chosen is None:
+        generator = torch.Generator().manual_seed(run_config["seed"])
+        return sorted(torch.randperm(num_classes, generator=generator)[:3].tolist())
+    if len(set(chosen)) != 3 or not all(0 <= label < num_classes for label in chosen):
+        raise UserError(f"--classes takes three different classes in 0..{num_classes - 1}, not {chosen}")
+    return chosen
 
 
 def _run_config(run_dir: Path, args: argparse.Namespace) -> dict:

@@ -43,5 +43,9 @@ def get_model(name: str, num_classes: int, in_channels: int = 3, width: int = 64
 
 
 def is_model_name(name: str) -> bool:
-    """Whether `get_model` knows `name` (a WideResNet's depth is checked when it is built)."""
-    return name.lower() in _BUILDERS or _WRN.fullmatch(name.lower()) is not None
+    """Whether `get_model` builds `name`: a fixed name, or wrn<depth>_<k> with depth 6n+4 and k >= 1."""
+    wide = _WRN.fullmatch(name.lower())
+    if wide:
+        depth, k = int(wide[1]), int(wide[2])
+        return depth >= 10 and (depth - 4) % 6 == 0 and k >= 1
+    return name.lower() in _BUILDERS

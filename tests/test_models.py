@@ -5,7 +5,7 @@ import torch.nn as nn
 
 import models
 
-SMALL = [*models.MODEL_NAMES, "wrn16_2", "wrn10_1"]
+SMALL = [*models.MODEL_NAMES, "wrn16_2", "wrn40_10"]
 CNNS = [name for name in SMALL if name != "vit"]
 
 
@@ -47,8 +47,9 @@ def test_the_vit_refuses_other_image_sizes():
         models.get_model("vit", num_classes=10, in_channels=1, width=4)(torch.randn(1, 1, 28, 28))
 
 
-def test_models_run_under_bf16_autocast():
-    model = models.get_model("resnet18", num_classes=10, width=4)
+@pytest.mark.parametrize("name", ["resnet18", "vgg11", "densenet121", "wrn16_2", "vit"])
+def test_models_run_under_bf16_autocast(name):
+    model = models.get_model(name, num_classes=10, width=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(torch.randn(2, 3, 32, 32)).dtype == torch.bfloat16
 
@@ -56,6 +57,7 @@ def test_models_run_under_bf16_autocast():
 def test_names_are_case_insensitive_and_unknown_ones_list_the_choices():
     assert isinstance(models.get_model("ResNet18", 10, width=4), nn.Module)
     assert models.is_model_name("WRN28_10") and not models.is_model_name("resnet19")
+    assert not models.is_model_name("wrn20_2") and not models.is_model_name("wrn28_0")
     with pytest.raises(ValueError, match="unknown model 'resnet19'; choose one of: resnet18.*wrn<depth>_<k>"):
         models.get_model("resnet19", 10)
     with pytest.raises(ValueError, match="6n\\+4"):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from nc_metrics import (METRIC_KEYS, STATS_KEYS, FeatureStats, calibration_bins, collapse_metrics,
-                        expected_calibration_error, metrics_from_stats, ncc_mismatch)
+                        expected_calibration_error, metrics_from_stats, ncc_mismatch, plane_coordinates,
+                        simplex_plane)
 
 SQRT2 = math.sqrt(2.0)
 
@@ -303,3 +304,35 @@ def test_ece_two_bins_by_hand():
     bins = calibration_bins(logits[:3], labels[:3]) + calibration_bins(logits[3:], labels[3:])
     assert bins[:, 0].sum() == 6 and (bins[:, 0] > 0).sum() == 2
     assert expected_calibration_error(bins) == pytest.approx(17 / 60, rel=1e-12)
+
+
+def test_a_simplex_projects_to_an_equilateral_triangle_centred_at_the_origin():
+    shift = torch.linspace(-3, 5, 7, dtype=torch.float64)
+    rows = 2.5 * simplex_etf(3, 7) + shift
+    basis = simplex_plane(rows)
+    assert torch.allclose(basis @ basis.T, torch.eye(2, dtype=torch.float64), atol=1e-12)
+    corners = plane_coordinates(rows, basis, rows.mean(dim=0))
+    assert torch.allclose(corners.mean(dim=0), torch.zeros(2, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(corners.norm(dim=1), torch.full((3,), 2.5, dtype=torch.float64))
+    sides = torch.pdist(corners)
+    assert torch.allclose(sides, torch.full((3,), 2.5 * math.sqrt(3), dtype=torch.float64))
+    assert corners[0, 1].abs() < 1e-12 and corners[0, 0] > 0  # the first axis points at the first class
+
+
+def test_a_feature_along_a_centred_classifier_row_projects_onto_that_row_s_line():
+    rows = simplex_etf(3, 6, seed=3) + 1.0
+    basis = simplex_plane(rows)
+    origin, other = torch.randn(2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    direction = rows[1] - rows.mean(dim=0)
+    off_plane = other - basis.T @ (basis @ other)
+    # A same-class mix of a feature with itself is that feature; its part outside the plane is dropped.
+    feature = origin + 0.7 * direction + 4.0 * off_plane
+    point = plane_coordinates(feature[None], basis, origin)[0]
+    arrow = plane_coordinates(direction[None], basis, torch.zeros(6, dtype=torch.float64))[0]
+    assert torch.allclose(point, 0.7 * arrow, atol=1e-12)
+
+
+def test_collinear_classifier_rows_span_no_plane():
+    line = torch.tensor([[1.0, 2.0], [2.0, 4.0], [3.0, 6.0]])
+    with pytest.raises(ValueError, match="collinear"):
+        simplex_plane(line)
