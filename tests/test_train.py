@@ -112,3 +112,25 @@ def test_help_documents_every_flag_of_the_issue(capsys):
 
 def _without_seconds(rows: list[dict]) -> list[dict]:
     return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_both_precisions_train_on_the_cpu_and_record_theirs(precision, tmp_path):
+    assert run_train(tmp_path / "run", "--precision", precision) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == precision
+    assert all(math.isfinite(row["train_loss"]) for row in runs.read_log(tmp_path / "run"))
+
+
+@pytest.mark.compile
+def test_a_compiled_run_matches_the_eager_one_and_saves_plain_weights(tmp_path):
+    try:
+        torch.compile(lambda x: x + 1)(torch.ones(1))
+    except Exception as err:  # no C compiler, unsupported platform: say so rather than fail
+        pytest.skip(f"torch.compile is unavailable here: {err}")
+    assert run_train(tmp_path / "eager", "--precision", "fp32", "--epochs", "2") == 0
+    assert run_train(tmp_path / "compiled", "--precision", "fp32", "--epochs", "2", "--compile") == 0
+    state = runs.load_checkpoint(tmp_path / "compiled" / "last.pt")
+    eager = runs.load_checkpoint(tmp_path / "eager" / "last.pt")
+    assert state["model"].keys() == eager["model"].keys()  # no torch.compile wrapper prefix
+    for mine, theirs in zip(runs.read_log(tmp_path / "compiled"), runs.read_log(tmp_path / "eager")):
+        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-3)
