@@ -90,6 +90,15 @@ def load_run_data(name: str, root: str | Path, samples_per_class: int | None, se
             (test_images.to(device), test_labels.to(device)), per_class)
 
 
+def fetch(name: str, root: str | Path) -> None:
+    """Fetch both splits of a dataset into `root`, unless they are there already."""
+    name = canonical_name(name)
+    root = Path(root).absolute()
+    for train in (True, False):
+        if None in _located_files(name, root, train):
+            _download(name, root, train)
+
+
 def load_split(name: str, root: str | Path, train: bool, download: bool = False) -> Split:
     """A split as uint8 images (N, C, H, W) and int64 labels (N,) in the files' order, downloaded first
     when asked and missing, and checked to have the official number of samples."""
@@ -192,18 +201,32 @@ def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean: l
 
     With `shuffle`, the order is `torch.randperm` from that CPU generator (the same on every device);
     otherwise the stored order. The last batch may be smaller. With `world_size` > 1, rank `rank` gets
-    its contiguous share of each global batch of `batch_size` samples."""
+    its contiguous share of each global batch of `batch_size` samples (as `torch.tensor_split` cuts
+    it), augmented exactly as in one process."""
     count = len(labels)
     if shuffle is None:
         order = torch.arange(count, device=images.device)
     else:
         order = _to_device(torch.randperm(count, generator=shuffle), images.device)
     for start in range(0, count, batch_size):
-        chosen = torch.tensor_split(order[start:start + batch_size], world_size)[rank]
-        batch = images[chosen]
-        if augment_with is not None:
-            batch = augment(batch, augment_with)
-        yield normalize(batch, mean, std), labels[chosen]
+        window = order[start:start + batch_size]
+        share = _share(len(window), rank, world_size)
+        if augment_with is None:
+            batch = images[window[share]]
+        else:
+            # Drawn for the whole global batch, so that each image gets the crop and flip it gets in one process.
+            batch = augment(images[window], augment_with)[share]
+        yield normalize(batch, mean, std), labels[window[share]]
+
+
+def shard(data: Split, batch_size: int, rank: int, world_size: int) -> Split:
+    """Rank `rank`'s part of a split to evaluate or measure: a contiguous run of whole batches of
+    `batch_size`, the runs as even as whole batches allow (a rank may get none). Every sample is in
+    exactly one part, and `batches` cuts each part into the very batches it cuts the whole split into."""
+    images, labels = data
+    blocks = _share(num_batches(len(labels), batch_size), rank, world_size)
+    part = slice(blocks.start * batch_size, blocks.stop * batch_size)
+    return images[part], labels[part]
 
 
 def num_batches(count: int, batch_size: int) -> int:
@@ -428,6 +451,14 @@ def _synthetic_templates() -> torch.Tensor:
     coarse = torch.randn((info.num_classes, info.channels, grid, grid), generator=generator)
     smooth = F.interpolate(coarse, size=(info.size, info.size), mode="bilinear", align_corners=False)
     return 127.5 + SYNTHETIC_TEMPLATE_STD * smooth
+
+
+def _share(count: int, rank: int, world_size: int) -> slice:
+    """Part `rank` of `count` items cut in `world_size` contiguous parts as `torch.tensor_split` cuts
+    them: sizes differ by at most one, the larger parts first."""
+    size, extra = divmod(count, world_size)
+    start = rank * size + min(rank, extra)
+    return slice(start, start + size + (rank < extra))
 
 
 def _reflected(index: torch.Tensor, size: int) -> torch.Tensor:

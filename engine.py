@@ -5,6 +5,11 @@ device never waits for the host inside an epoch. The measurement pass is strict 
 training precision (autocast off, TF32 off): bf16-rounded features put NC1 off by 44% at NC1 ~ 1e-4.
 All randomness of an epoch (data order, augmentation, Mixup) is drawn from generators seeded by
 (seed, epoch), so an epoch is the same whether the run was resumed before it or not.
+
+Under torchrun (see distributed.py) each process trains on its share of every global batch, and
+evaluates and measures its shard of each split; the sums are added across processes, so every
+number is that of the whole split. Mixup draws the same lambda on every process but pairs each
+example with a partner from its own process's share, not from the whole global batch.
 """
 import contextlib
 import copy
@@ -16,6 +21,7 @@ import torch
 import torch.nn as nn
 
 import datasets
+import distributed
 import losses
 import models
 from nc_metrics import (FeatureStats, calibration_bins, expected_calibration_error, metrics_from_stats,
@@ -35,12 +41,15 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: los
     """One epoch of training; returns the mean loss and the (running, train-mode) accuracy."""
     model.train()
     images, labels = data
+    count, batch_size, world_size = len(labels), config["batch_size"], distributed.world_size()
     shuffle, augment_with, pairing = (epoch_generator(config["seed"], epoch, stream) for stream in range(3))
     lambdas = np.random.default_rng([config["seed"], epoch, 3])
     loss_sum = torch.zeros((), device=images.device)
     correct = torch.zeros((), device=images.device)
-    for x, y in datasets.batches(images, labels, config["batch_size"], *_normalization(config),
-                                 shuffle=shuffle, augment_with=augment_with if config["augment"] else None):
+    shares = datasets.batches(images, labels, batch_size, *_normalization(config), shuffle=shuffle,
+                              augment_with=augment_with if config["augment"] else None,
+                              rank=distributed.rank(), world_size=world_size)
+    for start, (x, y) in zip(range(0, count, batch_size), shares):
         targets: losses.Targets = y
         if config["mixup_alpha"] > 0:
             x, targets = losses.mix_batch(x, y, config["mixup_alpha"], lambdas, pairing,
@@ -49,12 +58,15 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: los
             logits = model(x)
         loss = loss_fn(logits, targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # DDP averages the processes' gradients; weighting each by its share of the global batch makes
+        # that the global batch's mean even when the shares differ in size (the weight is 1 in one process).
+        (loss * (len(y) * world_size / min(batch_size, count - start))).backward()
         optimizer.step()
         loss_sum += loss.detach() * len(y)
         correct += losses.correct_count(logits.detach(), targets)
         on_batch()
-    return {"train_loss": loss_sum.item() / len(labels), "train_acc": correct.item() / len(labels)}
+    loss_total, correct_total = distributed.all_reduce_sum(torch.stack([loss_sum, correct]).double()).tolist()
+    return {"train_loss": loss_total / count, "train_acc": correct_total / count}
 
 
 @torch.inference_mode()
@@ -62,7 +74,7 @@ def evaluate(model: nn.Module, loss_fn: losses.LossFn, data: Split, config: dict
              batch_size: int = 1000) -> dict[str, float]:
     """Loss, accuracy and expected calibration error (15 bins) on a split, in the training precision."""
     model.eval()
-    images, labels = data
+    images, labels = datasets.shard(data, batch_size, distributed.rank(), distributed.world_size())
     loss_sum = torch.zeros((), device=images.device)
     correct = torch.zeros((), device=images.device)
     bins = torch.zeros(15, 3, dtype=torch.float64, device=images.device)
@@ -72,8 +84,10 @@ def evaluate(model: nn.Module, loss_fn: losses.LossFn, data: Split, config: dict
         loss_sum += loss_fn(logits, y) * len(y)
         correct += losses.correct_count(logits, y)
         bins += calibration_bins(logits, y)
-    return {"test_loss": loss_sum.item() / len(labels), "test_acc": correct.item() / len(labels),
-            "test_ece": expected_calibration_error(bins)}
+    totals = distributed.all_reduce_sum(torch.cat([torch.stack([loss_sum, correct]).double(), bins.flatten()]))
+    count = len(data[1])
+    return {"test_loss": totals[0].item() / count, "test_acc": totals[1].item() / count,
+            "test_ece": expected_calibration_error(totals[2:].view_as(bins))}
 
 
 @contextlib.contextmanager
@@ -99,32 +113,44 @@ def measure_collapse(model: nn.Module, loss_fn: losses.LossFn, train: Split, tes
 
     The train pass feeds `FeatureStats` and keeps its features (float32, on the device) until the class
     means are known, for `ncc_mismatch_train`; the test pass compares with the *train* means
-    (`ncc_mismatch_test`, the paper's Figure 7)."""
+    (`ncc_mismatch_test`, the paper's Figure 7).
+
+    Under torchrun each process measures its shard of each split (`datasets.shard`: whole batches, so
+    every feature comes from the same batch as in one process) and the sums are added across
+    processes, the NCC mismatch of each shard counted against the global class means. Every sum is
+    float64, so the numbers do not depend on the number of processes beyond float64 rounding."""
     model.eval()
     weight, bias = model.fc.weight, model.fc.bias
-    stats = FeatureStats(config["num_classes"], weight.shape[1], device=train[0].device)
-    kept, train_totals = [], torch.zeros(2, device=train[0].device)
-    for features, logits, y in _features_and_logits(model, train, config, batch_size):
+    device = train[0].device
+    rank, world_size = distributed.rank(), distributed.world_size()
+    stats = FeatureStats(config["num_classes"], weight.shape[1], device=device)
+    kept, train_totals = [], torch.zeros(2, dtype=torch.float64, device=device)
+    for features, logits, y in _features_and_logits(model, datasets.shard(train, batch_size, rank, world_size),
+                                                    config, batch_size):
         stats.update(features, y)
         kept.append(features)
-        train_totals += torch.stack([loss_fn(logits, y) * len(y), losses.correct_count(logits, y)])
+        train_totals += torch.stack([loss_fn(logits, y) * len(y), losses.correct_count(logits, y)]).to(torch.float64)
+    distributed.all_reduce_stats(stats)
     means = stats.class_means()
-    ncc_train = sum(ncc_disagreements(features, weight, bias, means) for features in kept)
+    ncc_train = sum((ncc_disagreements(features, weight, bias, means) for features in kept),
+                    torch.zeros((), dtype=torch.int64, device=device))
     del kept
-    test_totals = torch.zeros(3, dtype=torch.float64, device=test[0].device)
-    bins = torch.zeros(15, 3, dtype=torch.float64, device=test[0].device)
-    for features, logits, y in _features_and_logits(model, test, config, batch_size):
+    test_totals = torch.zeros(3, dtype=torch.float64, device=device)
+    bins = torch.zeros(15, 3, dtype=torch.float64, device=device)
+    for features, logits, y in _features_and_logits(model, datasets.shard(test, batch_size, rank, world_size),
+                                                    config, batch_size):
         test_totals += torch.stack([loss_fn(logits, y) * len(y), losses.correct_count(logits, y),
                                     ncc_disagreements(features, weight, bias, means)]).to(torch.float64)
         bins += calibration_bins(logits, y)
+    totals = distributed.all_reduce_sum(torch.cat([train_totals, ncc_train.double()[None], test_totals,
+                                                   bins.flatten()]))
+    train_loss, train_correct, ncc_train_count, test_loss, test_correct, ncc_test = totals[:6].tolist()
     n_train, n_test = len(train[1]), len(test[1])
-    train_loss, train_correct = train_totals.tolist()
-    test_loss, test_correct, ncc_test = test_totals.tolist()
     return {"train_acc": train_correct / n_train, "train_loss": train_loss / n_train,
             "test_acc": test_correct / n_test, "test_loss": test_loss / n_test,
-            "test_ece": expected_calibration_error(bins),
+            "test_ece": expected_calibration_error(totals[6:].view_as(bins)),
             **metrics_from_stats(stats, weight),
-            "ncc_mismatch_train": ncc_train.item() / n_train, "ncc_mismatch_test": ncc_test / n_test}
+            "ncc_mismatch_train": ncc_train_count / n_train, "ncc_mismatch_test": ncc_test / n_test}
 
 
 REPRESENTATION_COLUMNS = ["kind", "lam", "class_a", "class_b", "x", "y"]

@@ -8,6 +8,11 @@ in strict float32 over the class-balanced training subset it was trained on (cle
 no Mixup) and once over the test split, and a row is added to <run>/nc_metrics.csv. Checkpoints already
 in the table are skipped (unless --recompute), so a run still training can be validated again later.
 Figures go to <DATASET>_plots/ for the paper-default run and to <DATASET>_plots/<run name>/ otherwise.
+
+    torchrun --nproc_per_node=K validate_nc.py ...   # each process measures its shard of each split
+
+Under torchrun the processes' class statistics and counts are summed and process 0 writes the table
+and the figures: the numbers are those of one process up to float64 rounding.
 """
 import argparse
 import sys
@@ -18,6 +23,7 @@ from tqdm import tqdm
 
 import config
 import datasets
+import distributed
 import engine
 import losses
 import plotting
@@ -53,31 +59,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    device = config.resolve_device(args.device)
-    run_dir = config.default_run_dir(config.resolve_config(args, device), args)
-    run_config = _run_config(run_dir, args)
-    checkpoints = runs.checkpoint_files(run_dir)
-    if not checkpoints:
-        raise UserError(f"{run_dir} has no checkpoints yet; train first: python train.py --run-dir {run_dir} ...")
-    if args.representations:
-        return draw_representations(dict(checkpoints), run_config, run_dir, args, device)
-    table = {row["epoch"]: row for row in runs.read_nc_metrics(run_dir)}
-    todo = [(epoch, path) for epoch, path in checkpoints if args.recompute or epoch not in table]
-    unreadable = measure_checkpoints(todo, run_config, run_dir, table, args, device)
-
-    plots_dir = args.plots_dir or default_plots_dir(run_config, run_dir)
-    if table:
-        written = plotting.plot_run(run_dir, plots_dir)
-        summary = plotting.tpt_table(run_dir)
-        runs.write_text(plots_dir / "tpt_table.md", summary)
-        print(summary)
-        print(f"{len(todo) - len(unreadable)} checkpoint(s) measured, {len(table)} in {run_dir / 'nc_metrics.csv'}; "
-              f"{len(written) + 1} files in {plots_dir}/")
-    if unreadable:
-        print(f"error: {len(unreadable)} checkpoint(s) could not be read: {', '.join(map(str, unreadable))}; "
-              "delete them (the others were measured)", file=sys.stderr)
-        return 1
-    return 0
+    with distributed.process_group(config.resolve_device(args.device)) as device:
+        run_dir, run_config, checkpoints, table = distributed.on_every_rank(_find_run, args, device)
+        if args.representations:
+            return distributed.on_rank_zero(draw_representations, dict(checkpoints), run_config, run_dir, args,
+                                            device) or 0
+        todo = [(epoch, path) for epoch, path in checkpoints if args.recompute or epoch not in table]
+        unreadable = measure_checkpoints(todo, run_config, run_dir, table, args, device)
+        distributed.on_rank_zero(_report, run_config, run_dir, table, len(todo) - len(unreadable), args.plots_dir)
+        if unreadable and distributed.is_main():
+            print(f"error: {len(unreadable)} checkpoint(s) could not be read: {', '.join(map(str, unreadable))}; "
+                  "delete them (the others were measured)", file=sys.stderr)
+    return 1 if unreadable else 0
 
 
 def measure_checkpoints(todo: list[tuple[int, Path]], run_config: dict, run_dir: Path, table: dict,
@@ -86,25 +79,23 @@ def measure_checkpoints(todo: list[tuple[int, Path]], run_config: dict, run_dir:
     returns the checkpoints that could not be read."""
     if not todo:
         return []
-    root = args.data_root or Path(run_config["data_root"])
-    train, test, _ = datasets.load_run_data(run_config["dataset"], root, run_config["samples_per_class"],
-                                            run_config["seed"], args.download, device)
+    train, test, _ = _load_data(run_config, args, device)
     unreadable = []
-    progress = tqdm(todo, unit="checkpoint", desc=run_dir.name, dynamic_ncols=True)
+    progress = tqdm(todo, unit="checkpoint", desc=run_dir.name, dynamic_ncols=True, disable=not distributed.is_main())
     for epoch, path in progress:
-        try:
-            state = runs.load_checkpoint(path, device)
-        except UserError as err:
-            tqdm.write(f"warning: {err}; skipped", file=sys.stderr)
+        state, error = _load_checkpoint(path, device)
+        if error is not None:
+            if distributed.is_main():
+                tqdm.write(f"warning: {error}; skipped", file=sys.stderr)
             unreadable.append(path)
             continue
-        _refuse_foreign(state["config"], run_config, path)
+        distributed.on_every_rank(_refuse_foreign, state["config"], run_config, path)
         model = engine.build_model(state["config"], device)
         model.load_state_dict(state["model"])
         measured = engine.measure_collapse(model, losses.loss_from_config(state["config"]), train, test,
                                            state["config"], args.eval_batch_size)
         table[epoch] = {"epoch": epoch, **measured}
-        runs.write_nc_metrics(run_dir, list(table.values()))
+        distributed.on_rank_zero(runs.write_nc_metrics, run_dir, list(table.values()))
         progress.set_postfix(epoch=epoch, nc1=f"{table[epoch]['nc1']:.3g}",
                              test_acc=f"{table[epoch]['test_acc']:.2%}")
     return unreadable
@@ -139,6 +130,49 @@ def default_plots_dir(run_config: dict, run_dir: Path) -> Path:
     """<DATASET>_plots/ for the paper-default run, <DATASET>_plots/<run name>/ for any other."""
     base = Path(f"{run_config['dataset']}_plots")
     return base if run_dir.name == config.paper_run_name(run_config["dataset"]) else base / run_dir.name
+
+
+def _find_run(args: argparse.Namespace, device: torch.device) -> tuple[Path, dict, list[tuple[int, Path]], dict]:
+    """The run folder, its config, its checkpoints and the rows of its table, by epoch."""
+    run_dir = config.default_run_dir(config.resolve_config(args, device), args)
+    run_config = _run_config(run_dir, args)
+    checkpoints = runs.checkpoint_files(run_dir)
+    if not checkpoints:
+        raise UserError(f"{run_dir} has no checkpoints yet; train first: python train.py --run-dir {run_dir} ...")
+    return run_dir, run_config, checkpoints, {row["epoch"]: row for row in runs.read_nc_metrics(run_dir)}
+
+
+def _load_data(run_config: dict, args: argparse.Namespace,
+               device: torch.device) -> tuple[engine.Split, engine.Split, int]:
+    """The run's training subset and test split; under torchrun process 0 downloads, then each process reads."""
+    root = args.data_root or Path(run_config["data_root"])
+    if args.download:
+        distributed.on_rank_zero(datasets.fetch, run_config["dataset"], root)
+    return distributed.on_every_rank(datasets.load_run_data, run_config["dataset"], root,
+                                     run_config["samples_per_class"], run_config["seed"], args.download, device)
+
+
+def _load_checkpoint(path: Path, device: torch.device) -> tuple[dict | None, str | None]:
+    """The checkpoint, or why it cannot be read: under torchrun, why any process could not, so that
+    all skip it together."""
+    try:
+        state, error = runs.load_checkpoint(path, device), None
+    except UserError as err:
+        state, error = None, str(err)
+    return state, distributed.first_message(error)
+
+
+def _report(run_config: dict, run_dir: Path, table: dict, measured: int, plots_dir: Path | None) -> None:
+    """The figures and the TPT table of a run with measurements, and a line saying what was done."""
+    if not table:
+        return
+    plots_dir = plots_dir or default_plots_dir(run_config, run_dir)
+    written = plotting.plot_run(run_dir, plots_dir)
+    summary = plotting.tpt_table(run_dir)
+    runs.write_text(plots_dir / "tpt_table.md", summary)
+    print(summary)
+    print(f"{measured} checkpoint(s) measured, {len(table)} in {run_dir / 'nc_metrics.csv'}; "
+          f"{len(written) + 1} files in {plots_dir}/")
 
 
 def _representation_classes(chosen: list[int] | None, run_config: dict) -> list[int]:
