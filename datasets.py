@@ -92,11 +92,8 @@ def load_run_data(name: str, root: str | Path, samples_per_class: int | None, se
 
 def fetch(name: str, root: str | Path) -> None:
     """Fetch both splits of a dataset into `root`, unless they are there already."""
-    name = canonical_name(name)
-    root = Path(root).absolute()
     for train in (True, False):
-        if None in _located_files(name, root, train):
-            _download(name, root, train)
+        _download_if_missing(canonical_name(name), Path(root).absolute(), train)
 
 
 def load_split(name: str, root: str | Path, train: bool, download: bool = False) -> Split:
@@ -104,8 +101,8 @@ def load_split(name: str, root: str | Path, train: bool, download: bool = False)
     when asked and missing, and checked to have the official number of samples."""
     name = canonical_name(name)
     root = Path(root).absolute()
-    if download and None in _located_files(name, root, train):
-        _download(name, root, train)
+    if download:
+        _download_if_missing(name, root, train)
     images, labels = read_split(name, root, train)
     check_count(name, train, len(labels), root)
     return images, labels
@@ -302,6 +299,11 @@ def _split_paths(name: str, root: Path, train: bool) -> list[Path]:
         raise UserError(f"{name} not found in {root} (looked for {missing}); pass --download to fetch it, "
                         "or --data-root to point at a copy")
     return located
+
+
+def _download_if_missing(name: str, root: Path, train: bool) -> None:
+    if None in _located_files(name, root, train):
+        _download(name, root, train)
 
 
 def _download(name: str, root: Path, train: bool) -> None:

@@ -59,8 +59,9 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: los
         loss = loss_fn(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         # DDP averages the processes' gradients; weighting each by its share of the global batch makes
-        # that the global batch's mean even when the shares differ in size (the weight is 1 in one process).
-        (loss * (len(y) * world_size / min(batch_size, count - start))).backward()
+        # that the global batch's mean even when the shares differ in size (in one process the weight is 1).
+        share_weight = len(y) * world_size / min(batch_size, count - start)
+        (loss if share_weight == 1 else loss * share_weight).backward()
         optimizer.step()
         loss_sum += loss.detach() * len(y)
         correct += losses.correct_count(logits.detach(), targets)

@@ -1,5 +1,6 @@
-"""What the loop benchmarks in bench/ share: their common flags, a run's settings and data built the way
-train.py builds them, the bare loops' pre-normalised batches, and interleaved timing.
+"""What the benchmarks in bench/ share: the loop benchmarks' common flags, a run's settings and data built
+the way train.py builds them, the bare loops' pre-normalised batches, and timing (interleaved, and of one
+call with the device's queued work finished).
 
 Contenders are timed in turn, ABCABC..., and compared by their medians, so that load from other
 processes on the machine falls on all of them alike.
@@ -103,7 +104,7 @@ def interleaved_seconds(contenders: dict[str, Callable[[], object]], repeats: in
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, run in contenders.items():
-            seconds[name].append(_seconds(run, device))
+            seconds[name].append(seconds_of(run, device))
     return seconds
 
 
@@ -127,8 +128,9 @@ def ratio(numerator: float, denominator: float) -> str:
     return f"{numerator / denominator:.2f}x"
 
 
-def _seconds(run: Callable[[], object], device: torch.device) -> float:
-    # Kernels are queued asynchronously on a GPU: the clock is read only once they have all finished.
+def seconds_of(run: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock seconds of `run()`; on a GPU, whose kernels run asynchronously, the clock is read only
+    once all queued work has finished."""
     _synchronize(device)
     start = time.perf_counter()
     run()

@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 import scipy.sparse.linalg  # noqa: E402
 import torch  # noqa: E402
 
+from bench import common  # noqa: E402
 from nc_metrics import FeatureStats, metrics_from_stats, ncc_disagreements  # noqa: E402
 
 # (N, d, C, the speed-up this 2-core CPU should reach)
@@ -144,7 +145,7 @@ def compare(n: int, dim: int, classes: int, target: float | None, args: argparse
 
     ours_times, baseline_times = [], []
     for _ in range(args.reps):
-        ours_times.append(_timed(lambda: ours(kept, *classifier, classes), device))
+        ours_times.append(common.seconds_of(lambda: ours(kept, *classifier, classes), device))
         reference, phases = baseline(shown, weight, bias, classes)
         baseline_times.append(_scaled_seconds(phases, n, samples))
     return Comparison(n, dim, classes, target, statistics.median(ours_times), statistics.median(baseline_times),
@@ -322,19 +323,6 @@ def _classifier(dim: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.
 
 def _batches_of(features: torch.Tensor, labels: torch.Tensor, samples: int, batch: int) -> Batches:
     return list(zip(features[:samples].split(batch), labels[:samples].split(batch)))
-
-
-def _timed(run: Callable[[], object], device: torch.device) -> float:
-    _synchronize(device)
-    start = time.perf_counter()
-    run()
-    _synchronize(device)
-    return time.perf_counter() - start
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _memory_now(device: str) -> int:
