@@ -1,6 +1,10 @@
 """ResNet-18/34/50 (He et al. 2016) in the CIFAR form used by Papyan, Han & Donoho (2020): a 3x3
 stride-1 stem without max-pool, four stages of width w, 2w, 4w, 8w (strides 1, 2, 2, 2), global
-average pooling and one linear classifier."""
+average pooling and one linear classifier.
+
+Initialised as torchvision's ResNets, which the authors' notebook used: every convolution
+Kaiming-normal with fan-out and ReLU gain (std sqrt(2 / (out_channels * k * k))), batch norm
+weight 1 and bias 0, the linear classifier PyTorch's default."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -56,6 +60,12 @@ class ResNet(nn.Module):
                 inputs = channels * kind.expansion
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(inputs, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(self.stem(x)).mean(dim=(2, 3))

@@ -62,3 +62,28 @@ def test_names_are_case_insensitive_and_unknown_ones_list_the_choices():
         models.get_model("resnet19", 10)
     with pytest.raises(ValueError, match="6n\\+4"):
         models.get_model("wrn20_2", 10)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnets_are_initialised_as_torchvision_does(name):
+    """Kaiming-normal, fan-out, ReLU gain: each convolution's weights are N(0, 2 / (out * k * k)); batch
+    norm starts at weight 1, bias 0; the classifier keeps PyTorch's U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    torch.manual_seed(0)
+    model = models.get_model(name, num_classes=10)
+    standardised = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            out_channels, _, height, width = module.weight.shape
+            z = module.weight.detach().double().flatten() / (2 / (out_channels * height * width)) ** 0.5
+            # The sample std of n normal draws is within 5 standard errors (1 / sqrt(2n)) of the truth.
+            assert abs(z.std().item() - 1) < 5 / (2 * len(z)) ** 0.5
+            standardised.append(z)
+        elif isinstance(module, nn.BatchNorm2d):
+            assert torch.equal(module.weight, torch.ones_like(module.weight))
+            assert torch.equal(module.bias, torch.zeros_like(module.bias))
+    z = torch.cat(standardised)
+    assert abs(z.mean().item()) < 5 / len(z) ** 0.5
+    kurtosis = (z.pow(4).mean() / z.pow(2).mean() ** 2).item()
+    assert kurtosis == pytest.approx(3.0, abs=0.05)  # normal; a uniform init would give 1.8
+    weight, bound = model.fc.weight.detach(), 1 / model.fc.in_features ** 0.5
+    assert weight.abs().max() <= bound and weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.05)
