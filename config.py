@@ -28,7 +28,10 @@ ADAPTIVE_LR = 1e-3  # Adam and AdamW diverge at the SGD rates above
 PROTOCOL = {"model": "resnet18", "width": 64, "epochs": 350, "batch_size": 128, "momentum": 0.9,
             "weight_decay": 5e-4, "lr_gamma": 0.1, "num_checkpoints": 50, "optimizer": "sgd",
             "loss": "ce", "target_scale": 1.0, "label_smoothing": 0.1, "focal_gamma": 3.0,
-            "mixup_alpha": 0.0, "mixup_same_class": False, "augment": False}
+            "mixup_alpha": 0.0, "mixup_same_class": False, "augment": False, "precision": "fp32"}
+# The analysis epochs of the authors' code for 350 epochs, verbatim.
+AUTHORS_CHECKPOINTS = (*range(1, 15), 16, 17, 19, 20, 22, 24, 27, 29, 32, 35, 38, 42, 45, 50, 54, 59, 65, 71, 77,
+                       85, 92, 101, 110, 121, 132, 144, 158, 172, 188, 206, 225, 245, 268, 293, 320, 350)
 # Departures from the protocol per dataset: CIFAR-100 is the paper's ResNet-50 case; synthetic is
 # the CPU quick start, small enough to train and validate in a few minutes on two cores.
 DATASET_DEFAULTS = {"CIFAR100": {"model": "resnet50"},
@@ -47,6 +50,14 @@ NAME_TAGS = (("width", "w"), ("samples_per_class", "spc"), ("optimizer", ""), ("
              ("lr_gamma", "gamma"), ("target_scale", "kappa"), ("label_smoothing", "eps"),
              ("focal_gamma", "fgamma"), ("augment", "aug"), ("mixup_alpha", "mixup"),
              ("mixup_same_class", "sameclass"), ("precision", ""))
+
+# The user-facing settings that tell runs apart in a figure, with the short names figures print
+# ("" prints the value alone). Derived values (normalisation statistics, class counts) never appear.
+SETTING_NAMES = {"dataset": "", "model": "", "width": "width", "samples_per_class": "spc", "epochs": "epochs",
+                 "loss": "loss", "target_scale": "kappa", "label_smoothing": "eps", "focal_gamma": "focal gamma",
+                 "optimizer": "", "lr": "lr", "momentum": "momentum", "weight_decay": "wd", "batch_size": "batch",
+                 "lr_milestones": "milestones", "lr_gamma": "lr gamma", "augment": "augment",
+                 "mixup_alpha": "mixup", "mixup_same_class": "same-class mixup", "precision": "", "seed": "seed"}
 
 
 def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,14 +89,14 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
         help="Mixup with lambda ~ Beta(alpha, alpha); 0 is off (default 0; Fisher et al. use 1)")
     add("--mixup-same-class", action="store_true", default=None,
         help="mix each example with another of its own class")
-    add("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-        help="training precision: bf16 autocast where the device runs it fast (CUDA, CPUs with native "
-        "bf16), else fp32 (default auto); measurement is always strict fp32")
+    add("--precision", choices=("fp32", "bf16"), help="training precision: fp32 as the paper (default; on CUDA "
+        "with PyTorch's defaults: TF32 convolutions, IEEE matmuls) or bf16 autocast (faster; see the README's "
+        "evidence); measurement is always strict fp32")
     add("--seed", type=int, default=0, help="fixes initialisation, data order and subset (default 0)")
     add("--run-dir", type=Path, help="the run folder (default: runs/<DATASET>-<model>-<loss>-seed<seed>[-<non-default settings>])")
 
 
-def resolve_config(args: argparse.Namespace, device: torch.device) -> dict:
+def resolve_config(args: argparse.Namespace) -> dict:
     """Every setting of the run, from the flags and the defaults (data-derived settings come later)."""
     dataset = args.dataset
     defaults = defaults_for(dataset, args.model, args.optimizer)
@@ -94,7 +105,7 @@ def resolve_config(args: argparse.Namespace, device: torch.device) -> dict:
     config = {"dataset": dataset, "num_classes": datasets.DATASETS[dataset].num_classes,
               "in_channels": datasets.DATASETS[dataset].channels}
     for key in ("model", "width", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
-                "lr_gamma", "num_checkpoints", "augment", "mixup_alpha", "mixup_same_class"):
+                "lr_gamma", "num_checkpoints", "augment", "mixup_alpha", "mixup_same_class", "precision"):
         value = getattr(args, key, None)
         config[key] = defaults[key] if value is None else value
     config["loss"] = loss
@@ -106,7 +117,6 @@ def resolve_config(args: argparse.Namespace, device: torch.device) -> dict:
     config["lr_milestones"] = sorted(args.lr_milestones or default_milestones(config["epochs"]))
     config["samples_per_class"] = args.samples_per_class
     config["seed"] = args.seed
-    config["precision"] = resolve_precision(args.precision, device)
     return config
 
 
@@ -116,8 +126,7 @@ def defaults_for(dataset: str, model: str | None, optimizer: str | None) -> dict
     model = model or defaults["model"]
     optimizer = optimizer or defaults["optimizer"]
     lr = ADAPTIVE_LR if optimizer != "sgd" else PAPER_LR.get((dataset, model), OTHER_LR)
-    return {**defaults, "model": model, "optimizer": optimizer, "lr": lr,
-            "samples_per_class": None, "precision": "auto"}
+    return {**defaults, "model": model, "optimizer": optimizer, "lr": lr, "samples_per_class": None}
 
 
 def default_milestones(epochs: int) -> list[int]:
@@ -126,8 +135,11 @@ def default_milestones(epochs: int) -> list[int]:
 
 
 def checkpoint_epochs(epochs: int, count: int) -> list[int]:
-    """`count` distinct epochs in 1..epochs, log-spaced, the last always included: the authors' list,
-    unique(round(logspace(0, log10(E), K))) for the smallest K that gives `count` epochs."""
+    """`count` distinct epochs in 1..epochs, log-spaced, the last always included. For the paper's 350
+    epochs and 50 checkpoints, the authors' own list; otherwise unique(round(logspace(0, log10(E), K)))
+    for the smallest K that gives `count` epochs (which differs from theirs in 157 and 205)."""
+    if (epochs, count) == (PROTOCOL["epochs"], PROTOCOL["num_checkpoints"]):
+        return list(AUTHORS_CHECKPOINTS)
     if count >= epochs:
         return list(range(1, epochs + 1))
     for points in range(count, 100 * count + epochs):
@@ -165,6 +177,28 @@ def result_differences(old: dict, new: dict) -> list[str]:
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in RESULT_KEYS if old.get(key) != new.get(key)]
 
 
+def setting_text(key: str, value) -> str:
+    """A setting as a figure prints it: "width=16", "spc=100", "bf16", "augment", "milestones=50,100"."""
+    name = SETTING_NAMES.get(key, key)
+    if isinstance(value, bool):
+        return name if value else f"no {name}"
+    if isinstance(value, list):
+        value = ",".join(map(str, value))
+    elif isinstance(value, float):
+        value = f"{value:g}"
+    return f"{name}={value}" if name else str(value)
+
+
+def protocol_departures(run: dict) -> list[str]:
+    """The settings of a run (its config.json) that differ from the paper's protocol for its dataset and
+    model, as `setting_text` prints them, e.g. ["width=16", "spc=100", "epochs=150", "bf16"]."""
+    paper = {**PROTOCOL, "lr": defaults_for(run.get("dataset"), run.get("model"), run.get("optimizer"))["lr"],
+             "samples_per_class": datasets.FULL_PER_CLASS.get(run.get("dataset")),
+             "lr_milestones": default_milestones(run.get("epochs") or PROTOCOL["epochs"])}
+    return [setting_text(key, run[key]) for key in SETTING_NAMES
+            if key in paper and key != "model" and run.get(key) is not None and run[key] != paper[key]]
+
+
 def paper_run_name(dataset: str) -> str:
     """The folder name of the run with every default for this dataset."""
     return f"{dataset}-{defaults_for(dataset, None, None)['model']}-{PROTOCOL['loss']}-seed0"
@@ -177,17 +211,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu or --device auto")
     return torch.device(name)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` is bf16 where the device computes bf16 natively (CUDA with bf16, CPUs with AVX512-BF16
-    or AMX), else fp32."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return "bf16" if device.type == "cpu" and native else "fp32"
 
 
 def _chosen(value, default, relevant: bool):

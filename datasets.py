@@ -65,6 +65,11 @@ SPLIT_SIZES: dict[str, tuple[int, int]] = {
     "synthetic": (10 * SYNTHETIC_TRAIN_PER_CLASS, 10 * SYNTHETIC_TEST_PER_CLASS),
 }
 
+# Training images per class of the largest class-balanced subset (the smallest class's size): the
+# paper's class-balanced training set, and what --samples-per-class defaults to.
+FULL_PER_CLASS: dict[str, int] = {"CIFAR10": 5000, "CIFAR100": 500, "MNIST": 5421, "FashionMNIST": 6000,
+                                  "SVHN": 4659, "STL10": 500, "synthetic": SYNTHETIC_TRAIN_PER_CLASS}
+
 CROP_PADDING = 4
 
 Split = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, C, H, W) and int64 labels (N,)

@@ -10,8 +10,9 @@ mu_c - mu_G (its rows are the "means" below); W the C x d weight of the last lin
                          on its top C - 1 eigenpairs (Sigma_B has rank C - 1).                  (Figure 6)
     equinorm_means       Std_c ||mu_c - mu_G|| / Avg_c ||mu_c - mu_G||.                          (Figure 2)
     equinorm_weights     Std_c ||w_c|| / Avg_c ||w_c||.                                           (Figure 2)
-    equiangular_means    Std over the pairs c < c' of cos(mu_c - mu_G, mu_c' - mu_G).            (Figure 3)
-    equiangular_weights  Std over the pairs c < c' of cos(w_c, w_c') (both 0 when C = 2).         (Figure 3)
+    equiangular_means    Std_{c, c' != c} cos(mu_c - mu_G, mu_c' - mu_G): over the C(C - 1) ordered
+                         off-diagonal entries of the cosine matrix, as the paper writes it.   (Figure 3)
+    equiangular_weights  Std_{c, c' != c} cos(w_c, w_c'), likewise (both 0 when C = 2).          (Figure 3)
     maxangle_means       Avg over c != c' of |cos(mu_c - mu_G, mu_c' - mu_G) + 1/(C - 1)|.       (Figure 4)
     maxangle_weights     Avg over c != c' of |cos(w_c, w_c') + 1/(C - 1)|.                        (Figure 4)
     self_duality         || W / ||W||_F - M~ / ||M~||_F ||_F^2.                                  (Figure 5)
@@ -146,8 +147,8 @@ def metrics_from_stats(stats: FeatureStats, weight: torch.Tensor) -> dict[str, f
         "nc1": nc1(stats.within_class_covariance(), centred_means),
         "equinorm_means": coefficient_of_variation(centred_means.norm(dim=1)),
         "equinorm_weights": coefficient_of_variation(w.norm(dim=1)),
-        "equiangular_means": spread(pair_cosines(centred_means)),
-        "equiangular_weights": spread(pair_cosines(w)),
+        "equiangular_means": pair_cosines(centred_means).std().item(),
+        "equiangular_weights": pair_cosines(w).std().item(),
         "maxangle_means": simplex_angle_deviation(centred_means),
         "maxangle_weights": simplex_angle_deviation(w),
         "self_duality": self_duality(w, centred_means),
@@ -174,16 +175,12 @@ def coefficient_of_variation(values: torch.Tensor) -> float:
     return (values.std() / values.mean()).item()
 
 
-def spread(values: torch.Tensor) -> float:
-    """The unbiased Std of a vector; 0 for a single value (C = 2 has one pair of classes)."""
-    return values.std().item() if len(values) > 1 else 0.0
-
-
 def pair_cosines(vectors: torch.Tensor) -> torch.Tensor:
-    """The cosines between rows c < c' of a (C, d) matrix, as a vector of C (C - 1) / 2 values."""
+    """The cosines between rows c != c' of a (C, d) matrix: the C (C - 1) ordered off-diagonal entries of
+    the cosine matrix, each unordered pair twice, as Std_{c, c' != c} in the paper counts them."""
     unit = vectors / vectors.norm(dim=1, keepdim=True)
-    rows, cols = torch.triu_indices(len(vectors), len(vectors), offset=1, device=vectors.device)
-    return (unit @ unit.T)[rows, cols]
+    off_diagonal = ~torch.eye(len(vectors), dtype=torch.bool, device=vectors.device)
+    return (unit @ unit.T)[off_diagonal]
 
 
 def simplex_angle_deviation(vectors: torch.Tensor) -> float:

@@ -4,12 +4,17 @@ Figures 2-7, the training curves and Table 1.
     python plotting.py nc RUN_DIR [RUN_DIR ...] --out DIR          # fig2_equinorm.png ... fig7_ncc_mismatch.png
     python plotting.py curves RUN_DIR [RUN_DIR ...] --out DIR      # training_curves.png
     python plotting.py panel RUN_DIR [RUN_DIR ...] --out FILE.png  # Figures 2-7 in one compact 2x3 panel
+    python plotting.py panel RUN_DIR ... --group-by precision --out FILE.png   # mean and spread per group
     python plotting.py representations CSV [--out FILE.png]        # the Mixup representation figure
 
-Several runs are overlaid, one colour per run, labelled by the result settings on which their configs
-differ. Within a figure of two quantities, solid is the class means (or test) and dashed the
-classifiers (or train). A thin dashed vertical line in the run's colour marks its TPT onset, the first
-epoch of log.csv with zero training error.
+Several runs are overlaid, one colour per run, labelled by the settings on which their configs differ;
+with `--group-by KEY ...` one colour per group of runs with equal values of those config.json keys,
+drawn as the mean over the group's runs with a band from their minimum to their maximum, on the epochs
+they all have. Within a figure of two quantities, solid is the class means (or test) and dashed the
+classifiers (or train). A dotted vertical line in the run's colour marks its TPT onset: the first
+analysis checkpoint of nc_metrics.csv whose clean training set is classified without error in eval
+mode. The title names the dataset and model and every setting that departs from the paper's
+protocol, and says when a run never reached zero training error.
 
 Epochs are on a log axis (the analysis checkpoints are log-spaced), and so are the quantities of
 Figures 2-6 and the losses, which fall towards 0 over orders of magnitude; Figure 7's mismatch, the
@@ -31,16 +36,20 @@ import numpy as np
 from matplotlib.lines import Line2D
 from PIL import Image
 
+import config
 import runs
-from config import RESULT_KEYS
 from errors import UserError, run_cli
 
 DPI = 150
-STYLE = {"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10}  # >= 10 pt at the saved size
+# >= 10 pt at the saved size; vector files keep text as text (searchable, editable, reproducible).
+STYLE = {"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10, "svg.fonttype": "none", "pdf.fonttype": 42}
+FORMATS = ("png", "pdf", "svg")
+VECTOR_METADATA = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}  # no timestamps: same tables, same bytes
 SINGLE_SIZE = (7.0, 5.0)
 CURVES_SIZE = (15.0, 4.8)
 PANEL_SIZE = (12.0, 7.0)
 STYLES = ("-", "--")  # first quantity of a figure solid, second dashed
+TPT_STYLE = {"linestyle": (0, (1, 2)), "linewidth": 1.5, "alpha": 0.8}  # dotted: unlike either quantity
 MARKER_SIZE = 3
 NC_TABLE, LOG_TABLE = "nc_metrics.csv", "log.csv"
 
@@ -102,40 +111,38 @@ def plot_run(run_dir: Path, out_dir: Path) -> list[Path]:
     return plot_runs([run_dir], out_dir) + [plot_curves([run_dir], out_dir)]
 
 
-def plot_runs(run_dirs: list[Path], out_dir: Path) -> list[Path]:
-    """Figures 2-7 with the runs overlaid, one file per figure in `out_dir`; the paths written."""
-    loaded = _load_runs(run_dirs, NC_TABLE)
+def plot_runs(run_dirs: list[Path], out_dir: Path, group_by: list[str] = ()) -> list[Path]:
+    """Figures 2-7 with the runs (or groups of runs) overlaid, one file per figure in `out_dir`."""
+    lines = _load_lines(run_dirs, NC_TABLE, group_by)
     written = []
     for filename, panel in NC_FIGURES.items():
         with plt.rc_context(STYLE):
             fig, ax = plt.subplots(figsize=SINGLE_SIZE, layout="constrained")
-            _draw(ax, panel, loaded, with_runs=True)
-            fig.suptitle(_describe(loaded))
+            _draw(ax, panel, lines)
+            _finish(fig, lines)
             written.append(_save(fig, Path(out_dir) / filename))
     return written
 
 
-def plot_curves(run_dirs: list[Path], out_dir: Path) -> Path:
+def plot_curves(run_dirs: list[Path], out_dir: Path, group_by: list[str] = ()) -> Path:
     """training_curves.png in `out_dir`: loss | accuracy | test ECE per epoch from log.csv."""
-    loaded = _load_runs(run_dirs, LOG_TABLE)
+    lines = _load_lines(run_dirs, LOG_TABLE, group_by)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=CURVES_SIZE, layout="constrained")
         for ax, panel in zip(axes, CURVE_PANELS):
-            _draw(ax, panel, loaded, with_runs=False)
-        _legend_runs(fig, loaded)
-        fig.suptitle(_describe(loaded))
+            _draw(ax, panel, lines)
+        _finish(fig, lines)
         return _save(fig, Path(out_dir) / CURVES_FILE)
 
 
-def plot_panel(run_dirs: list[Path], out_path: Path) -> Path:
+def plot_panel(run_dirs: list[Path], out_path: Path, group_by: list[str] = ()) -> Path:
     """Figures 2-7 as one compact 2x3 panel (the same content as the single figures) at `out_path`."""
-    loaded = _load_runs(run_dirs, NC_TABLE)
+    lines = _load_lines(run_dirs, NC_TABLE, group_by)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(2, 3, figsize=PANEL_SIZE, layout="constrained")
         for ax, panel in zip(axes.flat, NC_FIGURES.values()):
-            _draw(ax, panel, loaded, with_runs=False)
-        _legend_runs(fig, loaded)
-        fig.suptitle(_describe(loaded))
+            _draw(ax, panel, lines)
+        _finish(fig, lines)
         return _save(fig, Path(out_path))
 
 
@@ -174,19 +181,19 @@ def plot_representations(table: Path, out_path: Path | None = None) -> Path:
 
 
 def tpt_table(run_dir: Path) -> str:
-    """The paper's Table 1 for one run, as Markdown: the test accuracy at the TPT onset (the first
-    epoch with zero training error) and at the last epoch of log.csv, with the epoch numbers."""
+    """The paper's Table 1 for one run, as Markdown, from nc_metrics.csv: the test accuracy at the TPT
+    onset (the first checkpoint whose clean training set is classified without error in eval mode) and
+    at the last measured checkpoint, with their epochs."""
     run_dir = Path(run_dir)
-    log = _read_required(run_dir, LOG_TABLE)
-    config = runs.read_config(run_dir) or {}
-    onset = _tpt_row(log)
-    last = log[-1]
+    measured = _read_required(run_dir, NC_TABLE)
+    settings = runs.read_config(run_dir) or {}
+    onset, last = runs.tpt_row(measured), measured[-1]
     if onset is None:
-        best = max((row["train_acc"] for row in log if row.get("train_acc") is not None), default=float("nan"))
-        onset_cells = [f"never reached (best train accuracy {_percent(best)})", "n/a"]
+        best = max(row["train_acc"] for row in measured)
+        onset_cells = [f"not reached by epoch {last['epoch']} (best train accuracy {_percent(best)})", "n/a"]
     else:
         onset_cells = [str(onset["epoch"]), _percent(onset["test_acc"])]
-    cells = [config.get("dataset", "?"), config.get("model", "?"), *onset_cells,
+    cells = [settings.get("dataset", "?"), settings.get("model", "?"), *onset_cells,
              str(last["epoch"]), _percent(last["test_acc"])]
     header = ["dataset", "model", "TPT onset epoch (zero training error)", "test accuracy at TPT onset",
               "last epoch", "test accuracy at last epoch"]
@@ -194,19 +201,13 @@ def tpt_table(run_dir: Path) -> str:
                       "| " + " | ".join(cells) + " |"]) + "\n"
 
 
-def tpt_onset(log: list[dict]) -> int | None:
-    """The first epoch of log.csv's rows whose training accuracy is exactly 1, or None."""
-    row = _tpt_row(log)
-    return None if row is None else row["epoch"]
-
-
 def run_labels(configs: list[dict], names: list[str]) -> list[str]:
-    """A legend label per run: the result settings whose values are not all equal across `configs`,
-    like "loss=mse, mixup_alpha=1.0"; the run folder `names` if none differ."""
-    differing = [key for key in RESULT_KEYS if len({str(config.get(key)) for config in configs}) > 1]
+    """A legend label per run: the user-facing settings whose values are not all equal across
+    `configs`, in short form ("seed=1, spc=50"); the run folder `names` if none differ."""
+    differing = [key for key in config.SETTING_NAMES if len({str(run.get(key)) for run in configs}) > 1]
     if not differing:
         return list(names)
-    return [", ".join(f"{key}={config.get(key)}" for key in differing) for config in configs]
+    return [", ".join(config.setting_text(key, run.get(key)) for key in differing) for run in configs]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -223,6 +224,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         command = commands.add_parser(name, help=summary, description=summary)
         command.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders to plot")
         command.add_argument("--out", type=Path, required=True, help=out_help)
+        command.add_argument("--group-by", nargs="+", default=[], metavar="KEY",
+                             help="config.json keys (e.g. loss, precision): one line per group of runs with equal "
+                             "values, the mean over its runs and a band from their minimum to their maximum")
     return parser.parse_args(argv)
 
 
@@ -230,23 +234,27 @@ def main(args: argparse.Namespace) -> int:
     if args.command == "representations":
         written = [plot_representations(args.table, args.out)]
     elif args.command == "nc":
-        written = plot_runs(args.run_dirs, args.out)
+        written = plot_runs(args.run_dirs, args.out, args.group_by)
     elif args.command == "curves":
-        written = [plot_curves(args.run_dirs, args.out)]
+        written = [plot_curves(args.run_dirs, args.out, args.group_by)]
     else:
-        written = [plot_panel(args.run_dirs, args.out)]
+        written = [plot_panel(args.run_dirs, args.out, args.group_by)]
     for path in written:
         print(path)
     return 0
 
 
 @dataclass(frozen=True)
-class _Run:
-    config: dict
+class _Line:
+    """What one colour of a figure shows: one run, or the runs of one group drawn as their mean and band."""
     label: str
     colour: tuple
-    tpt_epoch: int | None
-    tables: dict[str, list[dict]]
+    configs: list[dict]
+    tables: list[dict[str, list[dict]]]  # per run: its rows of log.csv and nc_metrics.csv
+
+    @property
+    def tpt_epochs(self) -> list[int | None]:
+        return [(runs.tpt_row(tables[NC_TABLE]) or {}).get("epoch") for tables in self.tables]
 
 
 # What makes each table, for the message when a run folder lacks it.
@@ -254,14 +262,30 @@ _READERS = {NC_TABLE: (runs.read_nc_metrics, "python validate_nc.py --run-dir {}
             LOG_TABLE: (runs.read_log, "python train.py --run-dir {} (with the run's --dataset and other flags)")}
 
 
-def _load_runs(run_dirs: list[Path], needed: str) -> list[_Run]:
+def _load_lines(run_dirs: list[Path], needed: str, group_by: list[str]) -> list[_Line]:
+    """The runs' tables (`needed` must exist; the other is read if present), one line per run, or per
+    group of runs with equal `group_by` settings."""
     run_dirs = [Path(run_dir) for run_dir in run_dirs]
-    tables = [{needed: _read_required(run_dir, needed), LOG_TABLE: runs.read_log(run_dir)} for run_dir in run_dirs]
+    tables = []
+    for run_dir in run_dirs:
+        rows = _read_required(run_dir, needed)
+        tables.append({table: rows if table == needed else reader(run_dir) for table, (reader, _) in _READERS.items()})
     configs = [runs.read_config(run_dir) or {} for run_dir in run_dirs]
-    labels = run_labels(configs, _folder_names(run_dirs))
+    if group_by:
+        unknown = sorted(set(group_by) - {key for run in configs for key in run})
+        if unknown:
+            raise UserError(f"--group-by {' '.join(unknown)}: no such key in the runs' config.json; "
+                            f"choose among {', '.join(config.SETTING_NAMES)}")
+        keys = [tuple(str(run.get(key)) for key in group_by) for run in configs]
+        members = [[i for i, key in enumerate(keys) if key == group] for group in dict.fromkeys(keys)]
+        labels = [", ".join(config.setting_text(key, configs[group[0]].get(key)) for key in group_by)
+                  + f" ({len(group)} run{'s' * (len(group) > 1)})" for group in members]
+    else:
+        members = [[i] for i in range(len(run_dirs))]
+        labels = run_labels(configs, _folder_names(run_dirs))
     colours = plt.get_cmap("tab10").colors
-    return [_Run(config, label, colours[i % len(colours)], tpt_onset(table[LOG_TABLE]), table)
-            for i, (config, label, table) in enumerate(zip(configs, labels, tables))]
+    return [_Line(label, colours[k % len(colours)], [configs[i] for i in group], [tables[i] for i in group])
+            for k, (label, group) in enumerate(zip(labels, members))]
 
 
 def _read_required(run_dir: Path, filename: str) -> list[dict]:
@@ -280,18 +304,24 @@ def _folder_names(run_dirs: list[Path]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(run_dir) for run_dir in run_dirs]
 
 
-def _draw(ax: plt.Axes, panel: Panel, loaded: list[_Run], with_runs: bool) -> None:
-    """Draw every run's quantities of `panel` on `ax`, with the TPT onsets, axes and legend."""
+def _draw(ax: plt.Axes, panel: Panel, lines: list[_Line]) -> None:
+    """Draw every line's quantities of `panel` on `ax` (a group's mean with its min-max band), with the
+    TPT onsets, axes and the quantities' legend."""
     marker = _marker(panel)
     zeros_hidden = set()
-    for run in loaded:
+    for line in lines:
         for quantity, style in zip(panel.quantities, STYLES):
-            epochs, values, hidden = _series(run.tables[panel.table], quantity.column, panel.log_y)
-            ax.plot(epochs, values, linestyle=style, color=run.colour, marker=marker, markersize=MARKER_SIZE)
+            epochs, values, hidden = _aggregate([tables[panel.table] for tables in line.tables], quantity.column,
+                                                panel.log_y)
+            mean = values.mean(axis=0)
+            ax.plot(epochs, mean, linestyle=style, color=line.colour, marker=marker, markersize=MARKER_SIZE)
+            if len(values) > 1:
+                ax.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=line.colour, alpha=0.2,
+                                linewidth=0)
             if hidden:
                 zeros_hidden.add(quantity.column)
-        if run.tpt_epoch is not None:
-            ax.axvline(run.tpt_epoch, color=run.colour, linestyle="--", linewidth=1, alpha=0.7)
+        for epoch in sorted({epoch for epoch in line.tpt_epochs if epoch is not None}):
+            ax.axvline(epoch, color=line.colour, **TPT_STYLE)
     ax.set_xscale("log")
     if panel.log_y:
         ax.set_yscale("log")
@@ -299,30 +329,30 @@ def _draw(ax: plt.Axes, panel: Panel, loaded: list[_Run], with_runs: bool) -> No
     ax.set_ylabel(panel.ylabel)
     ax.set_title(panel.title)
     ax.grid(True, which="major", alpha=0.3)
-    handles = _quantity_handles(panel, loaded, zeros_hidden)
-    if with_runs and len(loaded) > 1:
-        handles += _run_handles(loaded)
-    ax.legend(handles=handles)
+    ax.legend(handles=_quantity_handles(panel, lines, zeros_hidden))
 
 
-def _series(rows: list[dict], column: str, log_y: bool) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Epochs and values of `column`, NaN where missing or, on a log axis, not positive (which breaks
-    the line there); and whether a zero or negative value was hidden."""
-    epochs = np.array([row["epoch"] for row in rows], dtype=float)
-    values = np.array([np.nan if row.get(column) is None else row[column] for row in rows], dtype=float)
+def _aggregate(tables: list[list[dict]], column: str, log_y: bool) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The epochs every table has (epoch 0 left off the log axis), the values (runs, epochs) there, NaN
+    where missing or, on a log axis, not positive (which breaks the line there); and whether a zero or
+    negative value was hidden."""
+    shared = sorted(set.intersection(*({row["epoch"] for row in rows} for rows in tables)) - {0})
+    by_epoch = [{row["epoch"]: row.get(column) for row in rows} for rows in tables]
+    values = np.array([[np.nan if run[epoch] is None else run[epoch] for epoch in shared] for run in by_epoch],
+                      dtype=float).reshape(len(tables), len(shared))
     hidden = log_y & np.isfinite(values) & (values <= 0)
-    return np.where(epochs > 0, epochs, np.nan), np.where(hidden, np.nan, values), bool(hidden.any())
+    return np.array(shared, dtype=float), np.where(hidden, np.nan, values), bool(hidden.any())
 
 
-def _quantity_handles(panel: Panel, loaded: list[_Run], zeros_hidden: set[str]) -> list[Line2D]:
-    """Legend entries for the quantities (by line style) and the TPT onset, in the run's colour when
-    there is one run (else neutral grey, the colours then being the runs')."""
-    colour = loaded[0].colour if len(loaded) == 1 else "0.3"
+def _quantity_handles(panel: Panel, lines: list[_Line], zeros_hidden: set[str]) -> list[Line2D]:
+    """Legend entries for the quantities (by line style) and the TPT onset, in the line's colour when
+    there is one (else neutral grey, the colours then being the lines')."""
+    colour = lines[0].colour if len(lines) == 1 else "0.3"
     handles = [Line2D([], [], color=colour, linestyle=style, marker=_marker(panel), markersize=MARKER_SIZE,
                       label=quantity.name + (" (zeros not shown)" if quantity.column in zeros_hidden else ""))
                for quantity, style in zip(panel.quantities, STYLES)]
-    if any(run.tpt_epoch is not None for run in loaded):
-        handles.append(Line2D([], [], color=colour, linestyle="--", linewidth=1, label="TPT onset"))
+    if any(epoch is not None for line in lines for epoch in line.tpt_epochs):
+        handles.append(Line2D([], [], color=colour, **TPT_STYLE, label="TPT onset"))
     return handles
 
 
@@ -332,35 +362,57 @@ def _marker(panel: Panel) -> str:
     return "o" if panel.table == NC_TABLE else ""
 
 
-def _run_handles(loaded: list[_Run]) -> list[Line2D]:
-    return [Line2D([], [], color=run.colour, linewidth=3, label=run.label) for run in loaded]
+def _finish(fig: plt.Figure, lines: list[_Line]) -> None:
+    """The figure's title (what was trained, and how it departs from the paper's protocol) and, for
+    several lines, their legend below the axes."""
+    if len(lines) > 1:
+        handles = [Line2D([], [], color=line.colour, linewidth=3, label=line.label + _no_tpt_note(line))
+                   for line in lines]
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(lines), 3))
+    fig.suptitle(_describe(lines))
 
 
-def _legend_runs(fig: plt.Figure, loaded: list[_Run]) -> None:
-    """One legend of the runs' colours below a multi-axes figure, when there are several runs."""
-    if len(loaded) > 1:
-        fig.legend(handles=_run_handles(loaded), loc="outside lower center", ncols=min(len(loaded), 3))
+def _describe(lines: list[_Line]) -> str:
+    """Dataset / model of the runs, the departures from the paper's protocol they share and, for one
+    line, whether its training error never reached zero."""
+    every = [run for line in lines for run in line.configs]
+    pairs = "; ".join(dict.fromkeys(f"{run.get('dataset', '?')} / {run.get('model', '?')}" for run in every))
+    shared = [text for text in config.protocol_departures(every[0])
+              if all(text in config.protocol_departures(run) for run in every[1:])]
+    title = pairs + (f" ({', '.join(shared)})" if shared else "")
+    return title + ("\n" + _no_tpt_note(lines[0]).strip(" ()") if len(lines) == 1 and _no_tpt_note(lines[0]) else "")
 
 
-def _describe(loaded: list[_Run]) -> str:
-    """The dataset / model of the runs, for the figure's subtitle."""
-    pairs = dict.fromkeys(f"{run.config.get('dataset', '?')} / {run.config.get('model', '?')}" for run in loaded)
-    return "; ".join(pairs)
+def _no_tpt_note(line: _Line) -> str:
+    """" (training error never zero)" when a measured run of the line never reached the TPT."""
+    missing = sum(1 for tables, epoch in zip(line.tables, line.tpt_epochs) if tables[NC_TABLE] and epoch is None)
+    if not missing:
+        return ""
+    share = "" if len(line.tables) == 1 else f" in {missing} of {len(line.tables)} runs"
+    return f" (training error never zero at a measured checkpoint{share})"
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    """Write `fig` at 150 dpi as a 256-colour PNG: line art loses nothing visible, and the file is a
-    third of the size of matplotlib's RGBA one (the 2x3 panel of three runs stays under 300 KB)."""
+    """Write `fig` in the format its suffix names: .pdf or .svg as vectors (text kept as text), .png at
+    150 dpi with 256 colours: line art loses nothing visible, and the file is a third of the size of
+    matplotlib's RGBA one (the 2x3 panel of three runs stays under 300 KB)."""
+    path = Path(path)
+    kind = path.suffix.lower().lstrip(".")
     try:
-        fig.set_dpi(DPI)
-        fig.canvas.draw()
-        pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+        if kind not in FORMATS:
+            raise UserError(f"cannot write {path}: name a .png, .pdf or .svg file")
+        with runs.atomic_path(path) as tmp:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if kind == "png":
+                fig.set_dpi(DPI)
+                fig.canvas.draw()
+                pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+                image = Image.fromarray(pixels).quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+                image.save(tmp, format="png", optimize=True, dpi=(DPI, DPI))
+            else:
+                fig.savefig(tmp, format=kind, metadata=VECTOR_METADATA[kind])
     finally:
         plt.close(fig)
-    image = Image.fromarray(pixels).quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-    with runs.atomic_path(path) as tmp:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(tmp, format="png", optimize=True, dpi=(DPI, DPI))
     return path
 
 
@@ -372,10 +424,6 @@ def _read_representations(table: Path) -> list[dict]:
                  "class_b": int(row["class_b"])} for row in runs.read_csv(table)]
     except (KeyError, ValueError, TypeError):
         raise UserError(f"{table} is not a representation table written by validate_nc.py --representations") from None
-
-
-def _tpt_row(log: list[dict]) -> dict | None:
-    return next((row for row in log if row.get("train_acc") == 1.0), None)
 
 
 def _percent(fraction: float | None) -> str:

@@ -6,14 +6,20 @@ A run folder holds everything about one training run:
     log.csv                one row per epoch
     checkpoints/epoch_0001.pt ...   the analysis checkpoints (model weights, epoch, config)
     last.pt                everything needed to resume, rewritten every epoch
-    summary.json           epochs done, the TPT onset epoch, the last epoch's accuracy and loss
     nc_metrics.csv         the collapse metrics of every analysis checkpoint (validate_nc.py)
+    summary.json           a glance at both tables: epochs done, the TPT onset, the last numbers
 
 Every file is written to a temporary file in the same folder and renamed into place, so a kill
 never leaves a half-written file where a complete one is expected.
+
+The terminal phase of training (TPT) begins at the first analysis checkpoint whose network, in eval
+mode and strict float32, classifies every clean training sample correctly: `train_acc` == 1 in
+nc_metrics.csv. log.csv's `train_acc` is the running train-mode accuracy over each epoch (of mixed
+inputs under Mixup), which is not the paper's training error.
 """
 import contextlib
 import csv
+import fcntl
 import io
 import json
 import os
@@ -28,6 +34,7 @@ from errors import UserError
 from nc_metrics import STATS_KEYS
 
 TMP_SUFFIX = ".tmp"
+SUMMARY_LOCK = ".summary.lock"
 
 
 @contextlib.contextmanager
@@ -135,10 +142,37 @@ def write_config(run_dir: Path, config: dict) -> None:
     write_text(Path(run_dir) / "config.json", json.dumps(config, indent=2) + "\n")
 
 
-def write_summary(run_dir: Path, summary: dict) -> None:
-    """summary.json: epochs done, the TPT onset epoch (the first with zero training error, or null) and
-    the last epoch's numbers, for a glance at a run without reading its log."""
-    write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
+def write_summary(run_dir: Path) -> dict:
+    """Rewrite summary.json from log.csv and nc_metrics.csv as they are now, and return it: epochs done,
+    the TPT onset (null until a measured checkpoint reaches it) with the test accuracy there, the last
+    measured checkpoint, the first epoch whose running accuracy was 100%, and the last row of log.csv. train.py and validate_nc.py both call this after
+    writing their table; the lock makes the last writer see both tables' latest rows."""
+    run_dir = Path(run_dir)
+    with locked(run_dir / SUMMARY_LOCK):
+        log, measured = read_log(run_dir), read_nc_metrics(run_dir)
+        onset = tpt_row(measured)
+        summary = {"epochs_done": log[-1]["epoch"] if log else 0,
+                   "tpt_epoch": onset and onset["epoch"], "tpt_test_acc": onset and onset["test_acc"],
+                   "measured_through": measured[-1]["epoch"] if measured else None,
+                   "first_full_running_train_acc": next((row["epoch"] for row in log if row["train_acc"] == 1.0), None),
+                   "last_epoch": log[-1] if log else None}
+        write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def tpt_row(measured: list[dict]) -> dict | None:
+    """The row of nc_metrics.csv (in epoch order) where the TPT begins: the first with `train_acc`
+    exactly 1, or None."""
+    return next((row for row in measured if row.get("train_acc") == 1.0), None)
+
+
+@contextlib.contextmanager
+def locked(path: Path, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive OS lock (flock) on `path`, created if missing; the kernel releases it when the
+    holder exits, however it dies. With wait=False raise BlockingIOError if another process holds it."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        yield
 
 
 def read_log(run_dir: Path) -> list[dict]:

@@ -131,7 +131,7 @@ def train_for(settings: dict, run_dir: Path, step_model: nn.Module, model: nn.Mo
     what is checked and saved."""
     epochs = settings["epochs"]
     analysed = set(config.checkpoint_epochs(epochs, settings["num_checkpoints"]))
-    tpt = _tpt_epoch(log)
+    running_full = any(row["train_acc"] == 1.0 for row in log)
     began = time.perf_counter()
     quiet = not distributed.is_main()
     bar = tqdm(range(start + 1, epochs + 1), initial=start, total=epochs, unit="epoch", desc=run_dir.name,
@@ -148,23 +148,21 @@ def train_for(settings: dict, run_dir: Path, step_model: nn.Module, model: nn.Mo
         scheduler.step()
         row = {"epoch": epoch, "lr": lr, **row, "seconds": time.perf_counter() - tick}
         log.append(row)
-        reached_tpt = tpt is None and row["train_acc"] == 1.0
-        tpt = epoch if reached_tpt else tpt
-        distributed.on_rank_zero(_save_epoch, run_dir, settings, epoch in analysed, model, optimizer, scheduler,
-                                 log, tpt)
+        distributed.on_rank_zero(_save_epoch, run_dir, settings, epoch in analysed, model, optimizer, scheduler, log)
         bar.set_postfix(loss=f"{row['train_loss']:.4f}", acc=f"{row['train_acc']:.2%}", lr=f"{lr:.3g}")
         _say(_epoch_line(row, epochs))
-        if reached_tpt:
-            _say(f"epoch {epoch}: zero training error, the terminal phase of training (TPT) begins")
+        if not running_full and row["train_acc"] == 1.0:
+            running_full = True
+            _say(f"epoch {epoch}: the running training accuracy (train mode, averaged over the epoch) reached "
+                 "100%; validate_nc.py measures the TPT onset on the clean training set in eval mode")
     bar.close()
-    _say(f"done: {epochs} epochs in {run_dir} ({time.perf_counter() - began:.0f} s this session); "
-         + (f"TPT began at epoch {tpt}" if tpt else "training error never reached zero")
-         + f". Next: python validate_nc.py --run-dir {run_dir}")
+    _say(f"done: {epochs} epochs in {run_dir} ({time.perf_counter() - began:.0f} s this session). "
+         f"Next, to measure collapse and the TPT onset: python validate_nc.py --run-dir {run_dir}")
 
 
 def _prepare(args: argparse.Namespace, device: torch.device) -> tuple[dict, Path, engine.Split, engine.Split]:
     """The run's settings, its folder and its data, after the checks that need no writing."""
-    settings = config.resolve_config(args, device)
+    settings = config.resolve_config(args)
     run_dir = config.default_run_dir(settings, args)
     previous = runs.read_config(run_dir)
     if previous and args.lr_milestones is None:
@@ -213,7 +211,7 @@ def _compiled(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def _save_epoch(run_dir: Path, settings: dict, analysed: bool, model: nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler, log: list[dict], tpt: int | None) -> None:
+                scheduler, log: list[dict]) -> None:
     """The epoch's files: its analysis checkpoint if it has one, log.csv, last.pt and summary.json."""
     row = log[-1]
     epoch = row["epoch"]
@@ -224,7 +222,7 @@ def _save_epoch(run_dir: Path, settings: dict, analysed: bool, model: nn.Module,
     runs.save_checkpoint(run_dir / "last.pt", {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "epoch": epoch, "rng": _rng_states(), "config": settings})
-    runs.write_summary(run_dir, {"epochs_done": epoch, "tpt_epoch": tpt, **{k: row[k] for k in _SUMMARY}})
+    runs.write_summary(run_dir)
 
 
 def _resume(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
@@ -300,13 +298,6 @@ def _set_rng_states(states: dict) -> None:
                          numpy["has_gauss"], numpy["gauss"]))
     python = states["python"]
     random.setstate((python["version"], tuple(python["internal"]), python["gauss_next"]))
-
-
-_SUMMARY = ("train_loss", "train_acc", "test_loss", "test_acc", "test_ece")
-
-
-def _tpt_epoch(log: list[dict]) -> int | None:
-    return next((row["epoch"] for row in log if row["train_acc"] == 1.0), None)
 
 
 def _say(text: str) -> None:

@@ -95,7 +95,7 @@ def measure_checkpoints(todo: list[tuple[int, Path]], run_config: dict, run_dir:
         measured = engine.measure_collapse(model, losses.loss_from_config(state["config"]), train, test,
                                            state["config"], args.eval_batch_size)
         table[epoch] = {"epoch": epoch, **measured}
-        distributed.on_rank_zero(runs.write_nc_metrics, run_dir, list(table.values()))
+        distributed.on_rank_zero(_write_table, run_dir, table)
         progress.set_postfix(epoch=epoch, nc1=f"{table[epoch]['nc1']:.3g}",
                              test_acc=f"{table[epoch]['test_acc']:.2%}")
     return unreadable
@@ -134,7 +134,7 @@ def default_plots_dir(run_config: dict, run_dir: Path) -> Path:
 
 def _find_run(args: argparse.Namespace, device: torch.device) -> tuple[Path, dict, list[tuple[int, Path]], dict]:
     """The run folder, its config, its checkpoints and the rows of its table, by epoch."""
-    run_dir = config.default_run_dir(config.resolve_config(args, device), args)
+    run_dir = config.default_run_dir(config.resolve_config(args), args)
     run_config = _run_config(run_dir, args)
     checkpoints = runs.checkpoint_files(run_dir)
     if not checkpoints:
@@ -160,6 +160,11 @@ def _load_checkpoint(path: Path, device: torch.device) -> tuple[dict | None, str
     except UserError as err:
         state, error = None, str(err)
     return state, distributed.first_message(error)
+
+
+def _write_table(run_dir: Path, table: dict) -> None:
+    runs.write_nc_metrics(run_dir, list(table.values()))
+    runs.write_summary(run_dir)  # its TPT onset comes from this table
 
 
 def _report(run_config: dict, run_dir: Path, table: dict, measured: int, plots_dir: Path | None) -> None:

@@ -74,7 +74,7 @@ def load_workload(args: argparse.Namespace, precision: str) -> Workload:
         torch.set_num_threads(args.threads or 1)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as train.py sets it for non-deterministic runs
-    settings = config.resolve_config(run_args, device)
+    settings = config.resolve_config(run_args)
     train_split, test_split = train.load_data(settings, run_args, device)
     return Workload(device, settings, train_split, test_split)
 

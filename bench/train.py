@@ -52,8 +52,8 @@ TARGET = 1.10
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_arguments(parser)
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="training precision, as train.py's --precision (default auto)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="training precision, as train.py's --precision (default fp32)")
     parser.add_argument("--workers", type=int, default=0,
                         help="DataLoader worker processes (default 0: the loading runs in the training process)")
     return common.parse(parser, argv)

@@ -1,6 +1,7 @@
 """nc_metrics against closed-form cases, hand-computed examples, invariances and an exact reference."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,6 +58,22 @@ def test_simplex_etf_cosines_are_minus_one_over_c_minus_one():
         assert torch.allclose(cosines, torch.full_like(cosines, -1.0 / (num_classes - 1)), atol=1e-12)
 
 
+def test_equiangularity_counts_ordered_pairs_and_relates_to_the_other_conventions_by_a_factor():
+    """The README's conversion: with n = C(C-1)/2 pairs, the unbiased Std over the ordered entries is the
+    unbiased Std over unordered pairs times sqrt(2(n-1)/(2n-1)); the population Std is that times sqrt((n-1)/n)."""
+    generator = torch.Generator().manual_seed(0)
+    for classes in (5, 10):
+        vectors = torch.randn(classes, 7, generator=generator, dtype=torch.float64)
+        unit = (vectors / vectors.norm(dim=1, keepdim=True)).numpy()
+        unordered = np.array([unit[a] @ unit[b] for a in range(classes) for b in range(a + 1, classes)])
+        ordered = np.array([unit[a] @ unit[b] for a in range(classes) for b in range(classes) if a != b])
+        metric = collapse_metrics(vectors, torch.arange(classes), vectors)["equiangular_weights"]
+        n = len(unordered)
+        assert metric == pytest.approx(ordered.std(ddof=1), rel=1e-12)
+        assert metric == pytest.approx(unordered.std(ddof=1) * math.sqrt(2 * (n - 1) / (2 * n - 1)), rel=1e-12)
+        assert unordered.std(ddof=0) == pytest.approx(unordered.std(ddof=1) * math.sqrt((n - 1) / n), rel=1e-12)
+
+
 # ---------------------------------------------------------------- hand-computed small cases
 
 def test_two_classes_by_hand():
@@ -69,7 +86,7 @@ def test_two_classes_by_hand():
     assert metrics["equinorm_means"] == pytest.approx(0.0, abs=1e-15)  # both centred means have norm 1
     # ||w|| = 2 and sqrt(2): Std / Avg = (|2 - sqrt2| / sqrt2) / ((2 + sqrt2) / 2) = 3 sqrt2 - 4
     assert metrics["equinorm_weights"] == pytest.approx(3 * SQRT2 - 4, rel=1e-12)
-    assert metrics["equiangular_means"] == 0.0 and metrics["equiangular_weights"] == 0.0  # one pair
+    assert metrics["equiangular_means"] == 0.0 and metrics["equiangular_weights"] == 0.0  # one pair, twice
     assert metrics["maxangle_means"] == pytest.approx(0.0, abs=1e-15)  # cos = -1 = -1/(C-1)
     assert metrics["maxangle_weights"] == pytest.approx(1 - 1 / SQRT2, rel=1e-12)  # cos(w0, w1) = -1/sqrt2
     # <W, M~> = 3, ||W||_F = sqrt6, ||M~||_F = sqrt2: 2 - 2 * 3 / sqrt12 = 2 - sqrt3
@@ -92,9 +109,11 @@ def test_three_classes_by_hand():
     cv = math.sqrt((2 * (1 - m) ** 2 + (SQRT2 - m) ** 2) / 2) / m
     assert metrics["equinorm_means"] == pytest.approx(cv, rel=1e-12)
     assert metrics["equinorm_weights"] == pytest.approx(cv, rel=1e-12)
-    # cosines 0, -1/sqrt2, -1/sqrt2: unbiased Std = 1/sqrt6; Avg |cos + 1/2| = (sqrt2 - 1/2) / 3
-    assert metrics["equiangular_means"] == pytest.approx(1 / math.sqrt(6), rel=1e-12)
-    assert metrics["equiangular_weights"] == pytest.approx(1 / math.sqrt(6), rel=1e-12)
+    # The cosine matrix's off-diagonal entries, each pair twice: 0, 0 and four times -1/sqrt2. Their mean
+    # is -sqrt2/3, their squared deviations sum to 2 * 2/9 + 4 * 1/18 = 2/3: unbiased Std = sqrt(2/15).
+    # (The 3 unordered pairs alone would give 1/sqrt6.) Avg |cos + 1/2| = (sqrt2 - 1/2) / 3 either way.
+    assert metrics["equiangular_means"] == pytest.approx(math.sqrt(2 / 15), rel=1e-12)
+    assert metrics["equiangular_weights"] == pytest.approx(math.sqrt(2 / 15), rel=1e-12)
     assert metrics["maxangle_means"] == pytest.approx((SQRT2 - 0.5) / 3, rel=1e-12)
     assert metrics["maxangle_weights"] == pytest.approx((SQRT2 - 0.5) / 3, rel=1e-12)
     assert metrics["self_duality"] == pytest.approx(0.0, abs=1e-15)  # W equals M~

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import plotting
+import runs
 from errors import UserError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -16,28 +17,31 @@ NC_HEADER = ("epoch,train_acc,train_loss,test_acc,test_loss,test_ece,nc1,equinor
              "equiangular_means,equiangular_weights,maxangle_means,maxangle_weights,self_duality,"
              "ncc_mismatch_train,ncc_mismatch_test")
 # Made-up but plausible: everything shrinks with training; the classifiers' equiangularity reaches
-# exactly 0 at epoch 20, which a log axis cannot show.
+# exactly 0 at epoch 20, which a log axis cannot show. The clean, eval-mode training accuracy first
+# reaches 1 at checkpoint 10, while log.csv's running accuracy reaches 1 already at epoch 7.
 NC_ROWS = ["1,0.31,1.9,0.30,1.95,0.05,3.1,0.40,0.20,0.30,0.25,0.50,0.45,0.90,0.40,0.45",
            "2,0.55,1.2,0.52,1.3,0.04,1.2,0.30,0.12,0.20,0.15,0.30,0.28,0.60,0.25,0.30",
            "5,0.90,0.4,0.78,0.7,0.06,0.3,0.15,0.05,0.10,0.06,0.12,0.10,0.30,0.05,0.12",
            "10,1.0,0.02,0.81,0.8,0.08,0.04,0.05,0.01,0.04,0.01,0.05,0.03,0.10,0.01,0.06",
            "20,1.0,0.003,0.84,0.9,0.09,0.005,0.02,0.004,0.02,0.0,0.02,0.01,0.04,0.0,0.04"]
-TPT_EPOCH, TPT_TEST_ACC, LAST_EPOCH, LAST_TEST_ACC = 7, 0.8125, 20, 0.84
+TPT_EPOCH, TPT_TEST_ACC, LAST_EPOCH, LAST_TEST_ACC = 10, "81.00%", 20, "84.00%"
+RUNNING_FULL_EPOCH = 7
 
 
 def write_run(folder: Path, reaches_tpt: bool = True, **settings) -> Path:
-    """A run folder of 20 epochs whose training accuracy first reaches 1 at epoch 7 (or never)."""
+    """A run folder of 20 epochs, measured at 5 checkpoints, whose clean training accuracy first reaches
+    1 at checkpoint 10 (or never: 0.99 at best)."""
     folder.mkdir(parents=True)
     config = {"dataset": "synthetic", "model": "resnet18", "width": 16, "loss": "ce", "lr": 0.0679,
               "seed": 0, "mixup_alpha": 0.0, "epochs": LAST_EPOCH, "num_classes": 4, **settings}
     (folder / "config.json").write_text(json.dumps(config))
     lines = ["epoch,lr,train_loss,train_acc,test_loss,test_acc,test_ece,seconds"]
     for epoch in range(1, LAST_EPOCH + 1):
-        train_acc = round(0.6 + 0.05 * epoch, 2) if epoch < TPT_EPOCH else (1.0 if reaches_tpt else 0.99)
-        test_acc = {TPT_EPOCH: TPT_TEST_ACC, LAST_EPOCH: LAST_TEST_ACC}.get(epoch, 0.8)
-        lines.append(f"{epoch},0.0679,{2.0 / epoch ** 2},{train_acc},0.7,{test_acc},0.05,1.5")
+        train_acc = round(0.6 + 0.05 * epoch, 2) if epoch < RUNNING_FULL_EPOCH else 1.0
+        lines.append(f"{epoch},0.0679,{2.0 / epoch ** 2},{train_acc},0.7,0.5,0.05,1.5")
     (folder / "log.csv").write_text("\n".join(lines) + "\n")
-    (folder / "nc_metrics.csv").write_text("\n".join([NC_HEADER, *NC_ROWS]) + "\n")
+    rows = NC_ROWS if reaches_tpt else [row.replace(",1.0,", ",0.99,", 1) for row in NC_ROWS]
+    (folder / "nc_metrics.csv").write_text("\n".join([NC_HEADER, *rows]) + "\n")
     return folder
 
 
@@ -65,32 +69,35 @@ def test_the_same_tables_give_byte_identical_figures(tmp_path):
     assert [path.read_bytes() for path in first] == [path.read_bytes() for path in second]
 
 
-def test_tpt_table_gives_test_accuracy_at_the_first_zero_error_epoch_and_the_last(tmp_path):
+def test_tpt_table_takes_the_onset_from_the_clean_eval_mode_accuracy_not_the_running_one(tmp_path):
     table = plotting.tpt_table(write_run(tmp_path / "run"))
     rows = [line for line in table.splitlines() if line.startswith("|")]
     assert len(rows) == 3 and set(rows[1]) <= set("|-")
     cells = [cell.strip() for cell in rows[2].strip("|").split("|")]
-    assert cells == ["synthetic", "resnet18", "7", "81.25%", "20", "84.00%"]
+    assert cells == ["synthetic", "resnet18", str(TPT_EPOCH), TPT_TEST_ACC, str(LAST_EPOCH), LAST_TEST_ACC]
 
 
 def test_tpt_table_says_when_zero_training_error_is_never_reached(tmp_path):
     table = plotting.tpt_table(write_run(tmp_path / "run", reaches_tpt=False))
-    assert "never reached" in table and "99.00%" in table and "84.00%" in table
+    assert "not reached by epoch 20" in table and "99.00%" in table and "84.00%" in table
 
 
-def test_tpt_onset_is_the_first_epoch_of_exactly_full_training_accuracy():
-    log = [{"epoch": 1, "train_acc": 0.9}, {"epoch": 2, "train_acc": 0.9999}, {"epoch": 3, "train_acc": 1.0},
-           {"epoch": 4, "train_acc": 0.998}, {"epoch": 5, "train_acc": 1.0}]
-    assert plotting.tpt_onset(log) == 3
-    assert plotting.tpt_onset(log[:2]) is None
+def test_tpt_onset_is_the_first_checkpoint_of_exactly_full_training_accuracy():
+    measured = [{"epoch": 1, "train_acc": 0.9}, {"epoch": 2, "train_acc": 0.9999}, {"epoch": 3, "train_acc": 1.0},
+                {"epoch": 4, "train_acc": 0.998}, {"epoch": 5, "train_acc": 1.0}]
+    assert runs.tpt_row(measured)["epoch"] == 3
+    assert runs.tpt_row(measured[:2]) is None
 
 
-def test_run_labels_name_exactly_the_result_settings_that_differ():
-    base = {"dataset": "CIFAR10", "model": "resnet18", "lr": 0.13, "seed": 0}
-    configs = [{**base, "loss": "ce", "mixup_alpha": 0.0, "epochs": 350},
-               {**base, "loss": "mse", "mixup_alpha": 1.0, "epochs": 200}]  # epochs is not a result setting
-    assert plotting.run_labels(configs, ["a", "b"]) == ["loss=ce, mixup_alpha=0.0", "loss=mse, mixup_alpha=1.0"]
-    same = [{**base, "epochs": 350}, {**base, "epochs": 200}]
+def test_run_labels_name_the_user_facing_settings_that_differ_never_derived_ones():
+    base = {"dataset": "CIFAR10", "model": "resnet18", "lr": 0.13, "epochs": 150}
+    configs = [{**base, "loss": "ce", "mixup_alpha": 0.0, "seed": 0, "samples_per_class": 100,
+                "normalization": {"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}},
+               {**base, "loss": "mse", "mixup_alpha": 1.0, "seed": 1, "samples_per_class": 50,
+                "normalization": {"mean": [0.5, 0.47, 0.44], "std": [0.24, 0.25, 0.27]}}]
+    assert plotting.run_labels(configs, ["a", "b"]) == ["spc=100, loss=ce, mixup=0, seed=0",
+                                                       "spc=50, loss=mse, mixup=1, seed=1"]
+    same = [{**base, "seed": 0}, {**base, "seed": 0}]
     assert plotting.run_labels(same, ["run-a", "run-b"]) == ["run-a", "run-b"]
 
 
@@ -133,6 +140,8 @@ def test_a_run_without_nc_metrics_names_the_folder_and_validate_nc(tmp_path):
                     ["panel", str(run), "--out", str(tmp_path / "panel.png")]):
         with pytest.raises(UserError, match=f"{re.escape(str(run))}.*python validate_nc.py --run-dir {re.escape(str(run))}"):
             plotting.main(plotting.parse_args(command))
+    with pytest.raises(UserError, match="python validate_nc.py"):
+        plotting.tpt_table(run)
     assert not (tmp_path / "out").exists() and not (tmp_path / "panel.png").exists()
 
 
@@ -141,5 +150,28 @@ def test_a_run_without_log_names_the_folder_and_train(tmp_path):
     (run / "log.csv").unlink()
     with pytest.raises(UserError, match=f"{re.escape(str(run))}.*python train.py"):
         plotting.plot_curves([run], tmp_path / "out")
-    with pytest.raises(UserError, match="python train.py"):
-        plotting.tpt_table(run)
+
+
+@pytest.mark.parametrize("suffix,magic", [(".png", PNG_SIGNATURE), (".pdf", b"%PDF-"), (".svg", b"<?xml")])
+def test_each_suffix_writes_its_own_format(tmp_path, suffix, magic):
+    out = tmp_path / f"panel{suffix}"
+    plotting.main(plotting.parse_args(["panel", str(write_run(tmp_path / "run")), "--out", str(out)]))
+    assert out.read_bytes().startswith(magic)
+    if suffix == ".svg":
+        assert b"<svg" in out.read_bytes()[:1000]
+
+
+def test_an_unknown_suffix_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(UserError, match=r"\.png, \.pdf or \.svg"):
+        plotting.plot_panel([write_run(tmp_path / "run")], tmp_path / "panel.jpg")
+    assert not list(tmp_path.glob("panel*"))
+
+
+def test_the_title_names_the_departures_from_the_protocol_and_a_run_that_never_reached_the_tpt(tmp_path):
+    reached = tmp_path / "reached.svg"
+    plotting.plot_panel([write_run(tmp_path / "a", precision="bf16")], reached)
+    missed = tmp_path / "missed.svg"
+    plotting.plot_panel([write_run(tmp_path / "b", reaches_tpt=False)], missed)
+    title = "synthetic / resnet18 (width=16, epochs=20"
+    assert title + ", bf16)" in reached.read_text() and "never zero" not in reached.read_text()
+    assert title + ")" in missed.read_text() and "training error never zero" in missed.read_text()

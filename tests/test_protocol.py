@@ -11,7 +11,7 @@ import train
 
 
 def settings_for(*flags: str) -> dict:
-    return config.resolve_config(train.parse_args(list(flags)), torch.device("cpu"))
+    return config.resolve_config(train.parse_args(list(flags)))
 
 
 def test_the_defaults_are_the_papers():
@@ -21,6 +21,8 @@ def test_the_defaults_are_the_papers():
     assert cifar10["lr_milestones"] == [116, 233] and cifar10["lr_gamma"] == 0.1
     assert cifar10["loss"] == "ce" and not cifar10["augment"] and cifar10["mixup_alpha"] == 0
     assert cifar10["num_checkpoints"] == 50
+    assert cifar10["precision"] == "fp32"  # the paper trained in float32, on any device
+    assert settings_for("--dataset", "CIFAR10", "--precision", "bf16")["precision"] == "bf16"
     cifar100 = settings_for("--dataset", "cifar100")
     assert cifar100["model"] == "resnet50" and cifar100["dataset"] == "CIFAR100"
     assert settings_for("--dataset", "MNIST")["model"] == "resnet18"
@@ -54,13 +56,18 @@ def test_learning_rate_drops_tenfold_after_epochs_116_and_233():
     assert used[234] == pytest.approx(lr / 100, rel=1e-12) and used[350] == pytest.approx(lr / 100, rel=1e-12)
 
 
-def test_fifty_log_spaced_checkpoints_like_the_authors():
-    epochs = config.checkpoint_epochs(350, 50)
-    assert len(epochs) == 50 and epochs[0] == 1 and epochs[-1] == 350
-    assert all(a < b for a, b in zip(epochs, epochs[1:]))
-    assert epochs[:17] == [*range(1, 15), 16, 17, 19]  # the authors' list begins so
-    assert epochs[-4:] == [268, 293, 320, 350]  # and ends so
-    ratios = [b / a for a, b in zip(epochs[20:], epochs[21:])]
+def test_fifty_checkpoints_of_350_epochs_are_the_authors_list_verbatim():
+    authors = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17, 19, 20, 22, 24, 27, 29, 32, 35, 38, 42, 45,
+               50, 54, 59, 65, 71, 77, 85, 92, 101, 110, 121, 132, 144, 158, 172, 188, 206, 225, 245, 268, 293,
+               320, 350]
+    assert config.checkpoint_epochs(350, 50) == authors
+    assert settings_for("--dataset", "CIFAR10")["num_checkpoints"] == 50
+
+
+def test_other_lengths_use_the_log_spaced_formula():
+    formula = config.checkpoint_epochs(350, 51)
+    assert len(formula) == 51 and formula[:15] == list(range(1, 16)) and formula[-1] == 350
+    ratios = [b / a for a, b in zip(formula[20:], formula[21:])]
     assert max(ratios) / min(ratios) < 1.1  # log-spaced: a constant ratio once past the integers
 
 
@@ -74,7 +81,7 @@ def test_checkpoint_count_changes_and_the_last_epoch_stays(epochs, count):
 def test_run_names_record_what_differs_from_the_defaults():
     def name(*flags):
         args = train.parse_args(list(flags))
-        return config.default_run_dir(config.resolve_config(args, torch.device("cpu")), args).as_posix()
+        return config.default_run_dir(config.resolve_config(args), args).as_posix()
     assert name("--dataset", "cifar10") == "runs/CIFAR10-resnet18-ce-seed0"
     assert name("--dataset", "CIFAR10", "--epochs", "500") == "runs/CIFAR10-resnet18-ce-seed0"
     assert name("--dataset", "CIFAR10", "--lr", "0.1302501827396728") == "runs/CIFAR10-resnet18-ce-seed0"

@@ -1,5 +1,6 @@
 """validate_nc.py end to end on tiny CPU runs: the metrics table, the figures, skipping and recomputing,
 damaged checkpoints, and collapse on the synthetic dataset."""
+import json
 import math
 import shutil
 
@@ -133,3 +134,21 @@ def test_the_synthetic_default_collapses(tmp_path):
 def table_nc1(table: str) -> float:
     header, first = table.splitlines()[:2]
     return float(first.split(",")[header.split(",").index("nc1")])
+
+
+def test_the_tpt_onset_is_the_clean_eval_mode_accuracy_not_the_running_one_of_a_mixup_run(tmp_path):
+    """Under Mixup the running accuracy of log.csv scores mixed inputs and never reaches 1; the network
+    in eval mode classifies the clean training set perfectly well before the run ends."""
+    run_dir = tmp_path / "mixup"
+    train.main(train.parse_args(["--dataset", "synthetic", "--width", "8", "--epochs", "10", "--num-checkpoints", "10",
+                                 "--samples-per-class", "20", "--batch-size", "20", "--lr-milestones", "6",
+                                 "--mixup-alpha", "1", "--device", "cpu", "--run-dir", str(run_dir)]))
+    assert validate(run_dir) == 0
+    measured, log = runs.read_nc_metrics(run_dir), runs.read_log(run_dir)
+    onset = next(row["epoch"] for row in measured if row["train_acc"] == 1.0)
+    assert all(row["train_acc"] < 1 for row in log)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["tpt_epoch"] == onset and summary["first_full_running_train_acc"] is None
+    assert summary["tpt_test_acc"] == next(row["test_acc"] for row in measured if row["epoch"] == onset)
+    table = (run_dir.parent / "plots" / "tpt_table.md").read_text().splitlines()[2]
+    assert table.split("|")[3].strip() == str(onset)
