@@ -28,7 +28,7 @@ ADAPTIVE_LR = 1e-3  # Adam and AdamW diverge at the SGD rates above
 PROTOCOL = {"model": "resnet18", "width": 64, "epochs": 350, "batch_size": 128, "momentum": 0.9,
             "weight_decay": 5e-4, "lr_gamma": 0.1, "num_checkpoints": 50, "optimizer": "sgd",
             "loss": "ce", "target_scale": 1.0, "label_smoothing": 0.1, "focal_gamma": 3.0,
-            "mixup_alpha": 0.0, "mixup_same_class": False, "augment": False, "precision": "fp32"}
+            "mixup_alpha": 0.0, "mixup_same_class": False, "augment": False, "precision": "fp32", "eval_every": 1}
 # The analysis epochs of the authors' code for 350 epochs, verbatim.
 AUTHORS_CHECKPOINTS = (*range(1, 15), 16, 17, 19, 20, 22, 24, 27, 29, 32, 35, 38, 42, 45, 50, 54, 59, 65, 71, 77,
                        85, 92, 101, 110, 121, 132, 144, 158, 172, 188, 206, 225, 245, 268, 293, 320, 350)
@@ -105,7 +105,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
     config = {"dataset": dataset, "num_classes": datasets.DATASETS[dataset].num_classes,
               "in_channels": datasets.DATASETS[dataset].channels}
     for key in ("model", "width", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
-                "lr_gamma", "num_checkpoints", "augment", "mixup_alpha", "mixup_same_class", "precision"):
+                "lr_gamma", "num_checkpoints", "augment", "mixup_alpha", "mixup_same_class", "precision",
+                "eval_every"):
         value = getattr(args, key, None)
         config[key] = defaults[key] if value is None else value
     config["loss"] = loss
@@ -142,6 +143,8 @@ def checkpoint_epochs(epochs: int, count: int) -> list[int]:
         return list(AUTHORS_CHECKPOINTS)
     if count >= epochs:
         return list(range(1, epochs + 1))
+    if count == 1:
+        return [epochs]
     for points in range(count, 100 * count + epochs):
         grid = np.unique(np.round(np.logspace(0, math.log10(epochs), points)).astype(int))
         if len(grid) >= count:

@@ -70,6 +70,9 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: los
     return {"train_loss": loss_total / count, "train_acc": correct_total / count}
 
 
+EVALUATION_KEYS = ("test_loss", "test_acc", "test_ece")
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, loss_fn: losses.LossFn, data: Split, config: dict,
              batch_size: int = 1000) -> dict[str, float]:

@@ -333,13 +333,13 @@ def _draw(ax: plt.Axes, panel: Panel, lines: list[_Line]) -> None:
 
 
 def _aggregate(tables: list[list[dict]], column: str, log_y: bool) -> tuple[np.ndarray, np.ndarray, bool]:
-    """The epochs every table has (epoch 0 left off the log axis), the values (runs, epochs) there, NaN
-    where missing or, on a log axis, not positive (which breaks the line there); and whether a zero or
-    negative value was hidden."""
-    shared = sorted(set.intersection(*({row["epoch"] for row in rows} for rows in tables)) - {0})
+    """The epochs at which every table has a value of `column` (epoch 0 left off the log axis), the
+    values (runs, epochs) there, NaN where not finite or, on a log axis, not positive (which breaks the
+    line there); and whether a zero or negative value was hidden."""
+    shared = sorted(set.intersection(*({row["epoch"] for row in rows if row.get(column) is not None}
+                                       for rows in tables)) - {0})
     by_epoch = [{row["epoch"]: row.get(column) for row in rows} for rows in tables]
-    values = np.array([[np.nan if run[epoch] is None else run[epoch] for epoch in shared] for run in by_epoch],
-                      dtype=float).reshape(len(tables), len(shared))
+    values = np.array([[run[epoch] for epoch in shared] for run in by_epoch], dtype=float).reshape(len(tables), -1)
     hidden = log_y & np.isfinite(values) & (values <= 0)
     return np.array(shared, dtype=float), np.where(hidden, np.nan, values), bool(hidden.any())
 

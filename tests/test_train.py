@@ -135,3 +135,16 @@ def test_a_compiled_run_matches_the_eager_one_and_saves_plain_weights(tmp_path):
     assert state["model"].keys() == eager["model"].keys()  # no torch.compile wrapper prefix
     for mine, theirs in zip(runs.read_log(tmp_path / "compiled"), runs.read_log(tmp_path / "eager")):
         assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-3)
+
+
+def test_evaluating_less_often_leaves_training_unchanged(tmp_path):
+    assert run_train(tmp_path / "every", "--epochs", "4", "--num-checkpoints", "1") == 0
+    assert run_train(tmp_path / "sparse", "--epochs", "4", "--num-checkpoints", "1", "--eval-every", "3") == 0
+    every = torch.load(tmp_path / "every" / "last.pt", weights_only=True)["model"]
+    sparse = torch.load(tmp_path / "sparse" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(every[key], sparse[key]) for key in every)
+    evaluated = [row["epoch"] for row in runs.read_log(tmp_path / "sparse") if row["test_acc"] is not None]
+    assert evaluated == [3, 4]  # every third epoch, and the last (the only analysis checkpoint)
+    dense = {row["epoch"]: row for row in runs.read_log(tmp_path / "every")}
+    assert all(row["test_acc"] == dense[row["epoch"]]["test_acc"] for row in runs.read_log(tmp_path / "sparse")
+               if row["test_acc"] is not None)
