@@ -2,8 +2,12 @@
 
 Every network has the same explicit interface, so the collapse measurement never needs hooks:
 `model.features(x)` is the penultimate activation (B, D), exactly the input of the last linear layer
-`model.fc`, and `model(x)` is `model.fc(model.features(x))`. `width` scales every layer's channels
-proportionally; 64 is the width of the paper's ResNets.
+`model.fc`, and `model(x)` is `model.fc(model.features(x))`. For collapse layer by layer,
+`model.stage_features(x)` is [(name, (B, C) readout), ...] of every stage in depth order from one
+forward pass, a CNN's stage read out by global average pooling and the ViT's by its class token; the
+last readout is `model.features(x)` bit for bit, and `model.stage_names` lists the names without
+running the model (see models/stages.py and each network's docstring). `width` scales every layer's
+channels proportionally; 64 is the width of the paper's ResNets.
 """
 import re
 

@@ -2,12 +2,17 @@
 stride-1 stem without max-pool, four stages of width w, 2w, 4w, 8w (strides 1, 2, 2, 2), global
 average pooling and one linear classifier.
 
+Stages: "stem", then "layer1" to "layer4"; the pooled output of layer4 is the features. The blocks
+of all four stages stay in one `layers` sequence, so checkpoints keep their keys (`layers.0.conv1.weight`).
+
 Initialised as torchvision's ResNets, which the authors' notebook used: every convolution
 Kaiming-normal with fan-out and ReLU gain (std sqrt(2 / (out_channels * k * k))), batch norm
 weight 1 and bias 0, the linear classifier PyTorch's default."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models.stages import StagedNetwork, global_average, pooled_stages
 
 
 class BasicBlock(nn.Module):
@@ -46,19 +51,22 @@ class Bottleneck(nn.Module):
         return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class ResNet(StagedNetwork):
     def __init__(self, block: str, depths: list[int], in_channels: int, num_classes: int, width: int):
         super().__init__()
         kind = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
                                   nn.ReLU(inplace=True))
-        layers, inputs = [], width
+        layers, inputs, ends = [], width, [1]  # positions in (stem, *layers) where each stage ends
         for stage, depth in enumerate(depths):
             channels = width * 2 ** stage
             for index in range(depth):
                 layers.append(kind(inputs, channels, 2 if stage and not index else 1))
                 inputs = channels * kind.expansion
+            ends.append(1 + len(layers))
         self.layers = nn.Sequential(*layers)
+        self.stage_names = ("stem", *(f"layer{stage}" for stage in range(1, len(depths) + 1)))
+        self._stage_ends = tuple(ends)
         self.fc = nn.Linear(inputs, num_classes)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -67,11 +75,8 @@ class ResNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(self.stem(x)).mean(dim=(2, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
+    def _readouts(self, x: torch.Tensor, every: bool) -> list[torch.Tensor]:
+        return pooled_stages([self.stem, *self.layers], self._stage_ends, global_average, x, every)
 
 
 def _shortcut(inputs: int, outputs: int, stride: int) -> nn.Module:

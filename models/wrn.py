@@ -1,9 +1,14 @@
 """WideResNet-<depth>-<k> (Zagoruyko & Komodakis 2016), used by Fisher, Meng & Papyan (2024):
 depth = 6n + 4, three groups of n pre-activation basic blocks with 16k, 32k, 64k channels (strides
-1, 2, 2) after a 16-channel stem, then BN, ReLU, global average pooling and one linear classifier."""
+1, 2, 2) after a 16-channel stem, then BN, ReLU, global average pooling and one linear classifier.
+
+Stages: "stem" (the first convolution), "group1" to "group3", and "features", the closing BN-ReLU
+whose pooled output is the features."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models.stages import StagedNetwork, global_average, pooled_stages
 
 
 class PreActBlock(nn.Module):
@@ -24,7 +29,7 @@ class PreActBlock(nn.Module):
         return self.conv2(F.relu(self.bn2(out))) + skip
 
 
-class WideResNet(nn.Module):
+class WideResNet(StagedNetwork):
     def __init__(self, depth: int, k: int, in_channels: int, num_classes: int, width: int):
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
@@ -34,17 +39,17 @@ class WideResNet(nn.Module):
         n = (depth - 4) // 6
         scaled = [max(1, round(c * width / 64)) for c in (16, 16 * k, 32 * k, 64 * k)]
         layers: list[nn.Module] = [nn.Conv2d(in_channels, scaled[0], 3, padding=1, bias=False)]
-        inputs = scaled[0]
+        inputs, ends = scaled[0], [1]  # positions in body where each stage ends
         for group, channels in enumerate(scaled[1:]):
             for index in range(n):
                 layers.append(PreActBlock(inputs, channels, 2 if group and not index else 1))
                 inputs = channels
+            ends.append(len(layers))
         layers += [nn.BatchNorm2d(inputs), nn.ReLU(inplace=True)]
         self.body = nn.Sequential(*layers)
+        self.stage_names = ("stem", "group1", "group2", "group3", "features")
+        self._stage_ends = (*ends, len(layers))
         self.fc = nn.Linear(inputs, num_classes)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x).mean(dim=(2, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
+    def _readouts(self, x: torch.Tensor, every: bool) -> list[torch.Tensor]:
+        return pooled_stages(self.body, self._stage_ends, global_average, x, every)

@@ -87,3 +87,121 @@ def test_resnets_are_initialised_as_torchvision_does(name):
     assert kurtosis == pytest.approx(3.0, abs=0.05)  # normal; a uniform init would give 1.8
     weight, bound = model.fc.weight.detach(), 1 / model.fc.in_features ** 0.5
     assert weight.abs().max() <= bound and weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.05)
+
+
+STAGES = {  # names and widths at width 8, from each architecture's definition
+    "resnet18": (("stem", "layer1", "layer2", "layer3", "layer4"), (8, 8, 16, 32, 64)),
+    "resnet34": (("stem", "layer1", "layer2", "layer3", "layer4"), (8, 8, 16, 32, 64)),
+    "resnet50": (("stem", "layer1", "layer2", "layer3", "layer4"), (8, 32, 64, 128, 256)),
+    **{f"vgg{depth}": (("block1", "block2", "block3", "block4", "block5"), (8, 16, 32, 64, 64))
+       for depth in (11, 13, 16, 19)},
+    # growth 4: 8 + 6 * 4 = 32 halved to 16, + 12 * 4 halved to 32, + 24 * 4 halved to 64, + 16 * 4 = 128
+    "densenet121": (("stem", "block1", "block2", "block3", "block4", "features"), (8, 16, 32, 64, 128, 128)),
+    "vit": (("block1", "block2", "block3", "block4", "block5", "block6", "features"), (48,) * 7),
+    "wrn16_2": (("stem", "group1", "group2", "group3", "features"), (2, 4, 8, 16, 16)),
+    "wrn40_10": (("stem", "group1", "group2", "group3", "features"), (2, 20, 40, 80, 80)),
+}
+
+
+def test_every_registry_model_has_its_stages_listed_here():
+    assert set(STAGES) == set(SMALL)
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_the_last_stage_is_the_features_and_every_stage_has_its_name_and_width(name):
+    names, widths = STAGES[name]
+    torch.manual_seed(0)
+    model = models.get_model(name, num_classes=7, width=8).eval()
+    x = torch.randn(2, 3, 32, 32)
+    stages = model.stage_features(x)
+    assert model.stage_names == names and tuple(stage for stage, _ in stages) == names
+    assert tuple(readout.shape for _, readout in stages) == tuple((2, width) for width in widths)
+    assert torch.equal(stages[-1][1], model.features(x))
+
+
+def _global_average(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=(2, 3))
+
+
+def _run(modules, x: torch.Tensor, pool) -> list[torch.Tensor]:
+    """`pool` of the output of each group of modules, run one after the other by hand."""
+    readouts = []
+    for group in modules:
+        for module in group:
+            x = module(x)
+        readouts.append(pool(x))
+    return readouts
+
+
+def _resnet18_by_hand(model, x):
+    layers = model.layers
+    return _run([[model.stem], layers[0:2], layers[2:4], layers[4:6], layers[6:8]], x, _global_average)
+
+
+def _vgg11_by_hand(model, x):
+    # vgg11 is 64 M 128 M 256 256 M 512 512 M 512 512 M, each number a conv, BN and ReLU.
+    body = model.body
+    return _run([body[0:4], body[4:8], body[8:15], body[15:22], body[22:29]], x, _global_average)
+
+
+def _wrn16_2_by_hand(model, x):
+    # a convolution, three groups of two blocks, BN and ReLU
+    body = model.body
+    return _run([body[0:1], body[1:3], body[3:5], body[5:7], body[7:9]], x, _global_average)
+
+
+def _densenet121_by_hand(model, x):
+    # a convolution, then dense blocks of 6, 12, 24 and 16 layers, each of the first three followed by a
+    # transition of four modules (BN, ReLU, 1x1 convolution, average pool), then BN and ReLU
+    body = model.body
+    return _run([body[0:1], body[1:11], body[11:27], body[27:55], body[55:71], body[71:73]], x,
+                lambda out: torch.nn.functional.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def _vit_by_hand(model, x):
+    tokens = model.patches(x).flatten(2).transpose(1, 2)
+    tokens = torch.cat([model.cls_token.expand(len(x), -1, -1), tokens], dim=1) + model.position
+    readouts = []
+    for block in model.blocks:
+        tokens = block(tokens)
+        readouts.append(tokens[:, 0])
+    return [*readouts, model.norm(tokens[:, 0])]
+
+
+@pytest.mark.parametrize("name, by_hand", [("resnet18", _resnet18_by_hand), ("vgg11", _vgg11_by_hand),
+                                           ("wrn16_2", _wrn16_2_by_hand), ("densenet121", _densenet121_by_hand),
+                                           ("vit", _vit_by_hand)])
+def test_each_stage_is_the_pooled_output_of_its_modules_run_by_hand(name, by_hand):
+    torch.manual_seed(0)
+    model = models.get_model(name, num_classes=7, width=8).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = by_hand(model, x)
+        got = [readout for _, readout in model.stage_features(x)]
+    assert len(got) == len(expected)
+    for mine, theirs in zip(got, expected):
+        assert torch.equal(mine, theirs)
+
+
+def test_stages_keep_the_resnet_state_dict_keys_of_saved_checkpoints():
+    """ResNet-18's keys as the flat `layers` of blocks has always saved them: the stem's conv and BN, eight
+    basic blocks (a projection shortcut on the first block of stages 2-4), the classifier."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    keys = ["stem.0.weight", *(f"stem.1.{k}" for k in bn)]
+    for index in range(8):
+        block = f"layers.{index}"
+        keys += [f"{block}.conv1.weight", *(f"{block}.bn1.{k}" for k in bn),
+                 f"{block}.conv2.weight", *(f"{block}.bn2.{k}" for k in bn)]
+        if index in (2, 4, 6):
+            keys += [f"{block}.shortcut.0.weight", *(f"{block}.shortcut.1.{k}" for k in bn)]
+    keys += ["fc.weight", "fc.bias"]
+    assert list(models.get_model("resnet18", num_classes=10, width=4).state_dict()) == keys
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11", "wrn16_2", "densenet121", "vit"])
+def test_stage_features_backpropagate_in_training_mode(name):
+    """No stage's readout is overwritten by a later in-place ReLU, which autograd would refuse."""
+    model = models.get_model(name, num_classes=7, width=4).train()
+    sum(readout.sum() for _, readout in model.stage_features(torch.randn(2, 3, 32, 32))).backward()
+    assert all(parameter.grad is not None for key, parameter in model.named_parameters()
+               if not key.startswith("fc."))  # the classifier is not on the readouts' path
