@@ -1,5 +1,5 @@
 """robustness against the closed form of a linear classifier, the attack's defining properties on small
-nonlinear networks."""
+nonlinear networks, and foolbox's L2DeepFoolAttack where foolbox is installed."""
 import pytest
 import torch
 import torch.nn as nn
@@ -211,3 +211,35 @@ def test_a_model_in_training_mode_is_refused():
     with pytest.raises(ValueError, match="eval"):
         deepfool_robustness(model, images, torch.zeros(2, dtype=torch.int64), mean=MEAN, std=STD)
 
+
+# ---------------------------------------------------------------- foolbox's L2DeepFoolAttack
+
+def test_matches_foolbox_l2_deepfool():
+    # foolbox 3 takes the same steps: the top `candidates` classes of the clean logits, the logit gaps
+    # to the top class (loss="logits"), a step of (distance + 1e-4) along the gap's gradient, the model
+    # evaluated at x0 + (1 + overshoot) * (sum of the steps). It clips to the model's bounds, made here
+    # wide enough never to bind, and adds 1e-8 to the gradient norms of both its divisions (ours floors
+    # them at 1e-12 instead), which moves each step by about 1e-8 / ||gradient|| relative: without those
+    # 1e-8 the two agree to float64 rounding. Labels are the model's decisions, its top class for foolbox.
+    fb = pytest.importorskip("foolbox")
+    from foolbox.devutils import atleast_kd, flatten
+
+    class WithoutEpsilon(fb.attacks.L2DeepFoolAttack):
+        def get_distances(self, losses, grads):
+            return abs(losses) / flatten(grads, keep=2).norms.l2(axis=-1)
+
+        def get_perturbations(self, distances, grads):
+            return atleast_kd(distances / flatten(grads).norms.l2(axis=-1), grads.ndim) * grads
+
+    model = small_mlp(seed=4)
+    x = random_images(64, 14)
+    labels = predictions(model, x)
+    fmodel = fb.PyTorchModel(model, bounds=(-1e3, 1e3))
+    criterion = fb.criteria.Misclassification(labels)
+    ours = deepfool(model, x, labels, overshoot=OVERSHOOT, max_iter=50, candidates=4)
+    assert ours.flatten(1).norm(dim=1).min() > 1e-4  # far above the epsilons
+    exact = WithoutEpsilon(steps=50, candidates=4, overshoot=OVERSHOOT, loss="logits").run(fmodel, x, criterion)
+    torch.testing.assert_close(ours, exact - x, rtol=1e-12, atol=1e-14)
+    stock = fb.attacks.L2DeepFoolAttack(steps=50, candidates=4, overshoot=OVERSHOOT, loss="logits")
+    theirs = stock.run(fmodel, x, criterion) - x
+    torch.testing.assert_close(ours.flatten(1).norm(dim=1), theirs.flatten(1).norm(dim=1), rtol=1e-6, atol=0)
