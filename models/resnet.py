@@ -5,9 +5,10 @@ average pooling and one linear classifier.
 Stages: "stem", then "layer1" to "layer4"; the pooled output of layer4 is the features. The blocks
 of all four stages stay in one `layers` sequence, so checkpoints keep their keys (`layers.0.conv1.weight`).
 
-Initialised as torchvision's ResNets, which the authors' notebook used: every convolution
-Kaiming-normal with fan-out and ReLU gain (std sqrt(2 / (out_channels * k * k))), batch norm
-weight 1 and bias 0, the linear classifier PyTorch's default."""
+Initialised as the authors' notebook does it: it builds torchvision's ResNet, whose convolutions are
+Kaiming-normal with fan-out and ReLU gain (std sqrt(2 / (out_channels * k * k))) and whose batch norm
+starts at weight 1 and bias 0, then replaces the 7x7 stem convolution by a new 3x3 one, which keeps
+PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as does the linear classifier."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -68,10 +69,11 @@ class ResNet(StagedNetwork):
         self.stage_names = ("stem", *(f"layer{stage}" for stage in range(1, len(depths) + 1)))
         self._stage_ends = tuple(ends)
         self.fc = nn.Linear(inputs, num_classes)
-        for module in self.modules():
+        for module in self.layers.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
