@@ -92,7 +92,8 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     add("--precision", choices=("fp32", "bf16"), help="training precision: fp32 as the paper (default; on CUDA "
         "with PyTorch's defaults: TF32 convolutions, IEEE matmuls) or bf16 autocast (faster; see the README's "
         "evidence); measurement is always strict fp32")
-    add("--seed", type=int, default=0, help="fixes initialisation, data order and subset (default 0)")
+    add("--seed", type=seed, default=0, help="fixes initialisation, data order and subset: 0 to 2**32 - 1 "
+        "(default 0)")
     add("--run-dir", type=Path, help="the run folder (default: runs/<DATASET>-<model>-<loss>-seed<seed>[-<non-default settings>])")
 
 
@@ -115,7 +116,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
     config["focal_gamma"] = _chosen(args.focal_gamma, defaults["focal_gamma"], loss == "focal")
     if config["optimizer"] != "sgd":
         config["momentum"] = None
-    config["lr_milestones"] = sorted(args.lr_milestones or default_milestones(config["epochs"]))
+    config["lr_milestones"] = _milestones(args.lr_milestones, config["epochs"]) if args.lr_milestones else \
+        default_milestones(config["epochs"])
     config["samples_per_class"] = args.samples_per_class
     config["seed"] = args.seed
     return config
@@ -177,7 +179,9 @@ def default_run_dir(config: dict, args: argparse.Namespace) -> Path:
 
 def result_differences(old: dict, new: dict) -> list[str]:
     """The result-changing settings on which two configs differ, as 'key: old -> new'."""
-    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in RESULT_KEYS if old.get(key) != new.get(key)]
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" if key != "normalization" else
+            "normalization: the statistics of another training subset"
+            for key in RESULT_KEYS if old.get(key) != new.get(key)]
 
 
 def setting_text(key: str, value) -> str:
@@ -216,6 +220,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _milestones(given: list[int], epochs: int) -> list[int]:
+    """The --lr-milestones as given, if they rise strictly and fall within the run."""
+    if any(a >= b for a, b in zip(given, given[1:])):
+        raise UserError(f"--lr-milestones {' '.join(map(str, given))}: give each epoch once, in increasing order")
+    if given[-1] > epochs:
+        raise UserError(f"--lr-milestones {given[-1]} is beyond the last epoch ({epochs}); a milestone is an "
+                        f"epoch in 1..{epochs} after which the learning rate drops")
+    return list(given)
+
+
 def _chosen(value, default, relevant: bool):
     """A loss parameter's value if its loss uses it, else None (so unused settings never clash)."""
     if not relevant:
@@ -244,16 +258,20 @@ def _loss_name(name: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def seed(text: str) -> int:
+    return _checked(int(text), lambda v: 0 <= v < 2 ** 32, "must lie in 0 .. 2**32 - 1", text)
+
+
 def positive_int(text: str) -> int:
     return _checked(int(text), lambda v: v > 0, "must be a positive integer", text)
 
 
 def positive_float(text: str) -> float:
-    return _checked(float(text), lambda v: v > 0, "must be positive", text)
+    return _checked(float(text), lambda v: 0 < v < math.inf, "must be a positive finite number", text)
 
 
 def non_negative_float(text: str) -> float:
-    return _checked(float(text), lambda v: v >= 0, "must not be negative", text)
+    return _checked(float(text), lambda v: 0 <= v < math.inf, "must be a finite number, not negative", text)
 
 
 def fraction(text: str) -> float:

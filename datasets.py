@@ -88,6 +88,10 @@ def load_run_data(name: str, root: str | Path, samples_per_class: int | None, se
     """A run's data on `device`: the seeded class-balanced training subset, the whole test split, and
     the number of training samples per class kept."""
     train_images, train_labels = load_split(name, root, True, download)
+    absent = sorted(set(range(DATASETS[name].num_classes)) - set(train_labels.unique().tolist()))
+    if absent:
+        raise UserError(f"the {name} training split in {Path(root).absolute()} has no images of class(es) "
+                        f"{', '.join(map(str, absent[:10]))}; every class needs some: restore the full copy (--download)")
     keep = balanced_indices(train_labels, samples_per_class, seed)
     test_images, test_labels = load_split(name, root, False, download)
     per_class = len(keep) // len(train_labels.unique())
@@ -329,7 +333,11 @@ def _corrupt(path: Path, why: str) -> UserError:
 
 
 def _open(path: Path) -> BinaryIO:
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    try:
+        return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror or err}); fix its permissions, or pass --data-root "
+                        "a readable copy") from None
 
 
 def _read_bytes(path: Path) -> bytearray:

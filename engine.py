@@ -24,6 +24,7 @@ import datasets
 import distributed
 import losses
 import models
+from errors import UserError
 from nc_metrics import (FeatureStats, calibration_bins, expected_calibration_error, metrics_from_stats,
                         ncc_disagreements, plane_coordinates, simplex_plane)
 
@@ -129,8 +130,10 @@ def measure_collapse(model: nn.Module, loss_fn: losses.LossFn, train: Split, tes
     rank, world_size = distributed.rank(), distributed.world_size()
     stats = FeatureStats(config["num_classes"], weight.shape[1], device=device)
     kept, train_totals = [], torch.zeros(2, dtype=torch.float64, device=device)
+    broken = torch.zeros((), dtype=torch.float64, device=device)
     for features, logits, y in _features_and_logits(model, datasets.shard(train, batch_size, rank, world_size),
                                                     config, batch_size):
+        features, broken = _zero_non_finite(features, broken)
         stats.update(features, y)
         kept.append(features)
         train_totals += torch.stack([loss_fn(logits, y) * len(y), losses.correct_count(logits, y)]).to(torch.float64)
@@ -143,16 +146,19 @@ def measure_collapse(model: nn.Module, loss_fn: losses.LossFn, train: Split, tes
     bins = torch.zeros(15, 3, dtype=torch.float64, device=device)
     for features, logits, y in _features_and_logits(model, datasets.shard(test, batch_size, rank, world_size),
                                                     config, batch_size):
+        features, broken = _zero_non_finite(features, broken)
         test_totals += torch.stack([loss_fn(logits, y) * len(y), losses.correct_count(logits, y),
                                     ncc_disagreements(features, weight, bias, means)]).to(torch.float64)
         bins += calibration_bins(logits, y)
     totals = distributed.all_reduce_sum(torch.cat([train_totals, ncc_train.double()[None], test_totals,
-                                                   bins.flatten()]))
-    train_loss, train_correct, ncc_train_count, test_loss, test_correct, ncc_test = totals[:6].tolist()
+                                                   broken[None], bins.flatten()]))
+    train_loss, train_correct, ncc_train_count, test_loss, test_correct, ncc_test, broken = totals[:7].tolist()
+    if broken:
+        raise UserError(f"the features of {broken:.0f} images are not finite (NaN or Inf): the network had diverged")
     n_train, n_test = len(train[1]), len(test[1])
     return {"train_acc": train_correct / n_train, "train_loss": train_loss / n_train,
             "test_acc": test_correct / n_test, "test_loss": test_loss / n_test,
-            "test_ece": expected_calibration_error(totals[6:].view_as(bins)),
+            "test_ece": expected_calibration_error(totals[7:].view_as(bins)),
             **metrics_from_stats(stats, weight),
             "ncc_mismatch_train": ncc_train_count / n_train, "ncc_mismatch_test": ncc_test / n_test}
 
@@ -219,6 +225,13 @@ def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
 def autocast(device: torch.device, precision: str) -> torch.autocast:
     """bf16 autocast when the run trains in bf16, a no-op context otherwise."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _zero_non_finite(features: torch.Tensor, broken: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The features with the rows holding a NaN or Inf zeroed, and `broken` plus their number, on the
+    device: the pass runs to its end on every process, and the checkpoint is refused after the sums."""
+    bad = ~features.isfinite().all(dim=1)
+    return torch.where(bad[:, None], 0.0, features), broken + bad.sum()
 
 
 def _features_and_logits(model: nn.Module, data: Split, config: dict,

@@ -2,14 +2,27 @@
 
 Anything raised as `UserError` is the user's to fix (missing data, an unknown name, a bad run
 folder, a corrupt file, a full disk): scripts print its message on stderr, without a traceback,
-and exit with status 2. Every other exception is a bug and keeps its traceback.
+and exit with status 2. Every other exception is a bug and keeps its traceback. `ArgumentParser`
+reports a bad flag the same way: one line, status 2.
 """
+import argparse
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 
 class UserError(Exception):
     """An error the user can fix; its message says what is wrong and what to do."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' parser: the module docstring as its description, and a bad flag as one line,
+    `error: <what> (see <script> --help)`, with exit status 2."""
+
+    def __init__(self, description: str | None, **kwargs):
+        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def run_cli(main: Callable[[object], int | None], parse_args: Callable[[], object]) -> int:

@@ -38,7 +38,7 @@ from PIL import Image
 
 import config
 import runs
-from errors import UserError, run_cli
+from errors import ArgumentParser, UserError, run_cli
 
 DPI = 150
 # >= 10 pt at the saved size; vector files keep text as text (searchable, editable, reproducible).
@@ -186,7 +186,7 @@ def tpt_table(run_dir: Path) -> str:
     at the last measured checkpoint, with their epochs."""
     run_dir = Path(run_dir)
     measured = _read_required(run_dir, NC_TABLE)
-    settings = runs.read_config(run_dir) or {}
+    settings = runs.read_config(run_dir, required=()) or {}
     onset, last = runs.tpt_row(measured), measured[-1]
     if onset is None:
         best = max(row["train_acc"] for row in measured)
@@ -211,7 +211,7 @@ def run_labels(configs: list[dict], names: list[str]) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     representations = commands.add_parser("representations", help="the Mixup representation figure from its CSV",
                                           description="the Mixup representation figure from its CSV")
@@ -270,7 +270,7 @@ def _load_lines(run_dirs: list[Path], needed: str, group_by: list[str]) -> list[
     for run_dir in run_dirs:
         rows = _read_required(run_dir, needed)
         tables.append({table: rows if table == needed else reader(run_dir) for table, (reader, _) in _READERS.items()})
-    configs = [runs.read_config(run_dir) or {} for run_dir in run_dirs]
+    configs = [runs.read_config(run_dir, required=()) or {} for run_dir in run_dirs]
     if group_by:
         unknown = sorted(set(group_by) - {key for run in configs for key in run})
         if unknown:

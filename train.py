@@ -16,6 +16,7 @@ prints. Batch norm is synchronised across the processes on CUDA (--sync-bn); on 
 SyncBatchNorm cannot run, so each process normalises with its own share of the batch there.
 """
 import argparse
+import contextlib
 import math
 import os
 import random
@@ -35,11 +36,11 @@ import distributed
 import engine
 import losses
 import runs
-from errors import UserError, run_cli
+from errors import ArgumentParser, UserError, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     config.add_selection_arguments(parser)
     add = parser.add_argument
     add("--epochs", type=config.positive_int, help="epochs to train (default 350; 30 on synthetic); a "
@@ -70,32 +71,42 @@ def main(args: argparse.Namespace) -> int:
 
 
 def train_run(args: argparse.Namespace, device: torch.device) -> None:
-    """Start or continue the run the flags select, on `device`, in this process's part under torchrun."""
+    """Start or continue the run the flags select, on `device`, in this process's part under torchrun.
+
+    Process 0 holds the run folder's training lock throughout. Nothing in the folder is written until
+    every check has passed: the settings against the run's last.pt and config.json, the data, and the
+    saved state loading into the network."""
     if args.download:
         distributed.on_rank_zero(datasets.fetch, args.dataset, args.data_root)  # once, then all read it
-    settings, run_dir, train, test = distributed.on_every_rank(_prepare, args, device)
-    sync_bn = distributed.on_every_rank(_sync_bn, args.sync_bn, device)
-    _set_determinism(args.deterministic, device)
-    distributed.on_rank_zero(_start_folder, run_dir, settings)
+    settings = config.resolve_config(args)
+    run_dir = distributed.on_every_rank(_usable_folder, config.default_run_dir(settings, args))
+    with contextlib.ExitStack() as held:
+        distributed.on_rank_zero(held.enter_context, runs.training_lock(run_dir))
+        previous, last = distributed.on_every_rank(_previous_run, run_dir, device)
+        train, test = distributed.on_every_rank(_prepare, settings, previous, run_dir, args, device)
+        sync_bn = distributed.on_every_rank(_sync_bn, args.sync_bn, device)
+        _set_determinism(args.deterministic, device)
 
-    torch.manual_seed(settings["seed"])
-    model = engine.build_model(settings, device)
-    if sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters and state-dict keys
-    optimizer = make_optimizer(model, settings, device)
-    scheduler = make_scheduler(optimizer, settings)
-    loss_fn = losses.loss_from_config(settings)
-    start, log = distributed.on_every_rank(_resume, run_dir, model, optimizer, scheduler, device)
-    if distributed.world_size() > 1:
-        step_model = _parallel(model, device, args.compile)
-    else:
-        step_model = _compiled(model, device) if args.compile else model
+        torch.manual_seed(settings["seed"])
+        model = engine.build_model(settings, device)
+        if sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters and state-dict keys
+        optimizer = make_optimizer(model, settings, device)
+        scheduler = make_scheduler(optimizer, settings)
+        loss_fn = losses.loss_from_config(settings)
+        start, log = distributed.on_every_rank(_resume, run_dir, last, model, optimizer, scheduler)
+        del last
+        distributed.on_rank_zero(_start_folder, run_dir, settings)
+        if distributed.world_size() > 1:
+            step_model = _parallel(model, device, args.compile)
+        else:
+            step_model = _compiled(model, device) if args.compile else model
 
-    processes = f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
-    _say(f"run {run_dir}: {settings['dataset']} ({len(train[1])} train / {len(test[1])} test images), "
-         f"{settings['model']} width {settings['width']}, {settings['loss']}, {settings['precision']} on "
-         f"{device.type if processes else device}{processes}" + (f"; resuming after epoch {start}" if start else ""))
-    train_for(settings, run_dir, step_model, model, optimizer, scheduler, loss_fn, train, test, start, log)
+        processes = f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
+        _say(f"run {run_dir}: {settings['dataset']} ({len(train[1])} train / {len(test[1])} test images), "
+             f"{settings['model']} width {settings['width']}, {settings['loss']}, {settings['precision']} on "
+             f"{device.type if processes else device}{processes}" + (f"; resuming after epoch {start}" if start else ""))
+        train_for(settings, run_dir, step_model, model, optimizer, scheduler, loss_fn, train, test, start, log)
 
 
 def load_data(settings: dict, args: argparse.Namespace, device: torch.device) -> tuple[engine.Split, engine.Split]:
@@ -165,22 +176,48 @@ def train_for(settings: dict, run_dir: Path, step_model: nn.Module, model: nn.Mo
          f"Next, to measure collapse and the TPT onset: python validate_nc.py --run-dir {run_dir}")
 
 
-def _prepare(args: argparse.Namespace, device: torch.device) -> tuple[dict, Path, engine.Split, engine.Split]:
-    """The run's settings, its folder and its data, after the checks that need no writing."""
-    settings = config.resolve_config(args)
-    run_dir = config.default_run_dir(settings, args)
-    previous = runs.read_config(run_dir)
+def _usable_folder(run_dir: Path) -> Path:
+    """`run_dir`, after checking that it and its checkpoints folder can be folders."""
+    for folder in (run_dir / "checkpoints", run_dir, *run_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{folder} is a file, not a folder; pass --run-dir a new folder or a run's folder"
+                            + (" (or move that file away)" if folder.name == "checkpoints" else ""))
+    return run_dir
+
+
+def _previous_run(run_dir: Path, device: torch.device) -> tuple[dict | None, dict | None]:
+    """The settings of the run already in `run_dir` (from its last.pt, which is what a resume continues,
+    checked against config.json) and its last.pt, or (None, None) for a new run."""
+    path = run_dir / "last.pt"
+    last = runs.load_checkpoint(path, device) if path.exists() else None
+    try:
+        written = runs.read_config(run_dir)
+    except UserError:
+        if last is None:
+            raise
+        written = None  # rewritten from the settings once they are found to be last.pt's
+    if last is None:
+        return written, None
+    differences = config.result_differences(last["config"], written) if written else []
+    if differences:
+        raise UserError(f"{run_dir}: its last.pt and config.json belong to different runs ({'; '.join(differences)}); "
+                        "move one of them away, or start the run in a new --run-dir")
+    return last["config"], last
+
+
+def _prepare(settings: dict, previous: dict | None, run_dir: Path, args: argparse.Namespace,
+             device: torch.device) -> tuple[engine.Split, engine.Split]:
+    """The run's data, once the settings are checked against the run already in the folder."""
     if previous and args.lr_milestones is None:
         settings["lr_milestones"] = previous["lr_milestones"]  # an extended run keeps its schedule
     train, test = load_data(settings, args, device)
     if previous:
         _refuse_clash(previous, settings, run_dir)
     _refuse_empty_shares(len(train[1]), settings["batch_size"])
-    return settings, run_dir, train, test
+    return train, test
 
 
 def _start_folder(run_dir: Path, settings: dict) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
     runs.remove_leftovers(run_dir)
     runs.write_config(run_dir, settings)
 
@@ -230,22 +267,26 @@ def _save_epoch(run_dir: Path, settings: dict, analysed: bool, model: nn.Module,
     runs.write_summary(run_dir)
 
 
-def _resume(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-            device: torch.device) -> tuple[int, list[dict]]:
+def _resume(run_dir: Path, last: dict | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler) -> tuple[int, list[dict]]:
     """Restore last.pt if the run has one: (epochs done, log rows up to them)."""
-    last = run_dir / "last.pt"
     log = runs.read_log(run_dir)
-    if not last.exists():
+    if last is None:
         if log:
             raise UserError(f"{run_dir} has a log.csv but no last.pt to resume from; "
                             "start the run in a new --run-dir")
         return 0, []
-    state = runs.load_checkpoint(last, device)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_states(state["rng"])
-    return state["epoch"], [row for row in log if row["epoch"] <= state["epoch"]]
+    try:
+        model.load_state_dict(last["model"])
+        optimizer.load_state_dict(last["optimizer"])
+        scheduler.load_state_dict(last["scheduler"])
+        _set_rng_states(last["rng"])
+        epoch = int(last["epoch"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{run_dir / 'last.pt'} does not fit this run's network and optimizer ({reason}); "
+                        "start the run in a new --run-dir") from None
+    return epoch, [row for row in log if row["epoch"] <= epoch]
 
 
 def _refuse_clash(previous: dict, settings: dict, run_dir: Path) -> None:

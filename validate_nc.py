@@ -28,13 +28,13 @@ import engine
 import losses
 import plotting
 import runs
-from errors import UserError, run_cli
+from errors import ArgumentParser, UserError, run_cli
 
 REPRESENTATION_LAMBDAS = [step / 10 for step in range(11)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__)
     config.add_selection_arguments(parser)
     add = parser.add_argument
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
@@ -65,40 +65,36 @@ def main(args: argparse.Namespace) -> int:
             return distributed.on_rank_zero(draw_representations, dict(checkpoints), run_config, run_dir, args,
                                             device) or 0
         todo = [(epoch, path) for epoch, path in checkpoints if args.recompute or epoch not in table]
-        unreadable = measure_checkpoints(todo, run_config, run_dir, table, args, device)
-        distributed.on_rank_zero(_report, run_config, run_dir, table, len(todo) - len(unreadable), args.plots_dir)
-        if unreadable and distributed.is_main():
-            print(f"error: {len(unreadable)} checkpoint(s) could not be read: {', '.join(map(str, unreadable))}; "
-                  "delete them (the others were measured)", file=sys.stderr)
-    return 1 if unreadable else 0
+        skipped = measure_checkpoints(todo, run_config, run_dir, table, args, device)
+        distributed.on_rank_zero(_report, run_config, run_dir, table, len(todo) - len(skipped), args.plots_dir)
+        if skipped and distributed.is_main():
+            print(f"error: {len(skipped)} checkpoint(s) could not be measured (see the warnings above): "
+                  f"{', '.join(map(str, skipped))}; the others were", file=sys.stderr)
+    return 1 if skipped else 0
 
 
 def measure_checkpoints(todo: list[tuple[int, Path]], run_config: dict, run_dir: Path, table: dict,
                         args: argparse.Namespace, device: torch.device) -> list[Path]:
-    """Measure each checkpoint, adding its row to `table` and rewriting nc_metrics.csv after each one;
-    returns the checkpoints that could not be read."""
+    """Measure each checkpoint and add its row to nc_metrics.csv (merged with the rows on disk, which
+    another process may be adding too) and to `table`; returns the checkpoints that could not be measured:
+    unreadable, of another run, or with weights or features that are not finite. Each is reported on
+    one line and gets no row."""
     if not todo:
         return []
     train, test, _ = _load_data(run_config, args, device)
-    unreadable = []
+    skipped = []
     progress = tqdm(todo, unit="checkpoint", desc=run_dir.name, dynamic_ncols=True, disable=not distributed.is_main())
     for epoch, path in progress:
-        state, error = _load_checkpoint(path, device)
-        if error is not None:
+        try:
+            row = {"epoch": epoch, **_measure(path, run_config, train, test, args, device)}
+        except UserError as err:
             if distributed.is_main():
-                tqdm.write(f"warning: {error}; skipped", file=sys.stderr)
-            unreadable.append(path)
+                tqdm.write(f"warning: {err}; skipped", file=sys.stderr)
+            skipped.append(path)
             continue
-        distributed.on_every_rank(_refuse_foreign, state["config"], run_config, path)
-        model = engine.build_model(state["config"], device)
-        model.load_state_dict(state["model"])
-        measured = engine.measure_collapse(model, losses.loss_from_config(state["config"]), train, test,
-                                           state["config"], args.eval_batch_size)
-        table[epoch] = {"epoch": epoch, **measured}
-        distributed.on_rank_zero(_write_table, run_dir, table)
-        progress.set_postfix(epoch=epoch, nc1=f"{table[epoch]['nc1']:.3g}",
-                             test_acc=f"{table[epoch]['test_acc']:.2%}")
-    return unreadable
+        table.update(distributed.on_rank_zero(runs.merge_nc_metrics, run_dir, [row]) or {epoch: row})
+        progress.set_postfix(epoch=epoch, nc1=f"{row['nc1']:.3g}", test_acc=f"{row['test_acc']:.2%}")
+    return skipped
 
 
 def draw_representations(checkpoints: dict[int, Path], run_config: dict, run_dir: Path,
@@ -152,19 +148,31 @@ def _load_data(run_config: dict, args: argparse.Namespace,
                                      run_config["samples_per_class"], run_config["seed"], args.download, device)
 
 
-def _load_checkpoint(path: Path, device: torch.device) -> tuple[dict | None, str | None]:
-    """The checkpoint, or why it cannot be read: under torchrun, why any process could not, so that
-    all skip it together."""
+def _measure(path: Path, run_config: dict, train: engine.Split, test: engine.Split, args: argparse.Namespace,
+             device: torch.device) -> dict[str, float]:
+    """The numbers of one checkpoint; a UserError if it cannot be read, belongs to another run or holds
+    weights that are not finite (the same on every process under torchrun, which all skip it together)."""
+    error = None
     try:
-        state, error = runs.load_checkpoint(path, device), None
+        state = runs.load_checkpoint(path, device)
     except UserError as err:
-        state, error = None, str(err)
-    return state, distributed.first_message(error)
-
-
-def _write_table(run_dir: Path, table: dict) -> None:
-    runs.write_nc_metrics(run_dir, list(table.values()))
-    runs.write_summary(run_dir)  # its TPT onset comes from this table
+        error = str(err)
+    error = distributed.first_message(error)
+    if error is not None:
+        raise UserError(error)
+    differences = config.result_differences(state["config"], run_config)
+    if differences:
+        raise UserError(f"{path} belongs to another run than its folder's config.json ({'; '.join(differences)}); "
+                        "move it to its own run folder")
+    if not all(tensor.isfinite().all() for tensor in state["model"].values() if tensor.is_floating_point()):
+        raise UserError(f"{path} holds weights that are not finite (NaN or Inf): the run had diverged")
+    model = engine.build_model(state["config"], device)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise UserError(f"{path} does not fit the network its config describes ({str(err).splitlines()[0]})") from None
+    return engine.measure_collapse(model, losses.loss_from_config(state["config"]), train, test, state["config"],
+                                   args.eval_batch_size)
 
 
 def _report(run_config: dict, run_dir: Path, table: dict, measured: int, plots_dir: Path | None) -> None:
@@ -196,13 +204,6 @@ def _run_config(run_dir: Path, args: argparse.Namespace) -> dict:
         raise UserError(f"no run folder at {run_dir}; train it first: "
                         f"python train.py --dataset {args.dataset}" + (f" --run-dir {run_dir}" if args.run_dir else ""))
     return run_config
-
-
-def _refuse_foreign(checkpoint_config: dict, run_config: dict, path: Path) -> None:
-    differences = config.result_differences(checkpoint_config, run_config)
-    if differences:
-        raise UserError(f"{path} belongs to another run than its folder's config.json ({'; '.join(differences)}); "
-                        "move it to its own run folder")
 
 
 if __name__ == "__main__":

@@ -141,7 +141,7 @@ def test_a_config_clash_is_refused_and_a_longer_run_continues(tmp_path):
     ("train.py", ["--loss", "hinge"], "argument --loss: unknown loss 'hinge'; choose one of: ce"),
     ("train.py", ["--dataset", "CIFAR10", "--data-root", "{tmp}/none"], "CIFAR10 not found in"),
     ("train.py", ["--samples-per-class", "500"], "at most 100 per class"),
-    ("train.py", ["--run-dir", "{tmp}/file.txt"], "is not a folder"),
+    ("train.py", ["--run-dir", "{tmp}/file.txt"], "is a file, not a folder"),
     ("train.py", ["--run-dir", "{tmp}/bad"], "config.json is corrupt"),
     ("validate_nc.py", ["--run-dir", "{tmp}/nothing"], "no run folder at"),
     ("validate_nc.py", ["--dataset", "MNIST"], "no run folder at runs/MNIST-resnet18-ce-seed0; train it first"),

@@ -5,6 +5,7 @@ import math
 import shutil
 
 import pytest
+import torch
 from PIL import Image
 
 import runs
@@ -62,7 +63,7 @@ def test_measured_checkpoints_are_skipped_unless_recomputed(run_dir, capsys):
     table = (run_dir / "nc_metrics.csv").read_text()
     rows = runs.read_nc_metrics(run_dir)
     rows[0]["nc1"] = 12345.0
-    runs.write_nc_metrics(run_dir, rows)
+    runs.write_csv(run_dir / "nc_metrics.csv", rows, runs.NC_COLUMNS)
     capsys.readouterr()
     validate(run_dir)
     assert "0 checkpoint(s) measured" in capsys.readouterr().out
@@ -91,12 +92,50 @@ def test_a_truncated_checkpoint_is_named_and_the_others_are_measured(run_dir, ca
     assert [row["epoch"] for row in runs.read_nc_metrics(run_dir)] == [1, 3]
 
 
-def test_a_checkpoint_of_another_run_is_refused(run_dir, tmp_path):
+def test_a_checkpoint_of_another_run_is_reported_and_the_others_are_measured(run_dir, tmp_path, capsys):
     train.main(train.parse_args([*TINY, "--seed", "1", "--epochs", "1", "--num-checkpoints", "1",
                                  "--run-dir", str(tmp_path / "other")]))
     shutil.copy(runs.checkpoint_path(tmp_path / "other", 1), runs.checkpoint_path(run_dir, 1))
-    with pytest.raises(UserError, match="seed: 0 -> 1|seed: 1 -> 0"):
-        validate(run_dir)
+    assert validate(run_dir) == 1
+    assert "belongs to another run" in capsys.readouterr().err
+    assert [row["epoch"] for row in runs.read_nc_metrics(run_dir)] == [2, 3]
+
+
+def test_a_checkpoint_with_nan_weights_is_reported_and_the_others_are_measured(run_dir, capsys):
+    state = torch.load(runs.checkpoint_path(run_dir, 2), weights_only=True)
+    state["model"]["fc.weight"][0, 0] = float("nan")
+    torch.save(state, runs.checkpoint_path(run_dir, 2))
+    assert validate(run_dir) == 1
+    err = capsys.readouterr().err
+    assert "epoch_0002.pt holds weights that are not finite" in err and "Traceback" not in err
+    assert [row["epoch"] for row in runs.read_nc_metrics(run_dir)] == [1, 3]
+
+
+def test_a_checkpoint_whose_features_overflow_is_reported_and_the_others_are_measured(run_dir, capsys):
+    """Finite weights can still give NaN features: a diverged run's checkpoint (weights up to 1e27)."""
+    state = torch.load(runs.checkpoint_path(run_dir, 2), weights_only=True)
+    for key, tensor in state["model"].items():
+        if key.endswith("conv1.weight"):
+            tensor.mul_(1e30)
+    torch.save(state, runs.checkpoint_path(run_dir, 2))
+    assert validate(run_dir) == 1
+    assert "are not finite (NaN or Inf): the network had diverged" in capsys.readouterr().err
+    assert [row["epoch"] for row in runs.read_nc_metrics(run_dir)] == [1, 3]
+
+
+def test_a_random_bytes_checkpoint_is_unreadable_not_malicious(run_dir, capsys):
+    runs.checkpoint_path(run_dir, 3).write_bytes(bytes(range(256)) * 8)
+    assert validate(run_dir) == 1
+    err = capsys.readouterr().err
+    assert "epoch_0003.pt is " in err and ("corrupt" in err or "truncated" in err) and "run code" not in err
+
+
+def test_two_validations_writing_one_table_lose_no_rows(run_dir):
+    """Each adds its row to the table as it is on disk: the one that writes last keeps the other's rows."""
+    first = runs.merge_nc_metrics(run_dir, [{"epoch": 1, **dict.fromkeys(runs.NC_COLUMNS[1:], 0.5)}])
+    second = runs.merge_nc_metrics(run_dir, [{"epoch": 2, **dict.fromkeys(runs.NC_COLUMNS[1:], 0.25)}])
+    assert list(first) == [1] and sorted(second) == [1, 2]
+    assert [row["epoch"] for row in runs.read_nc_metrics(run_dir)] == [1, 2]
 
 
 def test_the_same_flags_find_the_folder_train_wrote(tmp_path, monkeypatch):
