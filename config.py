@@ -97,6 +97,30 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     add("--run-dir", type=Path, help="the run folder (default: runs/<DATASET>-<model>-<loss>-seed<seed>[-<non-default settings>])")
 
 
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """train.py's flags besides the selection flags: how long and how to train, where the data is, and
+    on what (sweep.py passes them on to train.py unchanged)."""
+    add = parser.add_argument
+    add("--epochs", type=positive_int, help="epochs to train (default 350; 30 on synthetic); a "
+        "larger value on an existing run continues it")
+    add("--batch-size", type=positive_int, help="default 128")
+    add("--num-checkpoints", type=positive_int, help="analysis checkpoints, log-spaced in 1..epochs, "
+        "the last epoch always included (default 50; 15 on synthetic)")
+    add("--eval-every", type=positive_int, metavar="K", help="evaluate the test split every K epochs, and at "
+        "every analysis checkpoint and the last epoch (default 1); log.csv leaves the other epochs' test columns "
+        "empty. Training is the same whatever K: on small training sets evaluation is most of an epoch's time")
+    add("--data-root", type=Path, default=Path("data"), help="folder holding the datasets (default ./data)")
+    add("--download", action="store_true", help="download the dataset into --data-root if it is missing")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    add("--deterministic", action="store_true", help="bit-identical reruns: PyTorch's deterministic "
+        "algorithms, no cuDNN autotuning (on a GPU this costs speed, often 10-30%%)")
+    add("--compile", action="store_true", help="torch.compile the training step, with CUDA graphs on a GPU "
+        "(checkpoints still hold the plain weights)")
+    add("--sync-bn", action=argparse.BooleanOptionalAction, help="under torchrun: batch-norm statistics over "
+        "the global batch, as in one process (default: on with CUDA; torch's SyncBatchNorm needs CUDA, so on "
+        "the CPU each process normalises with its own share of the batch)")
+
+
 def resolve_config(args: argparse.Namespace) -> dict:
     """Every setting of the run, from the flags and the defaults (data-derived settings come later)."""
     dataset = args.dataset

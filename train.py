@@ -42,25 +42,7 @@ from errors import ArgumentParser, UserError, run_cli
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(__doc__)
     config.add_selection_arguments(parser)
-    add = parser.add_argument
-    add("--epochs", type=config.positive_int, help="epochs to train (default 350; 30 on synthetic); a "
-        "larger value on an existing run continues it")
-    add("--batch-size", type=config.positive_int, help="default 128")
-    add("--num-checkpoints", type=config.positive_int, help="analysis checkpoints, log-spaced in 1..epochs, "
-        "the last epoch always included (default 50; 15 on synthetic)")
-    add("--eval-every", type=config.positive_int, metavar="K", help="evaluate the test split every K epochs, and at "
-        "every analysis checkpoint and the last epoch (default 1); log.csv leaves the other epochs' test columns "
-        "empty. Training is the same whatever K: on small training sets evaluation is most of an epoch's time")
-    add("--data-root", type=Path, default=Path("data"), help="folder holding the datasets (default ./data)")
-    add("--download", action="store_true", help="download the dataset into --data-root if it is missing")
-    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
-    add("--deterministic", action="store_true", help="bit-identical reruns: PyTorch's deterministic "
-        "algorithms, no cuDNN autotuning (on a GPU this costs speed, often 10-30%%)")
-    add("--compile", action="store_true", help="torch.compile the training step, with CUDA graphs on a GPU "
-        "(checkpoints still hold the plain weights)")
-    add("--sync-bn", action=argparse.BooleanOptionalAction, help="under torchrun: batch-norm statistics over "
-        "the global batch, as in one process (default: on with CUDA; torch's SyncBatchNorm needs CUDA, so on "
-        "the CPU each process normalises with its own share of the batch)")
+    config.add_training_arguments(parser)
     return parser.parse_args(argv)
 
 
