@@ -6,6 +6,7 @@ Figures 2-7, the training curves and Table 1.
     python plotting.py panel RUN_DIR [RUN_DIR ...] --out FILE.png  # Figures 2-7 in one compact 2x3 panel
     python plotting.py panel RUN_DIR ... --group-by precision --out FILE.png   # mean and spread per group
     python plotting.py representations CSV [--out FILE.png]        # the Mixup representation figure
+    python plotting.py study studies/NAME [--out DIR]              # a study's panel and curves, seeds as bands
 
 Several runs are overlaid, one colour per run, labelled by the settings on which their configs differ;
 with `--group-by KEY ...` one colour per group of runs with equal values of those config.json keys,
@@ -38,6 +39,7 @@ from PIL import Image
 
 import config
 import runs
+import studies
 from errors import ArgumentParser, UserError, run_cli
 
 DPI = 150
@@ -210,6 +212,42 @@ def run_labels(configs: list[dict], names: list[str]) -> list[str]:
     return [", ".join(config.setting_text(key, run.get(key)) for key in differing) for run in configs]
 
 
+# Studies (sweep.py): the runs of studies/<name>/, one line per group of runs equal in every varied
+# setting but the seed, so that the seeds make the band.
+
+def plot_study(study_dir: Path, out_dir: Path | None = None) -> list[Path]:
+    """A study's Figures 2-7 panel (panel.png) and training curves (training_curves.png), with its finished
+    runs grouped by the study's varied settings except the seed (each group's mean over seeds, and their
+    min-max band); for a learning-rate grid, each group at its chosen learning rate only. Its tables are
+    refreshed first; the files go to the study's folder, or to `out_dir` with a copy of table.md. The run
+    folders are read where sweep.py put them, relative to the folder it ran in."""
+    study_dir = Path(study_dir)
+    out_dir = Path(out_dir) if out_dir else study_dir
+    study, _ = studies.read_study(study_dir)
+    drawn = [row for row in studies.refresh_tables(study_dir) if row["status"] == "done" and row.get("selected", True)]
+    if not drawn:
+        raise UserError(f"{study_dir} has no finished run yet; run its sweep.py command (see its table.md)")
+    group_by = [key for key in study["varied"] if key != "seed"] or ["dataset"]  # one group: every seed
+    run_dirs = [Path(row["run_dir"]) for row in drawn]
+    written = [plot_panel(run_dirs, out_dir / "panel.png", group_by), plot_curves(run_dirs, out_dir, group_by)]
+    if out_dir != study_dir:
+        written.append(out_dir / studies.MARKDOWN_TABLE)
+        runs.write_text(written[-1], (study_dir / studies.MARKDOWN_TABLE).read_text())
+    return written
+
+
+def group_series(run_dirs: list[Path], group_by: list[str], column: str,
+                 table: str = NC_TABLE) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """What the grouped figures draw for `column` of `table`: per group of runs with equal `group_by`
+    settings (per run if none), its label, the epochs all its runs have, and the mean, minimum and maximum
+    over its runs at those epochs."""
+    series = []
+    for line in _load_lines(run_dirs, table, group_by):
+        epochs, values, _ = _aggregate([tables[table] for tables in line.tables], column, log_y=False)
+        series.append((line.label, epochs, values.mean(axis=0), values.min(axis=0), values.max(axis=0)))
+    return series
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -227,6 +265,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         command.add_argument("--group-by", nargs="+", default=[], metavar="KEY",
                              help="config.json keys (e.g. loss, precision): one line per group of runs with equal "
                              "values, the mean over its runs and a band from their minimum to their maximum")
+    study = commands.add_parser("study", help="a study's panel and training curves, seeds as bands",
+                                description="a study's panel and training curves, seeds as bands, and its table.md")
+    study.add_argument("study_dir", type=Path, metavar="STUDY_DIR", help="studies/NAME, as sweep.py wrote it")
+    study.add_argument("--out", type=Path, help="folder for the files (default: the study's folder)")
     return parser.parse_args(argv)
 
 
@@ -235,6 +277,8 @@ def main(args: argparse.Namespace) -> int:
         written = [plot_representations(args.table, args.out)]
     elif args.command == "nc":
         written = plot_runs(args.run_dirs, args.out, args.group_by)
+    elif args.command == "study":
+        written = plot_study(args.study_dir, args.out)
     elif args.command == "curves":
         written = [plot_curves(args.run_dirs, args.out, args.group_by)]
     else:

@@ -1,0 +1,188 @@
+"""Run a study: train.py and validate_nc.py for every combination of the values given, here or on Slurm.
+
+    python sweep.py --name losses --loss ce mse --mixup-alpha 0 1 --seed 0 1 2     # 12 runs, one at a time
+    python sweep.py --name losses --loss ce mse --mixup-alpha 0 1 --seed 0 1 2 --parallel 2
+    python sweep.py --name cifar10 --dataset CIFAR10 --model vgg11 resnet18 densenet121 --lr-grid \\
+        --executor slurm --partition gpu --time 600                                 # one Slurm array job
+    python sweep.py ... --dry-run         # the runs, their status and the submission; runs and writes nothing
+
+Every flag of train.py that selects a run takes one or more values, and the study is their product; the
+others (--epochs, --device, --deterministic, ...) go to every run unchanged. Each run is the ordinary run
+of its flags, in the folder train.py chooses; its job runs `python train.py ...`, then `python
+validate_nc.py --run-dir <folder>`. studies/NAME/ receives study.json, runs.csv, table.md and a log per
+run (see studies.py). The same command run again skips the runs that are done and resumes the others,
+so it completes a study after a crash or a pre-emption. A run that another process is training is
+reported busy and left to it. Exit status 1 if a run failed, 0 otherwise.
+"""
+import argparse
+import collections
+import os
+import re
+import shlex
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+import submitit
+
+import config
+import studies
+from errors import ArgumentParser, UserError, run_cli
+
+SLURM_FOLDER = "slurm"  # in the study's folder: submitit's pickles and its own logs of each job
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = ArgumentParser(__doc__)
+    add = parser.add_argument
+    add("--name", required=True, type=_study_name, help="the study's folder is studies/NAME/; the same command "
+        "run again finds it there and completes the study")
+    studies.add_study_arguments(parser)
+    add("--executor", choices=("local", "slurm"), default="local", help="local: on this machine (default); "
+        "slurm: one Slurm array job through submitit, each job requeued when pre-empted or out of time")
+    add("--parallel", type=config.positive_int, default=1, metavar="K", help="local: K runs at a time (default "
+        "1); on the CPU each gets cores // K OpenMP/MKL threads, on a GPU the K processes share it")
+    add("--partition", help="slurm: the partition (default: the cluster's default)")
+    add("--gpus-per-job", type=_count, default=1, metavar="N", help="slurm: GPUs per job (default 1; 0 for CPU nodes)")
+    add("--cpus-per-job", type=config.positive_int, default=4, metavar="N",
+        help="slurm: CPU cores per job, and its OpenMP/MKL threads (default 4)")
+    add("--time", type=config.positive_int, default=240, metavar="MINUTES", help="slurm: time limit of each job "
+        "(default 240); a run that needs longer is requeued and continues from its last.pt")
+    add("--max-parallel", type=config.positive_int, default=256, metavar="N",
+        help="slurm: at most N jobs of the array at once (default 256)")
+    add("--sbatch", type=_sbatch_option, nargs="+", default=[], metavar="KEY=VALUE",
+        help="slurm: further sbatch options, e.g. account=ABC qos=high mem=32G")
+    add("--dry-run", action="store_true", help="print the runs with their status (new, partial, done) and, for "
+        "slurm, the submission; start and write nothing")
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def main(args: argparse.Namespace) -> int:
+    study = studies.plan(args, args.name, args.argv)
+    states = {run.run_dir: studies.run_state(run) for run in study.runs}
+    todo = [run for run in study.runs if states[run.run_dir] != "done"]
+    threads = _threads_per_job(args)
+    if args.dry_run:
+        _print_plan(study, states, todo, args, threads)
+        return 0
+    began = time.perf_counter()
+    studies.start(study)
+    for run in study.runs:
+        if states[run.run_dir] == "done":
+            print(f"skipped  {run.run_dir} (done)", flush=True)
+    if args.executor == "slurm":
+        return _submit(study, todo, args)
+    outcomes = _run_locally(studies.Job(str(study.folder), threads), todo, args.parallel)
+    studies.refresh_tables(study.folder)
+    counts = collections.Counter(outcome["status"] for outcome in outcomes)
+    print(f"study {study.folder}: {counts['done']} done, {counts['failed']} failed, {counts['busy']} busy, "
+          f"{counts['pending']} interrupted, {len(study.runs) - len(todo)} skipped (done before) of {len(study.runs)} "
+          f"runs in {time.perf_counter() - began:.0f} s; tables in {study.folder / studies.RUNS_TABLE} and "
+          f"{studies.MARKDOWN_TABLE}", flush=True)
+    return 1 if counts["failed"] else 0
+
+
+def _run_locally(job: studies.Job, todo: list[studies.Run], parallel: int) -> list[dict]:
+    """Run the jobs `parallel` at a time, in threads that wait for their subprocesses; the outcomes.
+    On Ctrl-C no further job starts (the running ones get the terminal's Ctrl-C too, and stop resumable)."""
+    with ThreadPoolExecutor(parallel) as pool:
+        futures = [pool.submit(job, run) for run in todo]
+        try:
+            return [future.result() for future in as_completed(futures)]
+        except KeyboardInterrupt:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def _submit(study: studies.Study, todo: list[studies.Run], args: argparse.Namespace) -> int:
+    """Submit the runs that are not done as one Slurm array job (a single run as a plain job) and return;
+    each job rewrites the study's tables when it ends."""
+    if not todo:
+        print(f"nothing to submit: every run of {study.folder} is done")
+        return 0
+    try:
+        executor = submitit.SlurmExecutor(folder=study.folder / SLURM_FOLDER / "%j")
+        executor.update_parameters(**_slurm_parameters(study, args))
+        jobs = executor.map_array(studies.Job(str(study.folder), args.cpus_per_job), todo)
+    except RuntimeError as err:  # submitit's: no srun here, or sbatch refused the job
+        raise UserError(f"could not submit to Slurm ({str(err).strip().splitlines()[0]}); --dry-run shows the "
+                        "submission without a cluster") from None
+    job_id = jobs[0].job_id.split("_")[0]
+    print(f"submitted Slurm job {job_id}: {len(todo)} runs, at most {min(len(todo), args.max_parallel)} at a time. "
+          f"Follow it with `squeue -j {job_id}` and {study.folder}/logs/; the tables are rewritten as each run ends; "
+          "run this command again afterwards to resubmit what did not finish", flush=True)
+    return 0
+
+
+def _slurm_parameters(study: studies.Study, args: argparse.Namespace) -> dict:
+    """submitit.SlurmExecutor's parameters (sbatch's names) for the study's jobs. The jobs start in this
+    folder, where the runs' folders are, and import the repo's modules to unpickle their job."""
+    repo = shlex.quote(str(studies.REPO))
+    parameters = {"job_name": f"study-{study.name}", "time": args.time, "cpus_per_task": args.cpus_per_job,
+                  "array_parallelism": args.max_parallel,
+                  "setup": [f"cd {shlex.quote(os.getcwd())}", f"export PYTHONPATH={repo}${{PYTHONPATH:+:$PYTHONPATH}}"]}
+    if args.partition:
+        parameters["partition"] = args.partition
+    if args.gpus_per_job:
+        parameters["gpus_per_node"] = args.gpus_per_job
+    if args.sbatch:
+        parameters["additional_parameters"] = dict(args.sbatch)
+    return parameters
+
+
+def _threads_per_job(args: argparse.Namespace) -> int | None:
+    """Local runs on the CPU: this process's cores shared among the runs at a time (train.py would otherwise
+    take torch's default, every core, and K runs would oversubscribe them); OMP_NUM_THREADS in the
+    environment wins. On a GPU, and on Slurm, None: torch's default."""
+    if args.executor != "local" or config.resolve_device(args.device).type != "cpu":
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // args.parallel)
+
+
+def _print_plan(study: studies.Study, states: dict[str, str], todo: list[studies.Run], args: argparse.Namespace,
+                threads: int | None) -> None:
+    """What the command would do: every run with its state and, for Slurm, the submission."""
+    shape = " x ".join(f"{len(study.grid[key])} {key}" for key in study.varied)
+    print(f"study {study.folder}: {len(study.runs)} runs{f' ({shape})' if shape else ''}, {len(todo)} to run")
+    for run in study.runs:
+        settings = ", ".join(config.setting_text(key, value) for key, value in run.settings.items())
+        print(f"  {states[run.run_dir]:<8} {run.run_dir}{'  ' + settings if settings else ''}")
+    if args.executor == "local":
+        given = os.environ.get("OMP_NUM_THREADS")
+        split = f", OMP_NUM_THREADS={given} from the environment" if given else \
+            f", {threads} OpenMP/MKL threads each" if threads else ""
+        print(f"local: {args.parallel} at a time{split}")
+        return
+    parameters = _slurm_parameters(study, args)
+    array = f"0-{len(todo) - 1}%{min(len(todo), args.max_parallel)}" if len(todo) > 1 else "none (a single job)"
+    print(f"slurm (dry run, nothing submitted): submitit.SlurmExecutor(folder={study.folder / SLURM_FOLDER / '%j'}), "
+          f"{len(todo)} jobs, array {array}; a job pre-empted or out of time is requeued and resumes its run")
+    print("  sbatch parameters: " + ", ".join(f"{key}={value}" for key, value in parameters.items()))
+    for index, run in enumerate(todo):
+        print(f"  job {index}: " + " && ".join(shlex.join(command) for command in studies.commands(run)))
+
+
+def _study_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", text):
+        raise argparse.ArgumentTypeError(f"'{text}' cannot name a folder: use letters, digits, '.', '_' and '-'")
+    return text
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
+    return int(text)
+
+
+def _sbatch_option(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not (key and equals and value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not KEY=VALUE (an sbatch option without its dashes)")
+    return key, value
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, parse_args))
