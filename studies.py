@@ -146,7 +146,7 @@ class Job:
     Picklable, for submitit to send to a cluster, and a submitit checkpointable: when Slurm pre-empts the
     job or its time runs out, submitit requeues `checkpoint`'s submission, this job again, and train.py
     resumes the run from its last.pt. With `threads`, each subprocess gets that many OpenMP/MKL threads
-    unless the environment already sets them."""
+    (OMP_NUM_THREADS and MKL_NUM_THREADS, which torch reads when it starts)."""
     study_dir: str
     threads: int | None = None
 
@@ -176,8 +176,7 @@ class Job:
     def _environment(self) -> dict[str, str]:
         environment = {**JOB_ENVIRONMENT, **os.environ}
         if self.threads is not None:
-            environment.setdefault("OMP_NUM_THREADS", str(self.threads))
-            environment.setdefault("MKL_NUM_THREADS", str(self.threads))
+            environment |= {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
         return environment
 
 

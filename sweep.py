@@ -24,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import submitit
+import torch
 
 import config
 import studies
@@ -41,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--executor", choices=("local", "slurm"), default="local", help="local: on this machine (default); "
         "slurm: one Slurm array job through submitit, each job requeued when pre-empted or out of time")
     add("--parallel", type=config.positive_int, default=1, metavar="K", help="local: K runs at a time (default "
-        "1); on the CPU each gets cores // K OpenMP/MKL threads, on a GPU the K processes share it")
+        "1); on the CPU each gets 1/K of the threads torch would take (the physical cores, or OMP_NUM_THREADS), "
+        "on a GPU the K processes share it")
     add("--partition", help="slurm: the partition (default: the cluster's default)")
     add("--gpus-per-job", type=_count, default=1, metavar="N", help="slurm: GPUs per job (default 1; 0 for CPU nodes)")
     add("--cpus-per-job", type=config.positive_int, default=4, metavar="N",
@@ -73,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
         if states[run.run_dir] == "done":
             print(f"skipped  {run.run_dir} (done)", flush=True)
     if args.executor == "slurm":
-        return _submit(study, todo, args)
+        return _submit(study, todo, args, threads)
     outcomes = _run_locally(studies.Job(str(study.folder), threads), todo, args.parallel)
     studies.refresh_tables(study.folder)
     counts = collections.Counter(outcome["status"] for outcome in outcomes)
@@ -97,7 +99,7 @@ def _run_locally(job: studies.Job, todo: list[studies.Run], parallel: int) -> li
             raise
 
 
-def _submit(study: studies.Study, todo: list[studies.Run], args: argparse.Namespace) -> int:
+def _submit(study: studies.Study, todo: list[studies.Run], args: argparse.Namespace, threads: int) -> int:
     """Submit the runs that are not done as one Slurm array job (a single run as a plain job) and return;
     each job rewrites the study's tables when it ends."""
     if not todo:
@@ -106,7 +108,7 @@ def _submit(study: studies.Study, todo: list[studies.Run], args: argparse.Namesp
     try:
         executor = submitit.SlurmExecutor(folder=study.folder / SLURM_FOLDER / "%j")
         executor.update_parameters(**_slurm_parameters(study, args))
-        jobs = executor.map_array(studies.Job(str(study.folder), args.cpus_per_job), todo)
+        jobs = executor.map_array(studies.Job(str(study.folder), threads), todo)
     except RuntimeError as err:  # submitit's: no srun here, or sbatch refused the job
         raise UserError(f"could not submit to Slurm ({str(err).strip().splitlines()[0]}); --dry-run shows the "
                         "submission without a cluster") from None
@@ -134,12 +136,15 @@ def _slurm_parameters(study: studies.Study, args: argparse.Namespace) -> dict:
 
 
 def _threads_per_job(args: argparse.Namespace) -> int | None:
-    """Local runs on the CPU: this process's cores shared among the runs at a time (train.py would otherwise
-    take torch's default, every core, and K runs would oversubscribe them); OMP_NUM_THREADS in the
-    environment wins. On a GPU, and on Slurm, None: torch's default."""
-    if args.executor != "local" or config.resolve_device(args.device).type != "cpu":
+    """Local runs on the CPU share the threads torch would give one process here (the physical cores, or
+    OMP_NUM_THREADS when set): K runs at a time get 1/K of them each, where each train.py would otherwise
+    take them all and K of them would oversubscribe the cores. On a GPU, None: the runs share the GPU and
+    keep torch's default. On Slurm each job has its own cores: --cpus-per-job."""
+    if args.executor == "slurm":
+        return args.cpus_per_job
+    if config.resolve_device(args.device).type != "cpu":
         return None
-    return max(1, len(os.sched_getaffinity(0)) // args.parallel)
+    return max(1, torch.get_num_threads() // args.parallel)
 
 
 def _print_plan(study: studies.Study, states: dict[str, str], todo: list[studies.Run], args: argparse.Namespace,
@@ -151,10 +156,7 @@ def _print_plan(study: studies.Study, states: dict[str, str], todo: list[studies
         settings = ", ".join(config.setting_text(key, value) for key, value in run.settings.items())
         print(f"  {states[run.run_dir]:<8} {run.run_dir}{'  ' + settings if settings else ''}")
     if args.executor == "local":
-        given = os.environ.get("OMP_NUM_THREADS")
-        split = f", OMP_NUM_THREADS={given} from the environment" if given else \
-            f", {threads} OpenMP/MKL threads each" if threads else ""
-        print(f"local: {args.parallel} at a time{split}")
+        print(f"local: {args.parallel} at a time" + (f", {threads} OpenMP/MKL threads each" if threads else ""))
         return
     parameters = _slurm_parameters(study, args)
     array = f"0-{len(todo) - 1}%{min(len(todo), args.max_parallel)}" if len(todo) > 1 else "none (a single job)"
