@@ -94,7 +94,8 @@ def plan(args: argparse.Namespace, name: str, argv: list[str]) -> Study:
             raise UserError("give --lr or --lr-grid, not both")
         grid["lr"] = lr_grid()
     varied = [dest for dest, values in grid.items() if len(values) > 1]
-    fixed = {dest: getattr(args, dest) for dest in training}
+    # --download is sweep.py's, done once before any job starts; the jobs only read the data.
+    fixed = {dest: getattr(args, dest) for dest in training} | {"download": False}
     planned = [_run(parser, {**selection, **training}, {**dict(zip(grid, values)), **fixed}, varied)
                for values in itertools.product(*grid.values())]
     folders = [run.run_dir for run in planned]

@@ -7,9 +7,10 @@
     python sweep.py ... --dry-run         # the runs, their status and the submission; runs and writes nothing
 
 Every flag of train.py that selects a run takes one or more values, and the study is their product; the
-others (--epochs, --device, --deterministic, ...) go to every run unchanged. Each run is the ordinary run
-of its flags, in the folder train.py chooses; its job runs `python train.py ...`, then `python
-validate_nc.py --run-dir <folder>`. studies/NAME/ receives study.json, runs.csv, table.md and a log per
+others (--epochs, --device, --deterministic, ...) go to every run unchanged, except --download, which
+sweep.py does itself, once per dataset, before any job starts. Each run is the ordinary run of its flags,
+in the folder train.py chooses; its job runs `python train.py ...`, then `python validate_nc.py --run-dir
+<folder>`. studies/NAME/ receives study.json, runs.csv, table.md and a log per
 run (see studies.py). The same command run again skips the runs that are done and resumes the others,
 so it completes a study after a crash or a pre-emption. A run that another process is training is
 reported busy and left to it. Exit status 1 if a run failed, 0 otherwise.
@@ -27,6 +28,7 @@ import submitit
 import torch
 
 import config
+import datasets
 import studies
 from errors import ArgumentParser, UserError, run_cli
 
@@ -71,6 +73,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     began = time.perf_counter()
     studies.start(study)
+    if args.download:
+        for dataset in study.grid["dataset"]:
+            datasets.fetch(dataset, args.data_root)  # here, once: jobs fetching into one folder at once would race
     for run in study.runs:
         if states[run.run_dir] == "done":
             print(f"skipped  {run.run_dir} (done)", flush=True)
