@@ -223,7 +223,7 @@ def plot_study(study_dir: Path, out_dir: Path | None = None) -> list[Path]:
     folders are read where sweep.py put them, relative to the folder it ran in."""
     study_dir = Path(study_dir)
     out_dir = Path(out_dir) if out_dir else study_dir
-    study, _ = studies.read_study(study_dir)
+    study = studies.read_study(study_dir)
     drawn = [row for row in studies.refresh_tables(study_dir) if row["status"] == "done" and row.get("selected", True)]
     if not drawn:
         raise UserError(f"{study_dir} has no finished run yet; run its sweep.py command (see its table.md)")

@@ -66,6 +66,7 @@ class Run:
 
 @dataclass(frozen=True)
 class Study:
+    """A study as planned: its name and folder, the command line that describes it, and its runs."""
     name: str
     folder: Path
     argv: list
@@ -143,6 +144,7 @@ def commands(run: Run) -> list[list[str]]:
 class Job:
     """A study's job for one run: train.py, then (if it succeeded) validate_nc.py, as subprocesses of this
     Python, their output appended to the run's log; then the outcome is recorded and the tables rewritten.
+    A run found done already is left as it is.
 
     Picklable, for submitit to send to a cluster, and a submitit checkpointable: when Slurm pre-empts the
     job or its time runs out, submitit requeues `checkpoint`'s submission, this job again, and train.py
@@ -153,6 +155,9 @@ class Job:
 
     def __call__(self, run: Run) -> dict:
         began = time.perf_counter()
+        if run_state(run) == "done":  # e.g. submitted twice: the other job finished it
+            print(f"skipped  {run.run_dir} (done)", flush=True)
+            return {"run_dir": run.run_dir, "status": "done", "reason": "", "seconds": 0.0}
         print(f"start    {run.run_dir}", flush=True)
         log_path = Path(self.study_dir) / "logs" / f"{Path(run.run_dir).name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,13 +202,13 @@ def refresh_tables(study_dir: Path) -> list[dict]:
         return _write_tables(Path(study_dir), _read_json(Path(study_dir) / OUTCOMES_FILE) or {})
 
 
-def read_study(study_dir: Path) -> tuple[dict, list[dict[str, str]]]:
-    """A study's study.json and the rows of its runs.csv (as text)."""
+def read_study(study_dir: Path) -> dict:
+    """A study's study.json: its command line, grid, varied settings and runs."""
     study = _read_json(Path(study_dir) / STUDY_FILE)
     if study is None:
         raise UserError(f"{study_dir} is not a study folder (no {STUDY_FILE}); make one with: python sweep.py "
                         "--name NAME ...")
-    return study, runs.read_csv(Path(study_dir) / RUNS_TABLE)
+    return study
 
 
 def select_lr(rows: list[dict], varied: list[str]) -> list[dict]:

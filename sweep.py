@@ -114,9 +114,10 @@ def _submit(study: studies.Study, todo: list[studies.Run], args: argparse.Namesp
         executor = submitit.SlurmExecutor(folder=study.folder / SLURM_FOLDER / "%j")
         executor.update_parameters(**_slurm_parameters(study, args))
         jobs = executor.map_array(studies.Job(str(study.folder), threads), todo)
-    except RuntimeError as err:  # submitit's: no srun here, or sbatch refused the job
-        raise UserError(f"could not submit to Slurm ({str(err).strip().splitlines()[0]}); --dry-run shows the "
-                        "submission without a cluster") from None
+    except (RuntimeError, OSError) as err:  # submitit's: no srun or sbatch here, or sbatch refused the job
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"could not submit to Slurm ({reason}); --dry-run shows the submission without a "
+                        "cluster") from None
     job_id = jobs[0].job_id.split("_")[0]
     print(f"submitted Slurm job {job_id}: {len(todo)} runs, at most {min(len(todo), args.max_parallel)} at a time. "
           f"Follow it with `squeue -j {job_id}` and {study.folder}/logs/; the tables are rewritten as each run ends; "
