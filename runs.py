@@ -188,11 +188,14 @@ def read_nc_metrics(run_dir: Path) -> list[dict]:
 
 
 def merge_nc_metrics(run_dir: Path, rows: list[dict]) -> dict[int, dict]:
-    """Add `rows` (replacing those of the same epochs) to nc_metrics.csv as it is on disk now, rewrite it
-    and summary.json, and return the merged table by epoch: rows another process added meanwhile stay."""
+    """Add `rows` to nc_metrics.csv as it is on disk now (a row's values replace those of its epoch there),
+    rewrite it and summary.json, and return the merged table by epoch: rows another process added
+    meanwhile stay."""
     run_dir = Path(run_dir)
     with locked(run_dir / TABLES_LOCK):
-        table = {row["epoch"]: row for row in read_nc_metrics(run_dir)} | {row["epoch"]: row for row in rows}
+        table = {row["epoch"]: row for row in read_nc_metrics(run_dir)}
+        for row in rows:  # columns the new measurement did not ask for stay
+            table[row["epoch"]] = {**table.get(row["epoch"], {}), **row}
         ordered = [table[epoch] for epoch in sorted(table)]
         extra = [key for row in ordered for key in row if key not in NC_COLUMNS]
         write_csv(run_dir / "nc_metrics.csv", ordered, NC_COLUMNS + list(dict.fromkeys(extra)))

@@ -42,9 +42,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--batch-size", dest="eval_batch_size", type=config.positive_int, default=1000,
         help="images per forward pass (default 1000; changes speed, not results)")
     add("--plots-dir", type=Path, help="where the figures go (default <DATASET>_plots/[<run name>/])")
+    add("--format", choices=plotting.FORMATS, default="png", help="the figures' file format (default png; pdf "
+        "and svg are vector files with text kept as text)")
     add("--recompute", action="store_true", help="measure every checkpoint again, even those in the table")
     add("--data-root", type=Path, help="folder holding the datasets (default: the one the run was trained from)")
     add("--download", action="store_true", help="download the dataset into --data-root if it is missing")
+    add("--layers", action="store_true", help="also NC1 after every stage of the network (nc1_<stage> columns, "
+        "layerwise_nc1.png), from the same forward pass")
+    add("--test-collapse", action="store_true", help="also the collapse of the test features around their own "
+        "class means (nc1_test and the other feature metrics with a _test suffix), drawn beside the train "
+        "curves of Figures 2-6; from the test pass that runs anyway")
+    add("--adversarial", action="store_true", help="also the paper's Figure 8: DeepFool's robustness on a fixed "
+        "sample of test images (deepfool_* columns, fig8_adversarial_robustness.png); a separate pass")
+    add("--adversarial-samples", type=config.positive_int, default=100, metavar="N",
+        help="test images DeepFool attacks at every checkpoint, drawn with the run's seed (default 100)")
     add("--representations", action="store_true", help="instead of the metrics, draw the Mixup representation "
         "figure of Fisher, Meng & Papyan (2024): features of mixed training pairs of three classes in the "
         "plane of their classifiers' simplex")
@@ -64,9 +75,11 @@ def main(args: argparse.Namespace) -> int:
         if args.representations:
             return distributed.on_rank_zero(draw_representations, dict(checkpoints), run_config, run_dir, args,
                                             device) or 0
-        todo = [(epoch, path) for epoch, path in checkpoints if args.recompute or epoch not in table]
+        todo = [(epoch, path) for epoch, path in checkpoints
+                if args.recompute or epoch not in table or _lacks(table[epoch], args)]
         skipped = measure_checkpoints(todo, run_config, run_dir, table, args, device)
-        distributed.on_rank_zero(_report, run_config, run_dir, table, len(todo) - len(skipped), args.plots_dir)
+        distributed.on_rank_zero(_report, run_config, run_dir, table, len(todo) - len(skipped), args.plots_dir,
+                                 args.format)
         if skipped and distributed.is_main():
             print(f"error: {len(skipped)} checkpoint(s) could not be measured (see the warnings above): "
                   f"{', '.join(map(str, skipped))}; the others were", file=sys.stderr)
@@ -171,16 +184,28 @@ def _measure(path: Path, run_config: dict, train: engine.Split, test: engine.Spl
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise UserError(f"{path} does not fit the network its config describes ({str(err).splitlines()[0]})") from None
-    return engine.measure_collapse(model, losses.loss_from_config(state["config"]), train, test, state["config"],
-                                   args.eval_batch_size)
+    measured = engine.measure_collapse(model, losses.loss_from_config(state["config"]), train, test, state["config"],
+                                       args.eval_batch_size, layers=args.layers, test_collapse=args.test_collapse)
+    if args.adversarial:
+        measured |= engine.adversarial_robustness(model, test, state["config"], args.adversarial_samples)
+    return measured
 
 
-def _report(run_config: dict, run_dir: Path, table: dict, measured: int, plots_dir: Path | None) -> None:
+def _lacks(row: dict, args: argparse.Namespace) -> bool:
+    """Whether a row of the table lacks a measurement asked for, and so is measured again."""
+    present = {key for key, value in row.items() if value is not None}
+    return ((args.test_collapse and "nc1_test" not in present)
+            or (args.adversarial and "deepfool_robustness" not in present)
+            or (args.layers and not any(key.startswith("nc1_") and key != "nc1_test" for key in present)))
+
+
+def _report(run_config: dict, run_dir: Path, table: dict, measured: int, plots_dir: Path | None,
+            figure_format: str) -> None:
     """The figures and the TPT table of a run with measurements, and a line saying what was done."""
     if not table:
         return
     plots_dir = plots_dir or default_plots_dir(run_config, run_dir)
-    written = plotting.plot_run(run_dir, plots_dir)
+    written = plotting.plot_run(run_dir, plots_dir, f".{figure_format}")
     summary = plotting.tpt_table(run_dir)
     runs.write_text(plots_dir / "tpt_table.md", summary)
     print(summary)

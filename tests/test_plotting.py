@@ -54,11 +54,11 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def test_plot_run_writes_every_figure_as_a_png_of_its_size_in_inches_times_150_dpi(tmp_path):
     written = plotting.plot_run(write_run(tmp_path / "run"), tmp_path / "figures")
-    assert {path.name for path in written} == NC_FILES | {"training_curves.png"}
+    assert {path.name for path in written} == NC_FILES | {"training_curves.png", "panel.png"}
     assert all(path.parent == tmp_path / "figures" for path in written)
+    sizes = {"training_curves.png": (2250, 720), "panel.png": (1800, 1050)}  # 15x4.8 in, 12x7 in
     for path in written:
-        expected = (2250, 720) if path.name == "training_curves.png" else (1050, 750)  # 15x4.8 in, 7x5 in
-        assert png_size(path) == expected
+        assert png_size(path) == sizes.get(path.name, (1050, 750))  # 7x5 in
     assert not list((tmp_path / "figures").glob("*.tmp"))
 
 

@@ -16,7 +16,7 @@ from errors import UserError
 TINY = ("--dataset", "synthetic", "--width", "4", "--epochs", "3", "--num-checkpoints", "3",
         "--samples-per-class", "20", "--device", "cpu")
 FIGURES = ["fig2_equinorm.png", "fig3_equiangularity.png", "fig4_max_equiangularity.png", "fig5_self_duality.png",
-           "fig6_nc1.png", "fig7_ncc_mismatch.png", "training_curves.png"]
+           "fig6_nc1.png", "fig7_ncc_mismatch.png", "training_curves.png", "panel.png"]
 
 
 @pytest.fixture(scope="module")
