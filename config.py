@@ -78,6 +78,7 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
         f"{PAPER_LR[('CIFAR100', 'resnet50')]} for CIFAR100/resnet50, else {OTHER_LR}; {ADAPTIVE_LR} for adam(w))")
     add("--momentum", type=fraction, help="SGD momentum (default 0.9)")
     add("--weight-decay", type=non_negative_float, help="default 5e-4")
+    add("--batch-size", type=positive_int, help="training batch size (default 128)")
     add("--lr-milestones", type=positive_int, nargs="+", metavar="EPOCH",
         help="multiply the learning rate by --lr-gamma after these epochs (default: epochs/3 and 2*epochs/3)")
     add("--lr-gamma", type=positive_float, help="learning-rate factor at each milestone (default 0.1)")
@@ -103,7 +104,6 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--epochs", type=positive_int, help="epochs to train (default 350; 30 on synthetic); a "
         "larger value on an existing run continues it")
-    add("--batch-size", type=positive_int, help="default 128")
     add("--num-checkpoints", type=positive_int, help="analysis checkpoints, log-spaced in 1..epochs, "
         "the last epoch always included (default 50; 15 on synthetic)")
     add("--eval-every", type=positive_int, metavar="K", help="evaluate the test split every K epochs, and at "
@@ -116,6 +116,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         "algorithms, no cuDNN autotuning (on a GPU this costs speed, often 10-30%%)")
     add("--compile", action="store_true", help="torch.compile the training step, with CUDA graphs on a GPU "
         "(checkpoints still hold the plain weights)")
+    add("--tensorboard", action="store_true", help="also write each epoch's numbers of log.csv to <run>/tensorboard/ "
+        "for TensorBoard (the CSV stays the record)")
     add("--sync-bn", action=argparse.BooleanOptionalAction, help="under torchrun: batch-norm statistics over "
         "the global batch, as in one process (default: on with CUDA; torch's SyncBatchNorm needs CUDA, so on "
         "the CPU each process normalises with its own share of the batch)")
@@ -229,6 +231,25 @@ def protocol_departures(run: dict) -> list[str]:
     return [setting_text(key, run[key]) for key in SETTING_NAMES
             if key in paper and key != "model" and run.get(key) is not None and run[key] != paper[key]]
 
+
+def selection_flags(run: dict) -> list[str]:
+    """The command-line flags that select a run (a config.json, or `resolve_config`'s settings): --dataset,
+    then each setting that differs from its default, e.g. ["--dataset", "CIFAR10", "--width", "8"]."""
+    defaults = {**defaults_for(run["dataset"], None, None), "seed": 0,
+                "lr": defaults_for(run["dataset"], run.get("model"), run.get("optimizer"))["lr"],
+                "samples_per_class": datasets.FULL_PER_CLASS.get(run["dataset"]),
+                "lr_milestones": default_milestones(run.get("epochs") or PROTOCOL["epochs"])}
+    flags = ["--dataset", run["dataset"]]
+    for key in SETTING_NAMES:
+        value = run.get(key)
+        if key in ("dataset", "epochs") or value is None or value == defaults.get(key):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag)
+        else:
+            flags += [flag, *map(str, value if isinstance(value, list) else [value])]
+    return flags
 
 def paper_run_name(dataset: str) -> str:
     """The folder name of the run with every default for this dataset."""

@@ -25,8 +25,9 @@ import distributed
 import losses
 import models
 from errors import UserError
-from nc_metrics import (FeatureStats, calibration_bins, expected_calibration_error, metrics_from_stats,
-                        ncc_disagreements, plane_coordinates, simplex_plane)
+import robustness
+from nc_metrics import (FEATURE_KEYS, FeatureStats, calibration_bins, expected_calibration_error, metrics_from_stats,
+                        nc1, ncc_disagreements, plane_coordinates, simplex_plane)
 
 Split = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, C, H, W) and int64 labels, on the device
 
@@ -113,12 +114,15 @@ def strict_float32() -> Iterator[None]:
 @torch.inference_mode()
 @strict_float32()
 def measure_collapse(model: nn.Module, loss_fn: losses.LossFn, train: Split, test: Split, config: dict,
-                     batch_size: int = 1000) -> dict[str, float]:
+                     batch_size: int = 1000, layers: bool = False, test_collapse: bool = False) -> dict[str, float]:
     """Every number validate_nc.py records for one checkpoint, from one strict-float32 pass over each split.
 
     The train pass feeds `FeatureStats` and keeps its features (float32, on the device) until the class
     means are known, for `ncc_mismatch_train`; the test pass compares with the *train* means
-    (`ncc_mismatch_test`, the paper's Figure 7).
+    (`ncc_mismatch_test`, the paper's Figure 7). With `layers`, the same train pass also feeds one
+    `FeatureStats` per stage of the network (`model.stage_features`), for `nc1_<stage>`; with
+    `test_collapse`, the test pass feeds its own `FeatureStats`, for the collapse of the test features
+    around their own class means (STATS_KEYS that depend on the features, suffixed `_test`).
 
     Under torchrun each process measures its shard of each split (`datasets.shard`: whole batches, so
     every feature comes from the same batch as in one process) and the sums are added across
@@ -129,38 +133,68 @@ def measure_collapse(model: nn.Module, loss_fn: losses.LossFn, train: Split, tes
     device = train[0].device
     rank, world_size = distributed.rank(), distributed.world_size()
     stats = FeatureStats(config["num_classes"], weight.shape[1], device=device)
+    stage_stats = _stage_stats(model, train, config) if layers else {}
+    test_stats = FeatureStats(config["num_classes"], weight.shape[1], device=device) if test_collapse else None
     kept, train_totals = [], torch.zeros(2, dtype=torch.float64, device=device)
     broken = torch.zeros((), dtype=torch.float64, device=device)
-    for features, logits, y in _features_and_logits(model, datasets.shard(train, batch_size, rank, world_size),
-                                                    config, batch_size):
-        features, broken = _zero_non_finite(features, broken)
+    for stages, logits, y in _readouts(model, datasets.shard(train, batch_size, rank, world_size), config,
+                                       batch_size, layers):
+        for name, readout in stages:
+            readout, broken = _zero_non_finite(readout, broken)
+            if name in stage_stats:
+                stage_stats[name].update(readout, y)
+        features = readout
         stats.update(features, y)
         kept.append(features)
         train_totals += torch.stack([loss_fn(logits, y) * len(y), losses.correct_count(logits, y)]).to(torch.float64)
-    distributed.all_reduce_stats(stats)
+    for accumulator in (stats, *stage_stats.values()):
+        distributed.all_reduce_stats(accumulator)
     means = stats.class_means()
     ncc_train = sum((ncc_disagreements(features, weight, bias, means) for features in kept),
                     torch.zeros((), dtype=torch.int64, device=device))
     del kept
     test_totals = torch.zeros(3, dtype=torch.float64, device=device)
     bins = torch.zeros(15, 3, dtype=torch.float64, device=device)
-    for features, logits, y in _features_and_logits(model, datasets.shard(test, batch_size, rank, world_size),
-                                                    config, batch_size):
-        features, broken = _zero_non_finite(features, broken)
+    for stages, logits, y in _readouts(model, datasets.shard(test, batch_size, rank, world_size), config,
+                                       batch_size, False):
+        features, broken = _zero_non_finite(stages[-1][1], broken)
+        if test_stats is not None:
+            test_stats.update(features, y)
         test_totals += torch.stack([loss_fn(logits, y) * len(y), losses.correct_count(logits, y),
                                     ncc_disagreements(features, weight, bias, means)]).to(torch.float64)
         bins += calibration_bins(logits, y)
+    if test_stats is not None:
+        distributed.all_reduce_stats(test_stats)
     totals = distributed.all_reduce_sum(torch.cat([train_totals, ncc_train.double()[None], test_totals,
                                                    broken[None], bins.flatten()]))
     train_loss, train_correct, ncc_train_count, test_loss, test_correct, ncc_test, broken = totals[:7].tolist()
     if broken:
         raise UserError(f"the features of {broken:.0f} images are not finite (NaN or Inf): the network had diverged")
     n_train, n_test = len(train[1]), len(test[1])
-    return {"train_acc": train_correct / n_train, "train_loss": train_loss / n_train,
-            "test_acc": test_correct / n_test, "test_loss": test_loss / n_test,
-            "test_ece": expected_calibration_error(totals[7:].view_as(bins)),
-            **metrics_from_stats(stats, weight),
-            "ncc_mismatch_train": ncc_train_count / n_train, "ncc_mismatch_test": ncc_test / n_test}
+    measured = {"train_acc": train_correct / n_train, "train_loss": train_loss / n_train,
+                "test_acc": test_correct / n_test, "test_loss": test_loss / n_test,
+                "test_ece": expected_calibration_error(totals[7:].view_as(bins)),
+                **metrics_from_stats(stats, weight),
+                "ncc_mismatch_train": ncc_train_count / n_train, "ncc_mismatch_test": ncc_test / n_test}
+    if test_stats is not None:
+        on_test = metrics_from_stats(test_stats, weight)
+        measured |= {f"{key}_test": on_test[key] for key in FEATURE_KEYS}
+    for name, accumulator in stage_stats.items():
+        measured[f"nc1_{name}"] = nc1(accumulator.within_class_covariance(),
+                                      accumulator.class_means() - accumulator.global_mean())
+    return measured
+
+
+@strict_float32()
+def adversarial_robustness(model: nn.Module, test: Split, config: dict, samples: int,
+                           batch_size: int = 100) -> dict[str, float]:
+    """DeepFool's robustness (robustness.deepfool_robustness) on `samples` test images drawn with the
+    run's seed, the same images at every checkpoint, in strict float32."""
+    model.eval()
+    chosen = robustness.sample_indices(len(test[1]), min(samples, len(test[1])), config["seed"])
+    images, labels = test[0][chosen.to(test[0].device)], test[1][chosen.to(test[1].device)]
+    mean, std = _normalization(config)
+    return robustness.deepfool_robustness(model, images, labels, mean=mean, std=std, batch_size=batch_size)
 
 
 REPRESENTATION_COLUMNS = ["kind", "lam", "class_a", "class_b", "x", "y"]
@@ -234,13 +268,22 @@ def _zero_non_finite(features: torch.Tensor, broken: torch.Tensor) -> tuple[torc
     return torch.where(bad[:, None], 0.0, features), broken + bad.sum()
 
 
-def _features_and_logits(model: nn.Module, data: Split, config: dict,
-                         batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(penultimate features, logits, labels) per batch."""
+def _readouts(model: nn.Module, data: Split, config: dict, batch_size: int,
+              layers: bool) -> Iterator[tuple[list[tuple[str, torch.Tensor]], torch.Tensor, torch.Tensor]]:
+    """Per batch: the readouts [(stage name, (B, C))...] whose last is the penultimate features (only that
+    one unless `layers`), the logits and the labels."""
     images, labels = data
     for x, y in datasets.batches(images, labels, batch_size, *_normalization(config)):
-        features = model.features(x)
-        yield features, model.fc(features), y
+        stages = model.stage_features(x) if layers else [("features", model.features(x))]
+        yield stages, model.fc(stages[-1][1]), y
+
+
+def _stage_stats(model: nn.Module, train: Split, config: dict) -> dict[str, FeatureStats]:
+    """An empty FeatureStats per stage, sized by one image's readouts, so that every process has the same
+    accumulators even with no batch of its own."""
+    x = datasets.normalize(train[0][:1], *_normalization(config))
+    return {name: FeatureStats(config["num_classes"], readout.shape[1], device=x.device)
+            for name, readout in model.stage_features(x)}
 
 
 def _simplex_rows(weight: torch.Tensor, basis: torch.Tensor, clean: torch.Tensor, classes: list[int], count: int,

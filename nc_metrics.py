@@ -31,6 +31,8 @@ import torch
 STATS_KEYS = ("nc1", "equinorm_means", "equinorm_weights", "equiangular_means", "equiangular_weights",
               "maxangle_means", "maxangle_weights", "self_duality")
 METRIC_KEYS = STATS_KEYS + ("ncc_mismatch",)
+# The keys of STATS_KEYS that depend on the features (the others are the classifier's alone).
+FEATURE_KEYS = ("nc1", "equinorm_means", "equiangular_means", "maxangle_means", "self_duality")
 
 
 class FeatureStats:
@@ -167,7 +169,11 @@ def nc1(within_covariance: torch.Tensor, centred_means: torch.Tensor) -> float:
     directions = right[:rank]  # (rank, d), orthonormal rows
     eigenvalues = singular[:rank] ** 2 / classes
     projected = ((directions @ within_covariance) * directions).sum(dim=1)  # v_k^T Sigma_W v_k
-    return ((projected / eigenvalues).sum() / classes).item()
+    # A pseudo-inverse leaves out the eigenvalues that are 0 up to rounding (class means spanning fewer than
+    # C - 1 dimensions), with numpy's pinv cut-off for the singular values of M~.
+    cutoff = singular[0] * max(centred_means.shape) * torch.finfo(singular.dtype).eps
+    inverse = torch.where(singular[:rank] > cutoff, 1 / eigenvalues, torch.zeros_like(eigenvalues))
+    return ((projected * inverse).sum() / classes).item()
 
 
 def coefficient_of_variation(values: torch.Tensor) -> float:

@@ -32,7 +32,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display: chosen before pyplot loads
+import matplotlib.cm
+import matplotlib.colors
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 from matplotlib.lines import Line2D
 from PIL import Image
@@ -50,7 +53,7 @@ VECTOR_METADATA = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}  # no t
 SINGLE_SIZE = (7.0, 5.0)
 CURVES_SIZE = (15.0, 4.8)
 PANEL_SIZE = (12.0, 7.0)
-STYLES = ("-", "--")  # first quantity of a figure solid, second dashed
+SOLID, DASHED, DASH_DOT = "-", "--", "-."
 TPT_STYLE = {"linestyle": (0, (1, 2)), "linewidth": 1.5, "alpha": 0.8}  # dotted: unlike either quantity
 MARKER_SIZE = 3
 NC_TABLE, LOG_TABLE = "nc_metrics.csv", "log.csv"
@@ -58,8 +61,10 @@ NC_TABLE, LOG_TABLE = "nc_metrics.csv", "log.csv"
 
 @dataclass(frozen=True)
 class Quantity:
+    """A column, drawn in the line style of what it describes (TRAINING, CLASSIFIERS or TEST); figures
+    draw the columns their table has."""
     column: str
-    name: str
+    style: str = SOLID
 
 
 @dataclass(frozen=True)
@@ -72,69 +77,89 @@ class Panel:
     table: str
 
 
-_X = r"\mathbf{x}"
+TRAINING, CLASSIFIERS, TEST = SOLID, DASHED, DASH_DOT
+# One meaning per line style across every figure, so one legend below the axes serves them all.
+STYLE_NAMES = {LOG_TABLE: {TRAINING: "training set (running average over the epoch, train mode)", TEST: "test set"},
+               NC_TABLE: {TRAINING: r"training set: class means $\mu_c - \mu_G$, features $h$",
+                          CLASSIFIERS: r"classifier rows $w_c$",
+                          TEST: "test set (its own class means; Figure 7: the training means)"}}
+_X = r"\mathbf{x}_c"
 NC_FIGURES = {
     "fig2_equinorm.png": Panel(
-        "Equinorm (Figure 2)", rf"$\mathrm{{Std}}_c\,\|{_X}_c\|\ /\ \mathrm{{Avg}}_c\,\|{_X}_c\|$",
-        (Quantity("equinorm_means", rf"class means ${_X}_c = \mu_c - \mu_G$"),
-         Quantity("equinorm_weights", rf"classifiers ${_X}_c = w_c$")), log_y=True, table=NC_TABLE),
+        "Equinorm (Figure 2)", rf"$\mathrm{{Std}}_c\,\|{_X}\|\ /\ \mathrm{{Avg}}_c\,\|{_X}\|$",
+        (Quantity("equinorm_means"), Quantity("equinorm_weights", CLASSIFIERS), Quantity("equinorm_means_test", TEST)),
+        log_y=True, table=NC_TABLE),
     "fig3_equiangularity.png": Panel(
-        "Equiangularity (Figure 3)", rf"$\mathrm{{Std}}_{{c \neq c'}}\ \cos({_X}_c, {_X}_{{c'}})$",
-        (Quantity("equiangular_means", rf"class means ${_X}_c = \mu_c - \mu_G$"),
-         Quantity("equiangular_weights", rf"classifiers ${_X}_c = w_c$")), log_y=True, table=NC_TABLE),
+        "Equiangularity (Figure 3)", rf"$\mathrm{{Std}}_{{c \neq c'}}\ \cos({_X}, \mathbf{{x}}_{{c'}})$",
+        (Quantity("equiangular_means"), Quantity("equiangular_weights", CLASSIFIERS),
+         Quantity("equiangular_means_test", TEST)), log_y=True, table=NC_TABLE),
     "fig4_max_equiangularity.png": Panel(
         "Maximal angle (Figure 4)",
-        rf"$\mathrm{{Avg}}_{{c \neq c'}}\ |\cos({_X}_c, {_X}_{{c'}}) + 1/(C-1)|$",
-        (Quantity("maxangle_means", rf"class means ${_X}_c = \mu_c - \mu_G$"),
-         Quantity("maxangle_weights", rf"classifiers ${_X}_c = w_c$")), log_y=True, table=NC_TABLE),
+        rf"$\mathrm{{Avg}}_{{c \neq c'}}\ |\cos({_X}, \mathbf{{x}}_{{c'}}) + 1/(C-1)|$",
+        (Quantity("maxangle_means"), Quantity("maxangle_weights", CLASSIFIERS), Quantity("maxangle_means_test", TEST)),
+        log_y=True, table=NC_TABLE),
     "fig5_self_duality.png": Panel(
         "Self-duality (Figure 5)", r"$\|\,W / \|W\|_F - \tilde{M} / \|\tilde{M}\|_F\,\|_F^2$",
-        (Quantity("self_duality", r"classifiers $W$ vs. centred means $\tilde{M}$"),), log_y=True, table=NC_TABLE),
+        (Quantity("self_duality"), Quantity("self_duality_test", TEST)), log_y=True, table=NC_TABLE),
     "fig6_nc1.png": Panel(
         "Within-class variation (Figure 6)", r"$\mathrm{Tr}(\Sigma_W\,\Sigma_B^{+})\ /\ C$",
-        (Quantity("nc1", "train features"),), log_y=True, table=NC_TABLE),
+        (Quantity("nc1"), Quantity("nc1_test", TEST)), log_y=True, table=NC_TABLE),
     "fig7_ncc_mismatch.png": Panel(
         "NCC mismatch (Figure 7)",
         r"proportion with $\mathrm{argmax}_c\,(w_c \cdot h + b_c)$" "\n" r"$\neq \mathrm{argmin}_c\,\|h - \mu_c\|$",
-        (Quantity("ncc_mismatch_test", "test"), Quantity("ncc_mismatch_train", "train")), log_y=False, table=NC_TABLE),
+        (Quantity("ncc_mismatch_train"), Quantity("ncc_mismatch_test", TEST)), log_y=False, table=NC_TABLE),
 }
+# Figure 8 is drawn when the table has it (validate_nc.py --adversarial); the 2x3 panel is Figures 2-7.
+ROBUSTNESS_FIGURE = ("fig8_adversarial_robustness.png", Panel(
+    "Adversarial robustness (Figure 8)", r"DeepFool $\mathrm{Avg}_x\ \|r(x)\|_2\ /\ \|x\|_2$ (pixels in [0, 1])",
+    (Quantity("deepfool_robustness", TEST),), log_y=False, table=NC_TABLE))
+LAYERS_FILE = "layerwise_nc1.png"
 CURVE_PANELS = (
-    Panel("Loss", "loss", (Quantity("test_loss", "test"), Quantity("train_loss", "train")), log_y=True, table=LOG_TABLE),
-    Panel("Accuracy", "accuracy (fraction correct)",
-          (Quantity("test_acc", "test"), Quantity("train_acc", "train")), log_y=False, table=LOG_TABLE),
-    Panel("Calibration", "expected calibration error (ECE)", (Quantity("test_ece", "test"),), log_y=False,
+    Panel("Loss", "loss", (Quantity("train_loss"), Quantity("test_loss", TEST)), log_y=True, table=LOG_TABLE),
+    Panel("Accuracy", "accuracy (fraction correct)", (Quantity("train_acc"), Quantity("test_acc", TEST)),
+          log_y=False, table=LOG_TABLE),
+    Panel("Calibration", "expected calibration error (ECE)", (Quantity("test_ece", TEST),), log_y=False,
           table=LOG_TABLE),
 )
 CURVES_FILE = "training_curves.png"
 
 
-def plot_run(run_dir: Path, out_dir: Path) -> list[Path]:
-    """Figures 2-7 and the training curves of one run, written into `out_dir`; the paths written."""
-    return plot_runs([run_dir], out_dir) + [plot_curves([run_dir], out_dir)]
-
-
-def plot_runs(run_dirs: list[Path], out_dir: Path, group_by: list[str] = ()) -> list[Path]:
-    """Figures 2-7 with the runs (or groups of runs) overlaid, one file per figure in `out_dir`."""
-    lines = _load_lines(run_dirs, NC_TABLE, group_by)
-    written = []
-    for filename, panel in NC_FIGURES.items():
-        with plt.rc_context(STYLE):
-            fig, ax = plt.subplots(figsize=SINGLE_SIZE, layout="constrained")
-            _draw(ax, panel, lines)
-            _finish(fig, lines)
-            written.append(_save(fig, Path(out_dir) / filename))
+def plot_run(run_dir: Path, out_dir: Path, suffix: str = ".png") -> list[Path]:
+    """Figures 2-7 (and 8 and the layer-wise figure when measured), the 2x3 panel and the training
+    curves of one run, written into `out_dir` in the format of `suffix`; the paths written."""
+    out_dir = Path(out_dir)
+    written = plot_runs([run_dir], out_dir, suffix=suffix)
+    written.append(plot_panel([run_dir], out_dir / f"panel{suffix}"))
+    written.append(plot_curves([run_dir], out_dir, suffix=suffix))
+    if _stage_columns(runs.read_nc_metrics(run_dir)):
+        written.append(plot_layers(run_dir, out_dir / Path(LAYERS_FILE).with_suffix(suffix)))
     return written
 
 
-def plot_curves(run_dirs: list[Path], out_dir: Path, group_by: list[str] = ()) -> Path:
+def plot_runs(run_dirs: list[Path], out_dir: Path, group_by: list[str] = (), suffix: str = ".png") -> list[Path]:
+    """Figures 2-7 (and 8 when measured) with the runs (or groups of runs) overlaid, one file per figure
+    in `out_dir`."""
+    lines = _load_lines(run_dirs, NC_TABLE, group_by)
+    figures = dict(NC_FIGURES)
+    if _present(ROBUSTNESS_FIGURE[1], lines):
+        figures[ROBUSTNESS_FIGURE[0]] = ROBUSTNESS_FIGURE[1]
+    written = []
+    for filename, panel in figures.items():
+        with plt.rc_context(STYLE):
+            fig, ax = plt.subplots(figsize=SINGLE_SIZE, layout="constrained")
+            _finish(fig, lines, _draw(ax, panel, lines), panel.table)
+            written.append(_save(fig, Path(out_dir) / Path(filename).with_suffix(suffix)))
+    return written
+
+
+def plot_curves(run_dirs: list[Path], out_dir: Path, group_by: list[str] = (), suffix: str = ".png") -> Path:
     """training_curves.png in `out_dir`: loss | accuracy | test ECE per epoch from log.csv."""
     lines = _load_lines(run_dirs, LOG_TABLE, group_by)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=CURVES_SIZE, layout="constrained")
-        for ax, panel in zip(axes, CURVE_PANELS):
-            _draw(ax, panel, lines)
-        _finish(fig, lines)
-        return _save(fig, Path(out_dir) / CURVES_FILE)
+        styles = set().union(*(_draw(ax, panel, lines) for ax, panel in zip(axes, CURVE_PANELS)))
+        _finish(fig, lines, styles, LOG_TABLE)
+        return _save(fig, Path(out_dir) / Path(CURVES_FILE).with_suffix(suffix))
 
 
 def plot_panel(run_dirs: list[Path], out_path: Path, group_by: list[str] = ()) -> Path:
@@ -142,9 +167,43 @@ def plot_panel(run_dirs: list[Path], out_path: Path, group_by: list[str] = ()) -
     lines = _load_lines(run_dirs, NC_TABLE, group_by)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(2, 3, figsize=PANEL_SIZE, layout="constrained")
-        for ax, panel in zip(axes.flat, NC_FIGURES.values()):
-            _draw(ax, panel, lines)
-        _finish(fig, lines)
+        styles = set().union(*(_draw(ax, panel, lines) for ax, panel in zip(axes.flat, NC_FIGURES.values())))
+        _finish(fig, lines, styles, NC_TABLE)
+        return _save(fig, Path(out_path))
+
+
+def plot_layers(run_dir: Path, out_path: Path) -> Path:
+    """NC1 after each stage of the network (validate_nc.py --layers) against depth, on a log axis, one
+    line per measured checkpoint coloured by its epoch; the TPT onset's checkpoint in black."""
+    measured = _read_required(Path(run_dir), NC_TABLE)
+    stages = _stage_columns(measured)
+    if not stages:
+        raise UserError(f"{run_dir} has no layer-wise NC1 yet; measure it with: python validate_nc.py --run-dir "
+                        f"{run_dir} --layers")
+    rows = [row for row in measured if all(row.get(column) is not None for column in stages) and row["epoch"] > 0]
+    onset = (runs.tpt_row(measured) or {}).get("epoch")
+    norm = matplotlib.colors.LogNorm(vmin=rows[0]["epoch"], vmax=max(rows[-1]["epoch"], rows[0]["epoch"] + 1))
+    colours = plt.get_cmap("viridis")
+    depth = np.arange(1, len(stages) + 1)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=SINGLE_SIZE, layout="constrained")
+        for row in rows:
+            values = np.array([row[column] for column in stages], dtype=float)
+            values[values <= 0] = np.nan
+            tpt = row["epoch"] == onset
+            ax.plot(depth, values, marker="o", markersize=MARKER_SIZE, linewidth=2.5 if tpt else 1.2,
+                    color="black" if tpt else colours(norm(row["epoch"])),
+                    label=f"TPT onset (epoch {onset})" if tpt else None, zorder=3 if tpt else 2)
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=colours), ax=ax, label="epoch of the checkpoint")
+        ax.set_yscale("log")
+        ax.set_xticks(depth, [column.removeprefix("nc1_") for column in stages], rotation=30)
+        ax.set_xlabel("stage of the network (its globally averaged output), in depth order")
+        ax.set_ylabel(r"$\mathrm{Tr}(\Sigma_W\,\Sigma_B^{+})\ /\ C$ after the stage")
+        ax.set_title("Within-class variation layer by layer")
+        ax.grid(True, which="major", alpha=0.3)
+        if onset is not None:
+            ax.legend()
+        fig.suptitle(_describe(_load_lines([run_dir], NC_TABLE, [])))
         return _save(fig, Path(out_path))
 
 
@@ -255,10 +314,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                           description="the Mixup representation figure from its CSV")
     representations.add_argument("table", type=Path, metavar="CSV", help="mixup_representations_epoch<E>.csv")
     representations.add_argument("--out", type=Path, help="the PNG file to write (default: beside the CSV)")
+    layers = commands.add_parser("layers", help="layerwise_nc1: NC1 after every stage, one line per checkpoint",
+                                 description="NC1 after every stage (validate_nc.py --layers), one line per checkpoint")
+    layers.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder measured with --layers")
+    layers.add_argument("--out", type=Path, required=True, help="the file to write (.png, .pdf or .svg)")
     for name, summary, out_help in (
-            ("nc", "Figures 2-7, one file each, the runs overlaid", "folder for the six figures"),
+            ("nc", "Figures 2-7 (and 8 when measured), one file each, the runs overlaid", "folder for the figures"),
             ("curves", "training_curves.png: loss, accuracy and test ECE per epoch", "folder for the figure"),
-            ("panel", "Figures 2-7 in one compact 2x3 panel", "the PNG file to write")):
+            ("panel", "Figures 2-7 in one compact 2x3 panel", "the file to write (.png, .pdf or .svg)")):
         command = commands.add_parser(name, help=summary, description=summary)
         command.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders to plot")
         command.add_argument("--out", type=Path, required=True, help=out_help)
@@ -275,6 +338,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> int:
     if args.command == "representations":
         written = [plot_representations(args.table, args.out)]
+    elif args.command == "layers":
+        written = [plot_layers(args.run_dir, args.out)]
     elif args.command == "nc":
         written = plot_runs(args.run_dirs, args.out, args.group_by)
     elif args.command == "study":
@@ -348,32 +413,49 @@ def _folder_names(run_dirs: list[Path]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(run_dir) for run_dir in run_dirs]
 
 
-def _draw(ax: plt.Axes, panel: Panel, lines: list[_Line]) -> None:
-    """Draw every line's quantities of `panel` on `ax` (a group's mean with its min-max band), with the
-    TPT onsets, axes and the quantities' legend."""
+def _draw(ax: plt.Axes, panel: Panel, lines: list[_Line]) -> set[str]:
+    """Draw every line's quantities of `panel` on `ax` (a group's mean with its min-max band) and the TPT
+    onsets; return the line styles drawn ("zeros" too where a zero was left off a log axis)."""
     marker = _marker(panel)
-    zeros_hidden = set()
+    drawn = set()
     for line in lines:
-        for quantity, style in zip(panel.quantities, STYLES):
+        for quantity in _present(panel, lines):
             epochs, values, hidden = _aggregate([tables[panel.table] for tables in line.tables], quantity.column,
                                                 panel.log_y)
-            mean = values.mean(axis=0)
-            ax.plot(epochs, mean, linestyle=style, color=line.colour, marker=marker, markersize=MARKER_SIZE)
+            ax.plot(epochs, values.mean(axis=0), linestyle=quantity.style, color=line.colour, marker=marker,
+                    markersize=MARKER_SIZE)
             if len(values) > 1:
                 ax.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=line.colour, alpha=0.2,
                                 linewidth=0)
-            if hidden:
-                zeros_hidden.add(quantity.column)
+            drawn |= {quantity.style} | ({"zeros"} if hidden else set())
         for epoch in sorted({epoch for epoch in line.tpt_epochs if epoch is not None}):
             ax.axvline(epoch, color=line.colour, **TPT_STYLE)
+            drawn.add("tpt")
     ax.set_xscale("log")
     if panel.log_y:
         ax.set_yscale("log")
+    _plain_ticks(ax, panel.log_y)
     ax.set_xlabel("epoch")
     ax.set_ylabel(panel.ylabel)
     ax.set_title(panel.title)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(handles=_quantity_handles(panel, lines, zeros_hidden))
+    return drawn
+
+
+def _present(panel: Panel, lines: list[_Line]) -> list[Quantity]:
+    """The quantities of `panel` that some run's table has."""
+    return [quantity for quantity in panel.quantities
+            if any(row.get(quantity.column) is not None for line in lines for tables in line.tables
+                   for row in tables[panel.table])]
+
+
+def _plain_ticks(ax: plt.Axes, log_y: bool) -> None:
+    """Log axes labelled at 1, 2, 5 times powers of ten with plain numbers (2, 50, 0.005), not 2x10^0."""
+    axes = [ax.xaxis, ax.yaxis] if log_y else [ax.xaxis]
+    for axis in axes:
+        axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def _aggregate(tables: list[list[dict]], column: str, log_y: bool) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -388,16 +470,10 @@ def _aggregate(tables: list[list[dict]], column: str, log_y: bool) -> tuple[np.n
     return np.array(shared, dtype=float), np.where(hidden, np.nan, values), bool(hidden.any())
 
 
-def _quantity_handles(panel: Panel, lines: list[_Line], zeros_hidden: set[str]) -> list[Line2D]:
-    """Legend entries for the quantities (by line style) and the TPT onset, in the line's colour when
-    there is one (else neutral grey, the colours then being the lines')."""
-    colour = lines[0].colour if len(lines) == 1 else "0.3"
-    handles = [Line2D([], [], color=colour, linestyle=style, marker=_marker(panel), markersize=MARKER_SIZE,
-                      label=quantity.name + (" (zeros not shown)" if quantity.column in zeros_hidden else ""))
-               for quantity, style in zip(panel.quantities, STYLES)]
-    if any(epoch is not None for line in lines for epoch in line.tpt_epochs):
-        handles.append(Line2D([], [], color=colour, **TPT_STYLE, label="TPT onset"))
-    return handles
+def _stage_columns(measured: list[dict]) -> list[str]:
+    """The nc1_<stage> columns of nc_metrics.csv, in depth order (the order validate_nc.py wrote them)."""
+    columns = dict.fromkeys(key for row in measured for key in row)
+    return [key for key in columns if key.startswith("nc1_") and key != "nc1_test"]
 
 
 def _marker(panel: Panel) -> str:
@@ -406,13 +482,20 @@ def _marker(panel: Panel) -> str:
     return "o" if panel.table == NC_TABLE else ""
 
 
-def _finish(fig: plt.Figure, lines: list[_Line]) -> None:
-    """The figure's title (what was trained, and how it departs from the paper's protocol) and, for
-    several lines, their legend below the axes."""
+def _finish(fig: plt.Figure, lines: list[_Line], drawn: set[str], table: str) -> None:
+    """The figure's title (what was trained, and how it departs from the paper's protocol) and one legend
+    below the axes: the line styles drawn, the TPT onset and, for several lines, their colours."""
+    colour = lines[0].colour if len(lines) == 1 else "0.3"
+    handles = [Line2D([], [], color=colour, linestyle=style, label=name)
+               for style, name in STYLE_NAMES[table].items() if style in drawn]
+    if "tpt" in drawn:
+        handles.append(Line2D([], [], color=colour, **TPT_STYLE, label="TPT onset"))
+    if "zeros" in drawn:
+        handles.append(Line2D([], [], linestyle="none", label="(zeros are not shown on log axes)"))
     if len(lines) > 1:
-        handles = [Line2D([], [], color=line.colour, linewidth=3, label=line.label + _no_tpt_note(line))
-                   for line in lines]
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(lines), 3))
+        handles += [Line2D([], [], color=line.colour, linewidth=3, label=line.label + _no_tpt_note(line))
+                    for line in lines]
+    fig.legend(handles=handles, loc="outside lower center", ncols=2 if len(handles) > 3 else len(handles))
     fig.suptitle(_describe(lines))
 
 

@@ -37,7 +37,9 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
+from PIL import Image
 
 from errors import UserError
 from nc_metrics import STATS_KEYS
@@ -188,11 +190,14 @@ def read_nc_metrics(run_dir: Path) -> list[dict]:
 
 
 def merge_nc_metrics(run_dir: Path, rows: list[dict]) -> dict[int, dict]:
-    """Add `rows` (replacing those of the same epochs) to nc_metrics.csv as it is on disk now, rewrite it
-    and summary.json, and return the merged table by epoch: rows another process added meanwhile stay."""
+    """Add `rows` to nc_metrics.csv as it is on disk now (a row's values replace those of its epoch there),
+    rewrite it and summary.json, and return the merged table by epoch: rows another process added
+    meanwhile stay."""
     run_dir = Path(run_dir)
     with locked(run_dir / TABLES_LOCK):
-        table = {row["epoch"]: row for row in read_nc_metrics(run_dir)} | {row["epoch"]: row for row in rows}
+        table = {row["epoch"]: row for row in read_nc_metrics(run_dir)}
+        for row in rows:  # columns the new measurement did not ask for stay
+            table[row["epoch"]] = {**table.get(row["epoch"], {}), **row}
         ordered = [table[epoch] for epoch in sorted(table)]
         extra = [key for row in ordered for key in row if key not in NC_COLUMNS]
         write_csv(run_dir / "nc_metrics.csv", ordered, NC_COLUMNS + list(dict.fromkeys(extra)))
@@ -243,6 +248,34 @@ def training_lock(run_dir: Path) -> Iterator[None]:
             if created and [path.name for path in run_dir.iterdir()] == [TRAIN_LOCK]:
                 shutil.rmtree(run_dir)  # a new run that failed before writing anything leaves no folder
             raise
+
+
+def tensorboard_writer(run_dir: Path):
+    """A TensorBoard SummaryWriter of <run>/tensorboard/ (the --tensorboard flag); the CSV tables stay the
+    record, this is for watching a run live."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard==2.21.0, "
+                        "or drop the flag") from None
+    return SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+
+def log_scalars(writer, group: str, row: dict) -> None:
+    """Every number of a table row as the scalar <group>/<column> at the row's epoch."""
+    for key, value in row.items():
+        if key != "epoch" and value is not None:
+            writer.add_scalar(f"{group}/{key}", value, row["epoch"])
+    writer.flush()
+
+
+def log_figures(writer, paths: list[Path], step: int) -> None:
+    """The PNG figures among `paths` as TensorBoard images named after their files, at `step`."""
+    for path in paths:
+        if path.suffix == ".png":
+            with Image.open(path) as image:
+                writer.add_image(path.stem, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+    writer.flush()
 
 
 @contextlib.contextmanager

@@ -79,6 +79,9 @@ def train_run(args: argparse.Namespace, device: torch.device) -> None:
         start, log = distributed.on_every_rank(_resume, run_dir, last, model, optimizer, scheduler)
         del last
         distributed.on_rank_zero(_start_folder, run_dir, settings)
+        board = distributed.on_rank_zero(runs.tensorboard_writer, run_dir) if args.tensorboard else None
+        if board is not None:
+            held.callback(board.close)
         if distributed.world_size() > 1:
             step_model = _parallel(model, device, args.compile)
         else:
@@ -88,7 +91,7 @@ def train_run(args: argparse.Namespace, device: torch.device) -> None:
         _say(f"run {run_dir}: {settings['dataset']} ({len(train[1])} train / {len(test[1])} test images), "
              f"{settings['model']} width {settings['width']}, {settings['loss']}, {settings['precision']} on "
              f"{device.type if processes else device}{processes}" + (f"; resuming after epoch {start}" if start else ""))
-        train_for(settings, run_dir, step_model, model, optimizer, scheduler, loss_fn, train, test, start, log)
+        train_for(settings, run_dir, step_model, model, optimizer, scheduler, loss_fn, train, test, start, log, board)
 
 
 def load_data(settings: dict, args: argparse.Namespace, device: torch.device) -> tuple[engine.Split, engine.Split]:
@@ -120,8 +123,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, settings: dict) -> torch.op
 
 def train_for(settings: dict, run_dir: Path, step_model: nn.Module, model: nn.Module,
               optimizer: torch.optim.Optimizer, scheduler, loss_fn: losses.LossFn,
-              train: engine.Split, test: engine.Split, start: int, log: list[dict]) -> None:
-    """Train epochs start+1 .. epochs, saving the log, the analysis checkpoints and last.pt each epoch.
+              train: engine.Split, test: engine.Split, start: int, log: list[dict], board=None) -> None:
+    """Train epochs start+1 .. epochs, saving the log, the analysis checkpoints and last.pt each epoch (and
+    the log row to TensorBoard's `board`, if any).
 
     `step_model` trains (compiled, or under torchrun the DDP wrapper); `model` itself evaluates (the
     wrapper's forward would wait for the other processes; evaluation is a small part of an epoch) and is
@@ -147,6 +151,8 @@ def train_for(settings: dict, run_dir: Path, step_model: nn.Module, model: nn.Mo
         row = {"epoch": epoch, "lr": lr, **row, "seconds": time.perf_counter() - tick}
         log.append(row)
         distributed.on_rank_zero(_save_epoch, run_dir, settings, epoch in analysed, model, optimizer, scheduler, log)
+        if board is not None:
+            runs.log_scalars(board, "train", row)
         bar.set_postfix(loss=f"{row['train_loss']:.4f}", acc=f"{row['train_acc']:.2%}", lr=f"{lr:.3g}")
         _say(_epoch_line(row, epochs))
         if not running_full and row["train_acc"] == 1.0:

@@ -15,6 +15,7 @@ Under torchrun the processes' class statistics and counts are summed and process
 and the figures: the numbers are those of one process up to float64 rounding.
 """
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -38,35 +39,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     config.add_selection_arguments(parser)
     add = parser.add_argument
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
-    # Its own dest: a training batch size is a run-selecting setting, this one is not.
-    add("--batch-size", dest="eval_batch_size", type=config.positive_int, default=1000,
-        help="images per forward pass (default 1000; changes speed, not results)")
+    add("--eval-batch-size", type=config.positive_int, default=1000,
+        help="images per forward pass of the measurement (default 1000; changes speed, not results)")
     add("--plots-dir", type=Path, help="where the figures go (default <DATASET>_plots/[<run name>/])")
+    add("--tensorboard", action="store_true", help="also write each checkpoint's metrics, and the figures, to "
+        "<run>/tensorboard/ for TensorBoard (nc_metrics.csv stays the record)")
+    add("--format", choices=plotting.FORMATS, default="png", help="the figures' file format (default png; pdf "
+        "and svg are vector files with text kept as text)")
     add("--recompute", action="store_true", help="measure every checkpoint again, even those in the table")
     add("--data-root", type=Path, help="folder holding the datasets (default: the one the run was trained from)")
     add("--download", action="store_true", help="download the dataset into --data-root if it is missing")
+    add("--layers", action="store_true", help="also NC1 after every stage of the network (nc1_<stage> columns, "
+        "layerwise_nc1.png), from the same forward pass")
+    add("--test-collapse", action="store_true", help="also the collapse of the test features around their own "
+        "class means (nc1_test and the other feature metrics with a _test suffix), drawn beside the train "
+        "curves of Figures 2-6; from the test pass that runs anyway")
+    add("--adversarial", action="store_true", help="also the paper's Figure 8: DeepFool's robustness on a fixed "
+        "sample of test images (deepfool_* columns, fig8_adversarial_robustness.png); a separate pass")
+    add("--adversarial-samples", type=config.positive_int, default=100, metavar="N",
+        help="test images DeepFool attacks at every checkpoint, drawn with the run's seed (default 100)")
     add("--representations", action="store_true", help="instead of the metrics, draw the Mixup representation "
         "figure of Fisher, Meng & Papyan (2024): features of mixed training pairs of three classes in the "
         "plane of their classifiers' simplex")
-    # Its own dest: train.py's --epochs is a run setting, these are checkpoints to draw.
-    add("--epochs", dest="draw_epochs", type=config.positive_int, nargs="+", metavar="E",
+    add("--representation-epochs", type=config.positive_int, nargs="+", metavar="E",
         help="with --representations: the checkpoint epochs to draw (default: the last)")
     add("--classes", type=int, nargs=3, metavar=("A", "B", "C"),
         help="with --representations: the three classes (default: three drawn at random from the run's seed)")
-    add("--bn-mode", choices=("eval", "train"), default="eval", help="with --representations: batch norm with "
+    add("--bn-mode", choices=("eval", "train"), help="with --representations: batch norm with "
         "its running statistics (eval, default) or each batch's (train, as Fisher et al.; the model is not changed)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.representations and (args.representation_epochs or args.classes or args.bn_mode):
+        parser.error("--representation-epochs, --classes and --bn-mode choose what --representations draws; "
+                     "add --representations or drop them")
+    if args.representations and (args.layers or args.test_collapse or args.adversarial):
+        parser.error("--representations draws a figure instead of measuring: run --layers, --test-collapse and "
+                     "--adversarial in a call of their own")
+    return args
 
 
 def main(args: argparse.Namespace) -> int:
-    with distributed.process_group(config.resolve_device(args.device)) as device:
+    with distributed.process_group(config.resolve_device(args.device)) as device, contextlib.ExitStack() as held:
         run_dir, run_config, checkpoints, table = distributed.on_every_rank(_find_run, args, device)
         if args.representations:
             return distributed.on_rank_zero(draw_representations, dict(checkpoints), run_config, run_dir, args,
                                             device) or 0
-        todo = [(epoch, path) for epoch, path in checkpoints if args.recompute or epoch not in table]
-        skipped = measure_checkpoints(todo, run_config, run_dir, table, args, device)
-        distributed.on_rank_zero(_report, run_config, run_dir, table, len(todo) - len(skipped), args.plots_dir)
+        board = distributed.on_rank_zero(runs.tensorboard_writer, run_dir) if args.tensorboard else None
+        if board is not None:
+            held.callback(board.close)
+        todo = [(epoch, path) for epoch, path in checkpoints
+                if args.recompute or epoch not in table or _lacks(table[epoch], args)]
+        skipped = measure_checkpoints(todo, run_config, run_dir, table, args, device, board)
+        written = distributed.on_rank_zero(_report, run_config, run_dir, table, len(todo) - len(skipped),
+                                           args.plots_dir, args.format)
+        if board is not None and written:
+            runs.log_figures(board, written, max(table))
         if skipped and distributed.is_main():
             print(f"error: {len(skipped)} checkpoint(s) could not be measured (see the warnings above): "
                   f"{', '.join(map(str, skipped))}; the others were", file=sys.stderr)
@@ -74,7 +100,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def measure_checkpoints(todo: list[tuple[int, Path]], run_config: dict, run_dir: Path, table: dict,
-                        args: argparse.Namespace, device: torch.device) -> list[Path]:
+                        args: argparse.Namespace, device: torch.device, board=None) -> list[Path]:
     """Measure each checkpoint and add its row to nc_metrics.csv (merged with the rows on disk, which
     another process may be adding too) and to `table`; returns the checkpoints that could not be measured:
     unreadable, of another run, or with weights or features that are not finite. Each is reported on
@@ -93,6 +119,8 @@ def measure_checkpoints(todo: list[tuple[int, Path]], run_config: dict, run_dir:
             skipped.append(path)
             continue
         table.update(distributed.on_rank_zero(runs.merge_nc_metrics, run_dir, [row]) or {epoch: row})
+        if board is not None:
+            runs.log_scalars(board, "collapse", row)
         progress.set_postfix(epoch=epoch, nc1=f"{row['nc1']:.3g}", test_acc=f"{row['test_acc']:.2%}")
     return skipped
 
@@ -100,7 +128,7 @@ def measure_checkpoints(todo: list[tuple[int, Path]], run_config: dict, run_dir:
 def draw_representations(checkpoints: dict[int, Path], run_config: dict, run_dir: Path,
                          args: argparse.Namespace, device: torch.device) -> int:
     """mixup_representations_epoch<E>.csv and .png in the plots folder, for each chosen checkpoint."""
-    epochs = args.draw_epochs or [max(checkpoints)]
+    epochs = args.representation_epochs or [max(checkpoints)]
     missing = [epoch for epoch in epochs if epoch not in checkpoints]
     if missing:
         raise UserError(f"{run_dir} has no checkpoint of epoch {missing[0]}; choose among {sorted(checkpoints)}")
@@ -114,7 +142,7 @@ def draw_representations(checkpoints: dict[int, Path], run_config: dict, run_dir
         model = engine.build_model(state["config"], device)
         model.load_state_dict(state["model"])
         rows = engine.mixup_representations(model, train, state["config"], classes, REPRESENTATION_LAMBDAS,
-                                            bn_mode=args.bn_mode)
+                                            bn_mode=args.bn_mode or "eval")
         table = plots_dir / f"mixup_representations_epoch{epoch}.csv"
         plots_dir.mkdir(parents=True, exist_ok=True)
         runs.write_csv(table, rows, engine.REPRESENTATION_COLUMNS)
@@ -130,8 +158,9 @@ def default_plots_dir(run_config: dict, run_dir: Path) -> Path:
 
 def _find_run(args: argparse.Namespace, device: torch.device) -> tuple[Path, dict, list[tuple[int, Path]], dict]:
     """The run folder, its config, its checkpoints and the rows of its table, by epoch."""
-    run_dir = config.default_run_dir(config.resolve_config(args), args)
-    run_config = _run_config(run_dir, args)
+    requested = config.resolve_config(args)
+    run_dir = config.default_run_dir(requested, args)
+    run_config = _run_config(run_dir, args, requested)
     checkpoints = runs.checkpoint_files(run_dir)
     if not checkpoints:
         raise UserError(f"{run_dir} has no checkpoints yet; train first: python train.py --run-dir {run_dir} ...")
@@ -171,21 +200,35 @@ def _measure(path: Path, run_config: dict, train: engine.Split, test: engine.Spl
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise UserError(f"{path} does not fit the network its config describes ({str(err).splitlines()[0]})") from None
-    return engine.measure_collapse(model, losses.loss_from_config(state["config"]), train, test, state["config"],
-                                   args.eval_batch_size)
+    measured = engine.measure_collapse(model, losses.loss_from_config(state["config"]), train, test, state["config"],
+                                       args.eval_batch_size, layers=args.layers, test_collapse=args.test_collapse)
+    if args.adversarial:
+        measured |= engine.adversarial_robustness(model, test, state["config"], args.adversarial_samples)
+    return measured
 
 
-def _report(run_config: dict, run_dir: Path, table: dict, measured: int, plots_dir: Path | None) -> None:
-    """The figures and the TPT table of a run with measurements, and a line saying what was done."""
+def _lacks(row: dict, args: argparse.Namespace) -> bool:
+    """Whether a row of the table lacks a measurement asked for, and so is measured again."""
+    present = {key for key, value in row.items() if value is not None}
+    return ((args.test_collapse and "nc1_test" not in present)
+            or (args.adversarial and "deepfool_robustness" not in present)
+            or (args.layers and not any(key.startswith("nc1_") and key != "nc1_test" for key in present)))
+
+
+def _report(run_config: dict, run_dir: Path, table: dict, measured: int, plots_dir: Path | None,
+            figure_format: str) -> list[Path]:
+    """The figures and the TPT table of a run with measurements, and a line saying what was done; the
+    figures written."""
     if not table:
-        return
+        return []
     plots_dir = plots_dir or default_plots_dir(run_config, run_dir)
-    written = plotting.plot_run(run_dir, plots_dir)
+    written = plotting.plot_run(run_dir, plots_dir, f".{figure_format}")
     summary = plotting.tpt_table(run_dir)
     runs.write_text(plots_dir / "tpt_table.md", summary)
     print(summary)
     print(f"{measured} checkpoint(s) measured, {len(table)} in {run_dir / 'nc_metrics.csv'}; "
           f"{len(written) + 1} files in {plots_dir}/")
+    return written
 
 
 def _representation_classes(chosen: list[int] | None, run_config: dict) -> list[int]:
@@ -198,12 +241,34 @@ def _representation_classes(chosen: list[int] | None, run_config: dict) -> list[
     return chosen
 
 
-def _run_config(run_dir: Path, args: argparse.Namespace) -> dict:
+def _run_config(run_dir: Path, args: argparse.Namespace, requested: dict) -> dict:
+    """The run's config.json; for a folder that is not there, what is there instead and how to train it."""
     run_config = runs.read_config(run_dir) if run_dir.is_dir() else None
     if run_config is None:
-        raise UserError(f"no run folder at {run_dir}; train it first: "
-                        f"python train.py --dataset {args.dataset}" + (f" --run-dir {run_dir}" if args.run_dir else ""))
+        data = "" if requested["dataset"] == "synthetic" else \
+            f" --data-root {args.data_root}" if args.data_root else " --download (or --data-root DIR, a folder with a copy)"
+        train_flags = config.selection_flags(requested) + (["--run-dir", str(run_dir)] if args.run_dir else [])
+        raise UserError(f"no run folder at {run_dir}; {_nearest_runs(run_dir.parent, requested)}train it with: "
+                        f"python train.py {' '.join(train_flags)}{data}")
     return run_config
+
+
+def _nearest_runs(folder: Path, requested: dict, count: int = 3) -> str:
+    """The runs of the requested dataset in `folder`, nearest settings first, with the flags that select
+    them, as the start of a sentence ("" if there are none)."""
+    found = []
+    for candidate in sorted(folder.iterdir()) if folder.is_dir() else []:
+        try:
+            settings = runs.read_config(candidate) if candidate.is_dir() else None
+        except UserError:
+            continue
+        if settings and settings["dataset"] == requested["dataset"]:
+            chosen, theirs = config.selection_flags(requested), config.selection_flags(settings)
+            found.append((len(set(chosen) ^ set(theirs)), candidate, theirs))
+    if not found:
+        return ""
+    shown = [f"{candidate} ({' '.join(flags)})" for _, candidate, flags in sorted(found)[:count]]
+    return f"runs of {requested['dataset']} there: {', '.join(shown)}; pass their flags or --run-dir, or "
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ def test_validate_bench_prints_the_checkpoint_ratio(capsys):
     line = _summary(_load("validate"), capsys)
     assert line.startswith("checkpoint measurement (synthetic, resnet18 width 4, 100 train + 500 test images, "
                            "batch 1000, strict fp32, median of 1, cpu")
-    assert re.search(rf"measure_collapse {SECONDS} vs bare forward {SECONDS} \({RATIO}, target <= 1\.15x\)$",
+    assert re.search(rf"measure_collapse {SECONDS} vs bare forward {SECONDS} \({RATIO}, target <= 1\.15x\); "
+                     rf"with --layers --test-collapse {SECONDS} \({RATIO} the plain measurement, target <= 1\.30x\)$",
                      line), line
 
 

@@ -355,3 +355,12 @@ def test_collinear_classifier_rows_span_no_plane():
     line = torch.tensor([[1.0, 2.0], [2.0, 4.0], [3.0, 6.0]])
     with pytest.raises(ValueError, match="collinear"):
         simplex_plane(line)
+
+
+def test_collinear_class_means_leave_the_zero_eigenvalue_out_of_the_pseudo_inverse():
+    # Means -1, 0, 1 on the first axis: Sigma_B = diag(2/3, 0) has one zero eigenvalue, which Sigma_B^+
+    # leaves out. Deviations +-(0.3, 0.2): Sigma_W = [[0.09, 0.06], [0.06, 0.04]] -> Tr = 0.09 * 3/2, / 3.
+    devs = [[0.3, 0.2], [-0.3, -0.2]]
+    features, labels = as_features([[-1, 0], [0, 0], [1, 0]], [devs, devs, devs])
+    weight = torch.tensor([[-1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    assert collapse_metrics(features, labels, weight)["nc1"] == pytest.approx(0.09 * 1.5 / 3, rel=1e-12)

@@ -1,5 +1,6 @@
 """The figures and Table 1 from hand-written run folders: files, PNG sizes, TPT values, labels, CLI."""
 import json
+import warnings
 import re
 from pathlib import Path
 
@@ -54,11 +55,11 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def test_plot_run_writes_every_figure_as_a_png_of_its_size_in_inches_times_150_dpi(tmp_path):
     written = plotting.plot_run(write_run(tmp_path / "run"), tmp_path / "figures")
-    assert {path.name for path in written} == NC_FILES | {"training_curves.png"}
+    assert {path.name for path in written} == NC_FILES | {"training_curves.png", "panel.png"}
     assert all(path.parent == tmp_path / "figures" for path in written)
+    sizes = {"training_curves.png": (2250, 720), "panel.png": (1800, 1050)}  # 15x4.8 in, 12x7 in
     for path in written:
-        expected = (2250, 720) if path.name == "training_curves.png" else (1050, 750)  # 15x4.8 in, 7x5 in
-        assert png_size(path) == expected
+        assert png_size(path) == sizes.get(path.name, (1050, 750))  # 7x5 in
     assert not list((tmp_path / "figures").glob("*.tmp"))
 
 
@@ -175,3 +176,17 @@ def test_the_title_names_the_departures_from_the_protocol_and_a_run_that_never_r
     title = "synthetic / resnet18 (width=16, epochs=20"
     assert title + ", bf16)" in reached.read_text() and "never zero" not in reached.read_text()
     assert title + ")" in missed.read_text() and "training error never zero" in missed.read_text()
+
+
+def test_overlaid_subset_runs_are_labelled_by_their_flags_inside_the_figure_without_warnings(tmp_path):
+    first = write_run(tmp_path / "a", seed=0, samples_per_class=100,
+                      normalization={"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]})
+    second = write_run(tmp_path / "b", seed=1, samples_per_class=50, dataset="CIFAR10",
+                       normalization={"mean": [0.5, 0.47, 0.44], "std": [0.24, 0.25, 0.27]})
+    out = tmp_path / "panel.svg"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "constrained_layout not applied"
+        plotting.plot_panel([first, second], out)
+    text = out.read_text()
+    assert "synthetic, spc=100, seed=0" in text and "CIFAR10, spc=50, seed=1" in text
+    assert "normalization" not in text and "'mean'" not in text and "0.49" not in text

@@ -91,6 +91,6 @@ def test_bad_choices_are_refused_with_the_valid_ones(mixup_run):
     with pytest.raises(UserError, match="three different classes in 0..9"):
         validate(mixup_run, "--representations", "--classes", "1", "1", "2")
     with pytest.raises(UserError, match=r"no checkpoint of epoch 3; choose among \[1, 4\]"):
-        validate(mixup_run, "--representations", "--epochs", "3")
+        validate(mixup_run, "--representations", "--representation-epochs", "3")
     with pytest.raises(UserError, match="not found"):
         plotting.plot_representations(mixup_run / "missing.csv")

@@ -16,7 +16,7 @@ from errors import UserError
 TINY = ("--dataset", "synthetic", "--width", "4", "--epochs", "3", "--num-checkpoints", "3",
         "--samples-per-class", "20", "--device", "cpu")
 FIGURES = ["fig2_equinorm.png", "fig3_equiangularity.png", "fig4_max_equiangularity.png", "fig5_self_duality.png",
-           "fig6_nc1.png", "fig7_ncc_mismatch.png", "training_curves.png"]
+           "fig6_nc1.png", "fig7_ncc_mismatch.png", "training_curves.png", "panel.png"]
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +142,13 @@ def test_the_same_flags_find_the_folder_train_wrote(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     flags = ["--dataset", "Synthetic", "--width", "4", "--samples-per-class", "20", "--device", "cpu"]
     train.main(train.parse_args([*flags, "--epochs", "1", "--num-checkpoints", "1"]))
-    assert validate_nc.main(validate_nc.parse_args([*flags, "--batch-size", "64"])) == 0
+    assert validate_nc.main(validate_nc.parse_args([*flags, "--eval-batch-size", "64"])) == 0
     run_dir = tmp_path / "runs" / "synthetic-resnet18-ce-seed0-w4-spc20"
     assert [row["epoch"] for row in runs.read_nc_metrics(run_dir)] == [1]
     assert (tmp_path / "synthetic_plots" / run_dir.name / "fig6_nc1.png").is_file()
+    train.main(train.parse_args([*flags, "--batch-size", "64", "--epochs", "1", "--num-checkpoints", "1"]))
+    assert validate_nc.main(validate_nc.parse_args([*flags, "--batch-size", "64"])) == 0  # the training batch
+    assert runs.read_nc_metrics(tmp_path / "runs" / "synthetic-resnet18-ce-seed0-w4-spc20-bs64")
 
 
 def test_a_missing_run_folder_names_the_train_command(tmp_path):
