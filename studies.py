@@ -97,14 +97,15 @@ def plan(args: argparse.Namespace, name: str, argv: list[str]) -> Study:
     varied = [dest for dest, values in grid.items() if len(values) > 1]
     # --download is sweep.py's, done once before any job starts; the jobs only read the data.
     fixed = {dest: getattr(args, dest) for dest in training} | {"download": False}
-    planned = [_run(parser, {**selection, **training}, {**dict(zip(grid, values)), **fixed}, varied)
-               for values in itertools.product(*grid.values())]
-    folders = [run.run_dir for run in planned]
-    repeated = next((folder for folder in folders if folders.count(folder) > 1), None)
-    if repeated:
-        raise UserError(f"two runs of the grid would share the folder {repeated}; give each value once")
+    planned: dict[str, Run] = {}
+    for values in itertools.product(*grid.values()):
+        run = _run(parser, {**selection, **training}, {**dict(zip(grid, values)), **fixed}, varied)
+        earlier = planned.setdefault(run.run_dir, run)  # the same run twice (a value repeated) runs once
+        if earlier.train != run.train:
+            raise UserError(f"two runs of the grid would share the folder {run.run_dir}: {shlex.join(earlier.train)} "
+                            f"and {shlex.join(run.train)}; give values that name different runs")
     given = {dest: values for dest, values in grid.items() if values != [None]}
-    return Study(name, STUDIES / name, list(argv), given, varied, planned)
+    return Study(name, STUDIES / name, list(argv), given, varied, list(planned.values()))
 
 
 def lr_grid() -> list[float]:
@@ -272,13 +273,18 @@ def _values(value, action: argparse.Action) -> list:
 def _run(parser: argparse.ArgumentParser, actions: dict[str, argparse.Action], values: dict,
          varied: list[str]) -> Run:
     """The run of one combination: train.py's arguments for it, and the folder train.py will choose for
-    them, found by parsing and resolving those arguments exactly as train.py does."""
+    them, found by parsing and resolving those arguments exactly as train.py does. A setting the run does
+    not use (--focal-gamma with ce, --momentum with adam) is left out of its command: `--loss ce focal
+    --focal-gamma 1 3` is one ce run and two focal runs."""
     argv = []
     for dest, value in values.items():
         if value != parser.get_default(dest):
             argv += _flag(actions[dest], value)
     args = parser.parse_args(argv)
     settings = config.resolve_config(args)
+    unused = [dest for dest, value in values.items() if value is not None and dest in settings and settings[dest] is None]
+    if unused:
+        return _run(parser, actions, {**values, **dict.fromkeys(unused)}, varied)
     run_dir = str(config.default_run_dir(settings, args))
     device = ["--device", args.device] if args.device != parser.get_default("device") else []
     return Run(run_dir, {key: values[key] for key in varied}, argv, ["--run-dir", run_dir, *device],

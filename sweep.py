@@ -159,7 +159,7 @@ def _print_plan(study: studies.Study, states: dict[str, str], todo: list[studies
     shape = " x ".join(f"{len(study.grid[key])} {key}" for key in study.varied)
     print(f"study {study.folder}: {len(study.runs)} runs{f' ({shape})' if shape else ''}, {len(todo)} to run")
     for run in study.runs:
-        settings = ", ".join(config.setting_text(key, value) for key, value in run.settings.items())
+        settings = ", ".join(config.setting_text(key, value) for key, value in run.settings.items() if value is not None)
         print(f"  {states[run.run_dir]:<8} {run.run_dir}{'  ' + settings if settings else ''}")
     if args.executor == "local":
         print(f"local: {args.parallel} at a time" + (f", {threads} OpenMP/MKL threads each" if threads else ""))

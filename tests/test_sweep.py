@@ -283,13 +283,20 @@ def test_plotting_study_draws_the_grouped_panel_and_curves(study, tmp_path):
     assert (tmp_path / "figures" / "table.md").read_text() == (folder / "studies/grid/table.md").read_text()
 
 
+def test_every_flag_of_train_py_but_run_dir_is_a_flag_of_a_study():
+    assert set(vars(train.parse_args([]))) - {"run_dir"} <= set(vars(sweep.parse_args(["--name", "any"])))
+    several = sweep.parse_args(["--name", "any", "--batch-size", "64", "128", "--augment", "--epochs", "3"])
+    assert several.batch_size == [64, 128] and several.augment is True and several.epochs == 3
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--loss", "ce", "hinge"], "error: argument --loss: unknown loss 'hinge'"),
     (["--model", "resnet18", "resnet19"], "error: argument --model: unknown model 'resnet19'"),
     (["--seed", "0", "-1"], "error: argument --seed: must lie in 0 .. 2**32 - 1"),
     (["--lr", "0.1", "--lr-grid"], "error: give --lr or --lr-grid, not both"),
     (["--lr-milestones", "5"], "error: --lr-milestones 5 is beyond the last epoch (2)"),
-    (["--seed", "1", "1"], "error: two runs of the grid would share the folder runs/synthetic-resnet18-ce-seed1"),
+    (["--lr", "0.1234567", "0.1234568"],  # folder names keep 6 digits of a learning rate
+     "error: two runs of the grid would share the folder runs/synthetic-resnet18-ce-seed0-w4-spc20-lr0.123457"),
 ])
 def test_bad_values_are_refused_in_one_line_before_anything_runs(tmp_path, capsys, flags, message):
     with working_directory(tmp_path):
@@ -301,6 +308,15 @@ def test_bad_values_are_refused_in_one_line_before_anything_runs(tmp_path, capsy
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(message)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_setting_that_a_run_does_not_use_is_left_out_of_it_and_the_same_run_is_planned_once(tmp_path):
+    code, output = sweep_in(tmp_path, "--name", "focal", *TINY, "--loss", "ce", "focal", "--focal-gamma", "1", "3",
+                            "--seed", "0", "0", "--dry-run")
+    assert code == 0
+    folders = [line.split()[1] for line in output.splitlines() if line.startswith("  new ")]
+    assert folders == [str(run_folder("ce", 0)), str(run_folder("focal", 0, "--focal-gamma", "1")),
+                       str(run_folder("focal", 0, "--focal-gamma", "3"))]
 
 
 def test_the_lr_grid_is_the_papers_and_holds_the_authors_learning_rates(tmp_path):
