@@ -282,7 +282,8 @@ def _run(parser: argparse.ArgumentParser, actions: dict[str, argparse.Action], v
             argv += _flag(actions[dest], value)
     args = parser.parse_args(argv)
     settings = config.resolve_config(args)
-    unused = [dest for dest, value in values.items() if value is not None and dest in settings and settings[dest] is None]
+    unused = [dest for dest, value in values.items()
+              if value is not None and dest in settings and settings[dest] is None]
     if unused:
         return _run(parser, actions, {**values, **dict.fromkeys(unused)}, varied)
     run_dir = str(config.default_run_dir(settings, args))
