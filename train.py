@@ -60,7 +60,7 @@ def train_run(args: argparse.Namespace, device: torch.device) -> None:
     saved state loading into the network."""
     if args.download:
         distributed.on_rank_zero(datasets.fetch, args.dataset, args.data_root)  # once, then all read it
-    settings = config.resolve_config(args)
+    settings = distributed.on_every_rank(config.resolve_config, args)
     run_dir = distributed.on_every_rank(_usable_folder, config.default_run_dir(settings, args))
     with contextlib.ExitStack() as held:
         distributed.on_rank_zero(held.enter_context, runs.training_lock(run_dir))

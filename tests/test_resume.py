@@ -144,7 +144,8 @@ def test_a_config_clash_is_refused_and_a_longer_run_continues(tmp_path):
     ("train.py", ["--run-dir", "{tmp}/file.txt"], "is a file, not a folder"),
     ("train.py", ["--run-dir", "{tmp}/bad"], "config.json is corrupt"),
     ("validate_nc.py", ["--run-dir", "{tmp}/nothing"], "no run folder at"),
-    ("validate_nc.py", ["--dataset", "MNIST"], "no run folder at runs/MNIST-resnet18-ce-seed0; train it first"),
+    ("validate_nc.py", ["--dataset", "MNIST"],
+     "no run folder at runs/MNIST-resnet18-ce-seed0; train it with: python train.py --dataset MNIST --download"),
 ])
 def test_user_errors_are_one_line_and_a_non_zero_exit(tmp_path, script, args, message):
     (tmp_path / "file.txt").write_text("not a folder")

@@ -151,6 +151,30 @@ def test_the_same_flags_find_the_folder_train_wrote(tmp_path, monkeypatch):
     assert runs.read_nc_metrics(tmp_path / "runs" / "synthetic-resnet18-ce-seed0-w4-spc20-bs64")
 
 
+def test_a_run_not_there_lists_the_runs_of_its_dataset_with_their_flags(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train.main(train.parse_args(["--dataset", "synthetic", "--width", "4", "--samples-per-class", "20",
+                                 "--epochs", "1", "--num-checkpoints", "1", "--device", "cpu"]))
+    with pytest.raises(UserError) as refused:
+        validate_nc.main(validate_nc.parse_args(["--dataset", "synthetic", "--device", "cpu"]))
+    message = str(refused.value)
+    assert message.startswith("no run folder at runs/synthetic-resnet18-ce-seed0; runs of synthetic there: "
+                               "runs/synthetic-resnet18-ce-seed0-w4-spc20 (--dataset synthetic --width 4 "
+                               "--samples-per-class 20)")
+    assert message.endswith("train it with: python train.py --dataset synthetic")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "5"], "unrecognized arguments: --epochs 5"),
+    (["--representation-epochs", "5"], "--representation-epochs, --classes and --bn-mode choose what"),
+    (["--representations", "--layers"], "--representations draws a figure instead of measuring"),
+])
+def test_flags_that_mean_nothing_for_the_call_are_refused(flags, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        validate_nc.parse_args(flags)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_a_missing_run_folder_names_the_train_command(tmp_path):
     with pytest.raises(UserError, match=r"no run folder at .*missing.*python train\.py"):
         validate(tmp_path / "missing")
