@@ -75,6 +75,7 @@ class Panel:
     quantities: tuple[Quantity, ...]
     log_y: bool
     table: str
+    names: dict[str, str] | None = None  # the legend's name of each line style, if not the table's usual ones
 
 
 TRAINING, CLASSIFIERS, TEST = SOLID, DASHED, DASH_DOT
@@ -112,7 +113,8 @@ NC_FIGURES = {
 # Figure 8 is drawn when the table has it (validate_nc.py --adversarial); the 2x3 panel is Figures 2-7.
 ROBUSTNESS_FIGURE = ("fig8_adversarial_robustness.png", Panel(
     "Adversarial robustness (Figure 8)", r"DeepFool $\mathrm{Avg}_x\ \|r(x)\|_2\ /\ \|x\|_2$ (pixels in [0, 1])",
-    (Quantity("deepfool_robustness", TEST),), log_y=False, table=NC_TABLE))
+    (Quantity("deepfool_robustness", TEST),), log_y=False, table=NC_TABLE,
+    names={TEST: "a fixed sample of test images, attacked away from the network's decision"}))
 LAYERS_FILE = "layerwise_nc1.png"
 CURVE_PANELS = (
     Panel("Loss", "loss", (Quantity("train_loss"), Quantity("test_loss", TEST)), log_y=True, table=LOG_TABLE),
@@ -147,7 +149,7 @@ def plot_runs(run_dirs: list[Path], out_dir: Path, group_by: list[str] = (), suf
     for filename, panel in figures.items():
         with plt.rc_context(STYLE):
             fig, ax = plt.subplots(figsize=SINGLE_SIZE, layout="constrained")
-            _finish(fig, lines, _draw(ax, panel, lines), panel.table)
+            _finish(fig, lines, _draw(ax, panel, lines), panel.names or STYLE_NAMES[panel.table])
             written.append(_save(fig, Path(out_dir) / Path(filename).with_suffix(suffix)))
     return written
 
@@ -158,7 +160,7 @@ def plot_curves(run_dirs: list[Path], out_dir: Path, group_by: list[str] = (), s
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=CURVES_SIZE, layout="constrained")
         styles = set().union(*(_draw(ax, panel, lines) for ax, panel in zip(axes, CURVE_PANELS)))
-        _finish(fig, lines, styles, LOG_TABLE)
+        _finish(fig, lines, styles, STYLE_NAMES[LOG_TABLE])
         return _save(fig, Path(out_dir) / Path(CURVES_FILE).with_suffix(suffix))
 
 
@@ -168,7 +170,7 @@ def plot_panel(run_dirs: list[Path], out_path: Path, group_by: list[str] = ()) -
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(2, 3, figsize=PANEL_SIZE, layout="constrained")
         styles = set().union(*(_draw(ax, panel, lines) for ax, panel in zip(axes.flat, NC_FIGURES.values())))
-        _finish(fig, lines, styles, NC_TABLE)
+        _finish(fig, lines, styles, STYLE_NAMES[NC_TABLE])
         return _save(fig, Path(out_path))
 
 
@@ -482,12 +484,13 @@ def _marker(panel: Panel) -> str:
     return "o" if panel.table == NC_TABLE else ""
 
 
-def _finish(fig: plt.Figure, lines: list[_Line], drawn: set[str], table: str) -> None:
+def _finish(fig: plt.Figure, lines: list[_Line], drawn: set[str], names: dict[str, str]) -> None:
     """The figure's title (what was trained, and how it departs from the paper's protocol) and one legend
-    below the axes: the line styles drawn, the TPT onset and, for several lines, their colours."""
+    below the axes: the line styles drawn, by their `names`, the TPT onset and, for several lines, their
+    colours."""
     colour = lines[0].colour if len(lines) == 1 else "0.3"
     handles = [Line2D([], [], color=colour, linestyle=style, label=name)
-               for style, name in STYLE_NAMES[table].items() if style in drawn]
+               for style, name in names.items() if style in drawn]
     if "tpt" in drawn:
         handles.append(Line2D([], [], color=colour, **TPT_STYLE, label="TPT onset"))
     if "zeros" in drawn:
