@@ -239,7 +239,7 @@ def plot_representations(table: Path, out_path: Path | None = None) -> Path:
         ax.set_ylabel("simplex plane, axis 2")
         ax.set_title(f"Mixup representations of classes {', '.join(str(row['class_a']) for row in arrows)}\n"
                      "(darker: larger weight of the first class of the pair)")
-        ax.legend(loc="best")
+        fig.legend(loc="outside lower center", ncols=3)
         return _save(fig, Path(out_path) if out_path else Path(table).with_suffix(".png"))
 
 
