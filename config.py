@@ -33,7 +33,7 @@ PROTOCOL = {"model": "resnet18", "width": 64, "epochs": 350, "batch_size": 128, 
 AUTHORS_CHECKPOINTS = (*range(1, 15), 16, 17, 19, 20, 22, 24, 27, 29, 32, 35, 38, 42, 45, 50, 54, 59, 65, 71, 77,
                        85, 92, 101, 110, 121, 132, 144, 158, 172, 188, 206, 225, 245, 268, 293, 320, 350)
 # Departures from the protocol per dataset: CIFAR-100 is the paper's ResNet-50 case; synthetic is
-# the CPU quick start, small enough to train and validate in a few minutes on two cores.
+# the CPU quick start, small enough to train and validate in under a minute on two cores.
 DATASET_DEFAULTS = {"CIFAR100": {"model": "resnet50"},
                     "synthetic": {"epochs": 30, "width": 16, "num_checkpoints": 15}}
 
