@@ -24,8 +24,8 @@ import datasets
 import distributed
 import losses
 import models
-from errors import UserError
 import robustness
+from errors import UserError
 from nc_metrics import (FEATURE_KEYS, FeatureStats, calibration_bins, expected_calibration_error, metrics_from_stats,
                         nc1, ncc_disagreements, plane_coordinates, simplex_plane)
 

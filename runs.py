@@ -128,7 +128,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
     with atomic_path(path) as tmp:
         try:
             torch.save(state, tmp)
-        except RuntimeError as err:  # torch's zip writer reports a full disk or a vanished file so
+        except RuntimeError as err:  # how torch's zip writer reports a full disk
             raise OSError(str(err).split("\n")[0]) from err
 
 
