@@ -225,9 +225,7 @@ def setting_text(key: str, value) -> str:
 def protocol_departures(run: dict) -> list[str]:
     """The settings of a run (its config.json) that differ from the paper's protocol for its dataset and
     model, as `setting_text` prints them, e.g. ["width=16", "spc=100", "epochs=150", "bf16"]."""
-    paper = {**PROTOCOL, "lr": defaults_for(run.get("dataset"), run.get("model"), run.get("optimizer"))["lr"],
-             "samples_per_class": datasets.FULL_PER_CLASS.get(run.get("dataset")),
-             "lr_milestones": default_milestones(run.get("epochs") or PROTOCOL["epochs"])}
+    paper = _reference(run, PROTOCOL)
     return [setting_text(key, run[key]) for key in SETTING_NAMES
             if key in paper and key != "model" and run.get(key) is not None and run[key] != paper[key]]
 
@@ -235,10 +233,7 @@ def protocol_departures(run: dict) -> list[str]:
 def selection_flags(run: dict) -> list[str]:
     """The command-line flags that select a run (a config.json, or `resolve_config`'s settings): --dataset,
     then each setting that differs from its default, e.g. ["--dataset", "CIFAR10", "--width", "8"]."""
-    defaults = {**defaults_for(run["dataset"], None, None), "seed": 0,
-                "lr": defaults_for(run["dataset"], run.get("model"), run.get("optimizer"))["lr"],
-                "samples_per_class": datasets.FULL_PER_CLASS.get(run["dataset"]),
-                "lr_milestones": default_milestones(run.get("epochs") or PROTOCOL["epochs"])}
+    defaults = {**_reference(run, defaults_for(run["dataset"], None, None)), "seed": 0}
     flags = ["--dataset", run["dataset"]]
     for key in SETTING_NAMES:
         value = run.get(key)
@@ -263,6 +258,14 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu or --device auto")
     return torch.device(name)
+
+
+def _reference(run: dict, settings: dict) -> dict:
+    """`settings` completed with what depends on the run: the default learning rate of its dataset, model
+    and optimizer, the whole balanced training set, and the default milestones of its length."""
+    return {**settings, "lr": defaults_for(run.get("dataset"), run.get("model"), run.get("optimizer"))["lr"],
+            "samples_per_class": datasets.FULL_PER_CLASS.get(run.get("dataset")),
+            "lr_milestones": default_milestones(run.get("epochs") or PROTOCOL["epochs"])}
 
 
 def _milestones(given: list[int], epochs: int) -> list[int]:

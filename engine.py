@@ -182,6 +182,8 @@ def measure_collapse(model: nn.Module, loss_fn: losses.LossFn, train: Split, tes
     for name, accumulator in stage_stats.items():
         measured[f"nc1_{name}"] = nc1(accumulator.within_class_covariance(),
                                       accumulator.class_means() - accumulator.global_mean())
+    if layers:
+        measured[f"nc1_{model.stage_names[-1]}"] = measured["nc1"]  # the last stage is the penultimate layer
     return measured
 
 
@@ -279,11 +281,12 @@ def _readouts(model: nn.Module, data: Split, config: dict, batch_size: int,
 
 
 def _stage_stats(model: nn.Module, train: Split, config: dict) -> dict[str, FeatureStats]:
-    """An empty FeatureStats per stage, sized by one image's readouts, so that every process has the same
-    accumulators even with no batch of its own."""
+    """An empty FeatureStats per stage but the last (the penultimate features, which `stats` gathers
+    anyway), sized by one image's readouts, so that every process has the same accumulators even with
+    no batch of its own."""
     x = datasets.normalize(train[0][:1], *_normalization(config))
     return {name: FeatureStats(config["num_classes"], readout.shape[1], device=x.device)
-            for name, readout in model.stage_features(x)}
+            for name, readout in model.stage_features(x)[:-1]}
 
 
 def _simplex_rows(weight: torch.Tensor, basis: torch.Tensor, clean: torch.Tensor, classes: list[int], count: int,

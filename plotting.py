@@ -11,10 +11,10 @@ Figures 2-7, the training curves and Table 1.
 Several runs are overlaid, one colour per run, labelled by the settings on which their configs differ;
 with `--group-by KEY ...` one colour per group of runs with equal values of those config.json keys,
 drawn as the mean over the group's runs with a band from their minimum to their maximum, on the epochs
-they all have. Within a figure of two quantities, solid is the class means (or test) and dashed the
-classifiers (or train). A dotted vertical line in the run's colour marks its TPT onset: the first
-analysis checkpoint of nc_metrics.csv whose clean training set is classified without error in eval
-mode. The title names the dataset and model and every setting that departs from the paper's
+they all have. A line style means one thing in every figure, named in one legend below the axes: solid
+the training set (its class means, its features), dashed the classifier rows, dash-dot the test set,
+and a dotted vertical line in the run's colour its TPT onset: the first analysis checkpoint of
+nc_metrics.csv whose clean training set is classified without error in eval mode. The title names the dataset and model and every setting that departs from the paper's
 protocol, and says when a run never reached zero training error.
 
 Epochs are on a log axis (the analysis checkpoints are log-spaced), and so are the quantities of
@@ -133,7 +133,7 @@ def plot_run(run_dir: Path, out_dir: Path, suffix: str = ".png") -> list[Path]:
     written = plot_runs([run_dir], out_dir, suffix=suffix)
     written.append(plot_panel([run_dir], out_dir / f"panel{suffix}"))
     written.append(plot_curves([run_dir], out_dir, suffix=suffix))
-    if _stage_columns(runs.read_nc_metrics(run_dir)):
+    if runs.stage_columns(runs.read_nc_metrics(run_dir)):
         written.append(plot_layers(run_dir, out_dir / Path(LAYERS_FILE).with_suffix(suffix)))
     return written
 
@@ -178,7 +178,7 @@ def plot_layers(run_dir: Path, out_path: Path) -> Path:
     """NC1 after each stage of the network (validate_nc.py --layers) against depth, on a log axis, one
     line per measured checkpoint coloured by its epoch; the TPT onset's checkpoint in black."""
     measured = _read_required(Path(run_dir), NC_TABLE)
-    stages = _stage_columns(measured)
+    stages = runs.stage_columns(measured)
     if not stages:
         raise UserError(f"{run_dir} has no layer-wise NC1 yet; measure it with: python validate_nc.py --run-dir "
                         f"{run_dir} --layers")
@@ -470,12 +470,6 @@ def _aggregate(tables: list[list[dict]], column: str, log_y: bool) -> tuple[np.n
     values = np.array([[run[epoch] for epoch in shared] for run in by_epoch], dtype=float).reshape(len(tables), -1)
     hidden = log_y & np.isfinite(values) & (values <= 0)
     return np.array(shared, dtype=float), np.where(hidden, np.nan, values), bool(hidden.any())
-
-
-def _stage_columns(measured: list[dict]) -> list[str]:
-    """The nc1_<stage> columns of nc_metrics.csv, in depth order (the order validate_nc.py wrote them)."""
-    columns = dict.fromkeys(key for row in measured for key in row)
-    return [key for key in columns if key.startswith("nc1_") and key != "nc1_test"]
 
 
 def _marker(panel: Panel) -> str:

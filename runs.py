@@ -212,6 +212,13 @@ def write_summary(run_dir: Path) -> dict:
         return _write_summary(Path(run_dir))
 
 
+def stage_columns(measured: list[dict]) -> list[str]:
+    """The nc1_<stage> columns of nc_metrics.csv rows (validate_nc.py --layers), in depth order (the
+    order they were written), that hold a value in some row."""
+    columns = dict.fromkeys(key for row in measured for key, value in row.items() if value is not None)
+    return [key for key in columns if key.startswith("nc1_") and key != "nc1_test"]
+
+
 def tpt_row(measured: list[dict]) -> dict | None:
     """The row of nc_metrics.csv (in epoch order) where the TPT begins: the first with `train_acc`
     exactly 1, or None."""

@@ -212,7 +212,7 @@ def _lacks(row: dict, args: argparse.Namespace) -> bool:
     present = {key for key, value in row.items() if value is not None}
     return ((args.test_collapse and "nc1_test" not in present)
             or (args.adversarial and "deepfool_robustness" not in present)
-            or (args.layers and not any(key.startswith("nc1_") and key != "nc1_test" for key in present)))
+            or (args.layers and not runs.stage_columns([row])))
 
 
 def _report(run_config: dict, run_dir: Path, table: dict, measured: int, plots_dir: Path | None,
