@@ -1,31 +1,48 @@
 """Every figure of the repo, drawn from the tables of run folders (never from a model): the paper's
-Figures 2-7, the training curves and Table 1.
+Figures 2-7, the training curves, and the paper's Table 1 over any number of runs.
 
     python plotting.py nc RUN_DIR [RUN_DIR ...] --out DIR          # fig2_equinorm.png ... fig7_ncc_mismatch.png
-    python plotting.py curves RUN_DIR [RUN_DIR ...] --out DIR      # training_curves.png
-    python plotting.py panel RUN_DIR [RUN_DIR ...] --out FILE.png  # Figures 2-7 in one compact 2x3 panel
+    python plotting.py curves RUN_DIR [RUN_DIR ...] --out DIR      # training_curves.png (or --out FILE.pdf)
+    python plotting.py panel RUN_DIR [RUN_DIR ...] --out FILE.pdf  # Figures 2-7 in one compact 2x3 panel
     python plotting.py panel RUN_DIR ... --group-by precision --out FILE.png   # mean and spread per group
+    python plotting.py layers RUN_DIR --out FILE.svg               # NC1 after every stage (validate_nc.py --layers)
     python plotting.py representations CSV [--out FILE.png]        # the Mixup representation figure
     python plotting.py study studies/NAME [--out DIR]              # a study's panel and curves, seeds as bands
+    python plotting.py table RUN_DIR|STUDY_DIR ... [--group-by KEY ...] [--out FILE.md]   # Table 1: .md and .csv
 
-Several runs are overlaid, one colour per run, labelled by the settings on which their configs differ;
-with `--group-by KEY ...` one colour per group of runs with equal values of those config.json keys,
-drawn as the mean over the group's runs with a band from their minimum to their maximum, on the epochs
-they all have. A line style means one thing in every figure, named in one legend below the axes: solid
-the training set (its class means, its features), dashed the classifier rows, dash-dot the test set,
-and a dotted vertical line in the run's colour its TPT onset: the first analysis checkpoint of
-nc_metrics.csv whose clean training set is classified without error in eval mode. The title names the dataset and model and every setting that departs from the paper's
-protocol, and says when a run never reached zero training error.
+A figure is written as PNG (150 dpi), PDF or SVG (vectors, text kept as text): a file named by --out in
+its suffix's format, the files of a folder in --format's (default png); --format and a suffix that
+disagree, or a folder named like a file, are refused before anything is drawn.
+
+Several runs are overlaid, one colour per run, labelled by the settings on which their configs differ and
+which apply to them (a loss's parameter only under that loss; learning-rate milestones only where they
+are not the default of the run's length); with `--group-by KEY ...` one colour per group of runs with
+equal values of those config.json keys, drawn as the mean over the group's runs with a band from their
+minimum to their maximum, on the epochs they all have. A line style means one thing in every figure,
+named in one legend below the axes: solid the training set (its class means, its features), dashed the
+classifier rows, dash-dot the test set, and a dotted vertical line the TPT onset: the first analysis
+checkpoint of nc_metrics.csv whose clean training set is classified without error in eval mode (black
+for one run, each run's colour for several). Every legend lies whole inside its figure: it takes as many
+columns as fit the width, wraps long labels, and adds its height to the figure's, so the axes keep their
+size whatever the number of runs. The title names the dataset and model and every setting that departs
+from the paper's protocol, and says when a run never reached zero training error.
 
 Epochs are on a log axis (the analysis checkpoints are log-spaced), and so are the quantities of
 Figures 2-6 and the losses, which fall towards 0 over orders of magnitude; Figure 7's mismatch, the
-accuracies and the ECE are proportions, on a linear axis. A log axis cannot show 0: such values are
-left out, which breaks the line there, and the legend adds "zeros not shown" (a row of epoch 0 is
-likewise left off the epoch axis). They are not clipped to a floor, which would draw a value that was
-never measured at a height set by an arbitrary constant.
+accuracies and the ECE are proportions, on a linear axis. A log axis is labelled at 1, 2 and 5 times
+powers of ten, more densely where that would leave fewer than three labels (an axis spanning less than
+a decade). A log axis cannot show 0: such values are left out, which breaks the line there, and the
+legend adds "zeros not shown" (a row of epoch 0 is likewise left off the epoch axis). They are not
+clipped to a floor, which would draw a value that was never measured at a height set by an arbitrary
+constant.
+
+Table 1 (Papyan, Han & Donoho 2020) gives, per run, the TPT onset epoch and the test accuracy there and
+at the last measured checkpoint, and the change between them; with --group-by, per group of runs (the
+seeds of one setting) their mean with the range [minimum, maximum].
 """
 import argparse
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +54,8 @@ import matplotlib.colors
 import matplotlib.pyplot as plt
 import matplotlib.ticker
 import numpy as np
+from matplotlib.backend_bases import FigureCanvasBase
+from matplotlib.legend import Legend
 from matplotlib.lines import Line2D
 from PIL import Image
 
@@ -49,13 +68,22 @@ DPI = 150
 # >= 10 pt at the saved size; vector files keep text as text (searchable, editable, reproducible).
 STYLE = {"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10, "svg.fonttype": "none", "pdf.fonttype": 42}
 FORMATS = ("png", "pdf", "svg")
+# Every suffix matplotlib could write: a folder named like one of these is taken for a mistyped file.
+FIGURE_SUFFIXES = frozenset(FigureCanvasBase.get_supported_filetypes())
 VECTOR_METADATA = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}  # no timestamps: same tables, same bytes
-SINGLE_SIZE = (7.0, 5.0)
+SINGLE_SIZE = (7.0, 5.0)  # every size is that of the figure without its legend, which adds its own height
 CURVES_SIZE = (15.0, 4.8)
 PANEL_SIZE = (12.0, 7.0)
+REPRESENTATIONS_SIZE = (6.5, 6.0)
+MAX_LEGEND_COLUMNS = 4
+MIN_WRAP = 12  # characters: a legend label or title is never wrapped narrower than this
+SIDE_MARGIN = 0.02  # of the figure's width, kept clear of a legend or title on each side
+MIN_LOG_TICKS = 3
 SOLID, DASHED, DASH_DOT = "-", "--", "-."
 TPT_STYLE = {"linestyle": (0, (1, 2)), "linewidth": 1.5, "alpha": 0.8}  # dotted: unlike either quantity
+TPT_COLOUR_ALONE = "black"  # a single run's onset, unlike its own curves' colour
 MARKER_SIZE = 3
+LEGEND_MARKER_SIZE = 8
 NC_TABLE, LOG_TABLE = "nc_metrics.csv", "log.csv"
 
 
@@ -126,13 +154,26 @@ CURVE_PANELS = (
 CURVES_FILE = "training_curves.png"
 
 
+# The paper's Table 1, per run; a grouped table has, instead of `run_dir`, the grouping keys and the
+# counts of its runs, and the mean [minimum, maximum] of each of TABLE1_STATS.
+TABLE1_COLUMNS = ["dataset", "model", "tpt_epoch", "tpt_test_acc", "last_epoch", "last_test_acc", "change"]
+TABLE1_STATS = ("tpt_epoch", "tpt_test_acc", "last_epoch", "last_test_acc", "change")
+TABLE1_HEADERS = {"run_dir": "run", "runs": "runs", "runs_tpt": "runs reaching the TPT", "dataset": "dataset",
+                  "model": "network", "tpt_epoch": "TPT onset epoch", "tpt_test_acc": "test accuracy at the TPT onset",
+                  "last_epoch": "last epoch", "last_test_acc": "test accuracy at the last epoch",
+                  "change": "change (points)"}
+TABLE1_NOTE = ("TPT onset: the first measured checkpoint whose clean training set is classified without error "
+               "(eval mode). Change: the test accuracy at the last epoch minus that at the onset, in percentage points.")
+GROUPED_NOTE = " Each cell of a group: the mean over its runs [minimum, maximum]; the onset's over the runs reaching it."
+
+
 def plot_run(run_dir: Path, out_dir: Path, suffix: str = ".png") -> list[Path]:
     """Figures 2-7 (and 8 and the layer-wise figure when measured), the 2x3 panel and the training
     curves of one run, written into `out_dir` in the format of `suffix`; the paths written."""
     out_dir = Path(out_dir)
     written = plot_runs([run_dir], out_dir, suffix=suffix)
     written.append(plot_panel([run_dir], out_dir / f"panel{suffix}"))
-    written.append(plot_curves([run_dir], out_dir, suffix=suffix))
+    written.append(plot_curves([run_dir], out_dir / Path(CURVES_FILE).with_suffix(suffix)))
     if runs.stage_columns(runs.read_nc_metrics(run_dir)):
         written.append(plot_layers(run_dir, out_dir / Path(LAYERS_FILE).with_suffix(suffix)))
     return written
@@ -141,40 +182,66 @@ def plot_run(run_dir: Path, out_dir: Path, suffix: str = ".png") -> list[Path]:
 def plot_runs(run_dirs: list[Path], out_dir: Path, group_by: list[str] = (), suffix: str = ".png") -> list[Path]:
     """Figures 2-7 (and 8 when measured) with the runs (or groups of runs) overlaid, one file per figure
     in `out_dir`."""
+    return [_save(fig, Path(out_dir) / Path(filename).with_suffix(suffix))
+            for filename, fig in nc_figures(run_dirs, group_by)]
+
+
+def plot_curves(run_dirs: list[Path], out_path: Path, group_by: list[str] = ()) -> Path:
+    """The training curves (loss | accuracy | test ECE per epoch, from log.csv) at `out_path`."""
+    return _save(curves_figure(run_dirs, group_by), out_path)
+
+
+def plot_panel(run_dirs: list[Path], out_path: Path, group_by: list[str] = ()) -> Path:
+    """Figures 2-7 as one compact 2x3 panel (the same content as the single figures) at `out_path`."""
+    return _save(panel_figure(run_dirs, group_by), out_path)
+
+
+def plot_layers(run_dir: Path, out_path: Path) -> Path:
+    """The layer-wise NC1 figure (see `layers_figure`) at `out_path`."""
+    return _save(layers_figure(run_dir), out_path)
+
+
+def plot_representations(table: Path, out_path: Path | None = None) -> Path:
+    """The Mixup representation figure (see `representations_figure`) at `out_path`, by default beside
+    the CSV, as .png."""
+    return _save(representations_figure(Path(table)), Path(out_path) if out_path else Path(table).with_suffix(".png"))
+
+
+def nc_figures(run_dirs: list[Path], group_by: list[str] = ()) -> Iterator[tuple[str, plt.Figure]]:
+    """Figures 2-7 (and 8 when measured) with the runs (or groups) overlaid: (file name, figure), one at a
+    time, for the caller to save (which closes it)."""
     lines = _load_lines(run_dirs, NC_TABLE, group_by)
     figures = dict(NC_FIGURES)
     if _present(ROBUSTNESS_FIGURE[1], lines):
         figures[ROBUSTNESS_FIGURE[0]] = ROBUSTNESS_FIGURE[1]
-    written = []
     for filename, panel in figures.items():
         with plt.rc_context(STYLE):
             fig, ax = plt.subplots(figsize=SINGLE_SIZE, layout="constrained")
             _finish(fig, lines, _draw(ax, panel, lines), panel.names or STYLE_NAMES[panel.table])
-            written.append(_save(fig, Path(out_dir) / Path(filename).with_suffix(suffix)))
-    return written
+        yield filename, fig
 
 
-def plot_curves(run_dirs: list[Path], out_dir: Path, group_by: list[str] = (), suffix: str = ".png") -> Path:
-    """training_curves.png in `out_dir`: loss | accuracy | test ECE per epoch from log.csv."""
+def curves_figure(run_dirs: list[Path], group_by: list[str] = ()) -> plt.Figure:
+    """Loss | accuracy | test ECE per epoch from log.csv, the runs (or groups) overlaid."""
     lines = _load_lines(run_dirs, LOG_TABLE, group_by)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=CURVES_SIZE, layout="constrained")
         styles = set().union(*(_draw(ax, panel, lines) for ax, panel in zip(axes, CURVE_PANELS)))
         _finish(fig, lines, styles, STYLE_NAMES[LOG_TABLE])
-        return _save(fig, Path(out_dir) / Path(CURVES_FILE).with_suffix(suffix))
+    return fig
 
 
-def plot_panel(run_dirs: list[Path], out_path: Path, group_by: list[str] = ()) -> Path:
-    """Figures 2-7 as one compact 2x3 panel (the same content as the single figures) at `out_path`."""
+def panel_figure(run_dirs: list[Path], group_by: list[str] = ()) -> plt.Figure:
+    """Figures 2-7 in one 2x3 panel, the runs (or groups) overlaid."""
     lines = _load_lines(run_dirs, NC_TABLE, group_by)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(2, 3, figsize=PANEL_SIZE, layout="constrained")
         styles = set().union(*(_draw(ax, panel, lines) for ax, panel in zip(axes.flat, NC_FIGURES.values())))
         _finish(fig, lines, styles, STYLE_NAMES[NC_TABLE])
-        return _save(fig, Path(out_path))
+    return fig
 
 
-def plot_layers(run_dir: Path, out_path: Path) -> Path:
+def layers_figure(run_dir: Path) -> plt.Figure:
     """NC1 after each stage of the network (validate_nc.py --layers) against depth, on a log axis, one
     line per measured checkpoint coloured by its epoch; the TPT onset's checkpoint in black."""
     measured = _read_required(Path(run_dir), NC_TABLE)
@@ -194,24 +261,26 @@ def plot_layers(run_dir: Path, out_path: Path) -> Path:
             values[values <= 0] = np.nan
             tpt = row["epoch"] == onset
             ax.plot(depth, values, marker="o", markersize=MARKER_SIZE, linewidth=2.5 if tpt else 1.2,
-                    color="black" if tpt else colours(norm(row["epoch"])),
-                    label=f"TPT onset (epoch {onset})" if tpt else None, zorder=3 if tpt else 2)
-        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=colours), ax=ax, label="epoch of the checkpoint")
+                    color=TPT_COLOUR_ALONE if tpt else colours(norm(row["epoch"])), zorder=3 if tpt else 2)
+        bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=colours), ax=ax, label="epoch of the checkpoint")
+        readable_log_ticks(bar.ax.yaxis)  # epochs as the integers they are, not powers of ten
         ax.set_yscale("log")
+        readable_log_ticks(ax.yaxis)
         ax.set_xticks(depth, [column.removeprefix("nc1_") for column in stages], rotation=30)
         ax.set_xlabel("stage of the network (its globally averaged output), in depth order")
         ax.set_ylabel(r"$\mathrm{Tr}(\Sigma_W\,\Sigma_B^{+})\ /\ C$ after the stage")
         ax.set_title("Within-class variation layer by layer")
         ax.grid(True, which="major", alpha=0.3)
         if onset is not None:
-            ax.legend()
-        fig.suptitle(_describe(_load_lines([run_dir], NC_TABLE, [])))
-        return _save(fig, Path(out_path))
+            legend_below(fig, [Line2D([], [], color=TPT_COLOUR_ALONE, linewidth=2.5, marker="o", markersize=MARKER_SIZE,
+                                      label=f"TPT onset (epoch {onset})")])
+        title_above(fig, _describe(_load_lines([run_dir], NC_TABLE, [])))
+    return fig
 
 
-def plot_representations(table: Path, out_path: Path | None = None) -> Path:
+def representations_figure(table: Path) -> plt.Figure:
     """The Mixup representation figure (Fisher, Meng & Papyan 2024, Figure 1) from the CSV that
-    `validate_nc.py --representations` writes; by default beside it, as .png.
+    `validate_nc.py --representations` writes.
 
     Same-class mixes are drawn in greens and mixes of two classes in purples, darker for larger lam
     (the weight of class_a); arrows are the centred classifier rows, crosses the clean class means."""
@@ -219,11 +288,15 @@ def plot_representations(table: Path, out_path: Path | None = None) -> Path:
     points = [row for row in rows if row["kind"] in ("same", "mixed")]
     radius = max(np.hypot(row["x"], row["y"]) for row in points) or 1.0
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(6.5, 6.0), layout="constrained")
+        fig, ax = plt.subplots(figsize=REPRESENTATIONS_SIZE, layout="constrained")
+        handles = []
         for kind, colours, label in (("same", "Greens", "same-class mixes"), ("mixed", "Purples", "two-class mixes")):
             chosen = [row for row in points if row["kind"] == kind]
-            ax.scatter([row["x"] for row in chosen], [row["y"] for row in chosen], s=6, label=label,
+            ax.scatter([row["x"] for row in chosen], [row["y"] for row in chosen], s=6,
                        c=[0.25 + 0.75 * row["lam"] for row in chosen], cmap=colours, vmin=0, vmax=1, linewidths=0)
+            # The points are specks in pale to dark shades; the legend shows one mid-dark, at a size one can read.
+            handles.append(Line2D([], [], linestyle="none", marker="o", markersize=LEGEND_MARKER_SIZE,
+                                  color=plt.get_cmap(colours)(0.75), label=label))
         arrows = [row for row in rows if row["kind"] == "classifier"]
         scale = radius / max(np.hypot(row["x"], row["y"]) for row in arrows)
         for row in arrows:
@@ -231,70 +304,200 @@ def plot_representations(table: Path, out_path: Path | None = None) -> Path:
                         arrowprops={"arrowstyle": "->", "color": "black", "linewidth": 1.5})
             ax.annotate(f"$w_{{{row['class_a']}}}$", (1.08 * scale * row["x"], 1.08 * scale * row["y"]), ha="center")
         means = [row for row in rows if row["kind"] == "mean"]
-        ax.scatter([row["x"] for row in means], [row["y"] for row in means], marker="x", s=60, color="black",
-                   label="class means (clean)")
+        ax.scatter([row["x"] for row in means], [row["y"] for row in means], marker="x", s=60, color="black")
+        handles.append(Line2D([], [], linestyle="none", marker="x", markersize=LEGEND_MARKER_SIZE, markeredgewidth=1.5,
+                              color="black", label="class means (clean)"))
         limit = 1.2 * radius  # room for the arrows' tips and labels, which are not drawn outside the axes
         ax.set(xlim=(-limit, limit), ylim=(-limit, limit), aspect="equal")
         ax.set_xlabel("simplex plane, axis 1")
         ax.set_ylabel("simplex plane, axis 2")
         ax.set_title(f"Mixup representations of classes {', '.join(str(row['class_a']) for row in arrows)}\n"
                      "(darker: larger weight of the first class of the pair)")
-        fig.legend(loc="outside lower center", ncols=3)
-        return _save(fig, Path(out_path) if out_path else Path(table).with_suffix(".png"))
+        legend_below(fig, handles)
+    return fig
+
+
+def table1(run_dirs: list[Path], group_by: list[str] = ()) -> list[dict]:
+    """The paper's Table 1 from the runs' nc_metrics.csv: per run its folder, dataset and network, the
+    TPT onset epoch (None if never reached) and the test accuracy there, the last measured epoch and the
+    test accuracy there, and the change (a fraction; None without an onset). With `group_by`, one row per
+    group of runs with equal values of those config.json keys: the keys' values, the counts `runs` and
+    `runs_tpt`, and for each of TABLE1_STATS a (mean, minimum, maximum) over the group's runs (over those
+    that reached the onset, for the onset's columns), or None."""
+    run_dirs = [Path(run_dir) for run_dir in run_dirs]
+    rows = [_table1_row(run_dir) for run_dir in run_dirs]
+    if not group_by:
+        return rows
+    configs = [runs.read_config(run_dir, required=()) or {} for run_dir in run_dirs]
+    grouped = []
+    for members in _groups(configs, group_by):
+        chosen = [rows[i] for i in members]
+        grouped.append({**{key: configs[members[0]].get(key) for key in group_by}, "runs": len(chosen),
+                        "runs_tpt": sum(row["tpt_epoch"] is not None for row in chosen),
+                        "dataset": _distinct(row["dataset"] for row in chosen),
+                        "model": _distinct(row["model"] for row in chosen),
+                        **{stat: _spread([row[stat] for row in chosen]) for stat in TABLE1_STATS}})
+    return grouped
+
+
+def table1_columns(group_by: list[str] = ()) -> list[str]:
+    """The columns of `table1`'s rows, in order."""
+    return [*group_by, "runs", "runs_tpt", *TABLE1_COLUMNS] if group_by else ["run_dir", *TABLE1_COLUMNS]
+
+
+def table1_markdown(rows: list[dict], columns: list[str]) -> str:
+    """`table1`'s rows as a Markdown table of `columns`, accuracies in percent, with a note on its terms."""
+    grouped = "runs" in columns
+    header = [TABLE1_HEADERS.get(column) or config.SETTING_NAMES.get(column) or column for column in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_table1_cell(column, row) for column in columns) + " |" for row in rows]
+    return "\n".join([*lines, "", TABLE1_NOTE + (GROUPED_NOTE if grouped else "")]) + "\n"
+
+
+def table1_csv_rows(rows: list[dict], columns: list[str]) -> tuple[list[dict], list[str]]:
+    """`table1`'s rows flat, for a CSV: numbers as they are (accuracies and the change as fractions), a
+    group's statistic as <stat>_mean, <stat>_min and <stat>_max; and the CSV's columns."""
+    flat_columns = [name for column in columns
+                    for name in ([f"{column}_{part}" for part in ("mean", "min", "max")]
+                                 if column in TABLE1_STATS and "runs" in columns else [column])]
+    flat = []
+    for row in rows:
+        cells = {}
+        for column in columns:
+            value = row[column]
+            if column in TABLE1_STATS and "runs" in columns:
+                cells |= dict(zip((f"{column}_{part}" for part in ("mean", "min", "max")), value or (None,) * 3))
+            else:
+                cells[column] = ",".join(map(str, value)) if isinstance(value, list) else value
+        flat.append(cells)
+    return flat, flat_columns
 
 
 def tpt_table(run_dir: Path) -> str:
-    """The paper's Table 1 for one run, as Markdown, from nc_metrics.csv: the test accuracy at the TPT
-    onset (the first checkpoint whose clean training set is classified without error in eval mode) and
-    at the last measured checkpoint, with their epochs."""
-    run_dir = Path(run_dir)
-    measured = _read_required(run_dir, NC_TABLE)
-    settings = runs.read_config(run_dir, required=()) or {}
-    onset, last = runs.tpt_row(measured), measured[-1]
-    if onset is None:
-        best = max(row["train_acc"] for row in measured)
-        onset_cells = [f"not reached by epoch {last['epoch']} (best train accuracy {_percent(best)})", "n/a"]
-    else:
-        onset_cells = [str(onset["epoch"]), _percent(onset["test_acc"])]
-    cells = [settings.get("dataset", "?"), settings.get("model", "?"), *onset_cells,
-             str(last["epoch"]), _percent(last["test_acc"])]
-    header = ["dataset", "model", "TPT onset epoch (zero training error)", "test accuracy at TPT onset",
-              "last epoch", "test accuracy at last epoch"]
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                      "| " + " | ".join(cells) + " |"]) + "\n"
+    """The paper's Table 1 for one run, as Markdown (what validate_nc.py writes to tpt_table.md)."""
+    return table1_markdown(table1([run_dir]), TABLE1_COLUMNS)
+
+
+def write_table1(run_dirs: list[Path], out: Path, group_by: list[str] = ()) -> tuple[str, list[Path]]:
+    """Table 1 of the runs as Markdown and as CSV, at `out` with the suffixes .md and .csv; the Markdown
+    and the paths written."""
+    rows, columns = table1(run_dirs, group_by), table1_columns(group_by)
+    markdown = table1_markdown(rows, columns)
+    paths = [out.with_suffix(".md"), out.with_suffix(".csv")]
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    runs.write_text(paths[0], markdown)
+    runs.write_csv(paths[1], *table1_csv_rows(rows, columns))
+    return markdown, paths
 
 
 def run_labels(configs: list[dict], names: list[str]) -> list[str]:
-    """A legend label per run: the user-facing settings whose values are not all equal across
-    `configs`, in short form ("seed=1, spc=50"); the run folder `names` if none differ."""
-    differing = [key for key in config.SETTING_NAMES if len({str(run.get(key)) for run in configs}) > 1]
-    if not differing:
-        return list(names)
-    return [", ".join(config.setting_text(key, run.get(key)) for key in differing) for run in configs]
+    """A legend label per run: the user-facing settings that apply to it and whose values differ across
+    `configs` (among the runs they apply to), in short form ("seed=1, spc=50"); cross-entropy against MSE
+    reads "loss=ce" / "loss=mse", not "kappa=None" / "kappa=1". Learning-rate milestones that are the
+    default of a run's length are not named. A run with nothing to name gets its folder name from `names`."""
+    settings = [_applied_settings(run) for run in configs]
+    differing = [key for key in config.SETTING_NAMES if len({str(run[key]) for run in settings if key in run}) > 1]
+    labels = [", ".join(config.setting_text(key, run[key]) for key in differing
+                        if key in run and run[key] != _DEFAULT_MILESTONES) for run in settings]
+    return [label or name for label, name in zip(labels, names)]
+
+
+def legend_below(fig: plt.Figure, handles: list) -> Legend:
+    """One legend of `handles`, centred below the axes of `fig` (a constrained layout), and whole inside
+    the figure: in as many columns (up to MAX_LEGEND_COLUMNS) as fit the figure's width, its labels
+    wrapped at spaces (never inside $math$) where even one column would not fit, and the figure made
+    taller by the legend's height, so that its axes keep their size whatever the legend holds. Every
+    figure of the repo puts its legend here."""
+    renderer = fig.canvas.get_renderer()
+    labels = [handle.get_label() for handle in handles]
+    chars = max(len(line) for label in labels for line in label.split("\n"))
+    legend = _fitting_legend(fig, handles, labels, chars, renderer)
+    while legend is None and chars > MIN_WRAP:
+        chars = max(MIN_WRAP, chars - max(1, chars // 5))
+        legend = _fitting_legend(fig, handles, labels, chars, renderer)
+    if legend is None:  # a word longer than MIN_WRAP characters and the figure's width: as narrow as it goes
+        legend = fig.legend(handles, [_wrap(label, MIN_WRAP) for label in labels], loc="outside lower center")
+    fig.set_figheight(fig.get_figheight() + legend.get_window_extent(renderer).height / fig.dpi)
+    return legend
+
+
+def title_above(fig: plt.Figure, text: str) -> None:
+    """`text` as the figure's title, wrapped at spaces to the figure's width."""
+    renderer = fig.canvas.get_renderer()
+    chars = max(len(line) for line in text.split("\n"))
+    title = fig.suptitle(text)
+    while title.get_window_extent(renderer).width > _room(fig) and chars > MIN_WRAP:
+        chars = max(MIN_WRAP, chars - max(1, chars // 5))
+        title.set_text(_wrap(text, chars))
+
+
+def readable_log_ticks(axis: matplotlib.axis.Axis) -> None:
+    """Label a log axis with plain numbers (2, 50, 0.005; epochs as integers), at least MIN_LOG_TICKS of
+    them in view (see `_ReadableLogLocator`)."""
+    axis.set_major_locator(_ReadableLogLocator())
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def figure_path(out: Path, figure_format: str | None) -> Path:
+    """The file a figure named by --out `out` goes to: `out` in its suffix's format (with which
+    `figure_format`, if given, must agree), or with the suffix of `figure_format` (default png) when it
+    has none; a UserError for anything else."""
+    out = Path(out)
+    kind = out.suffix.lower().lstrip(".")
+    if not kind:
+        return out.with_name(f"{out.name}.{figure_format or FORMATS[0]}")
+    if kind not in FORMATS:
+        raise UserError(f"cannot write {out}: name a .png, .pdf or .svg file")
+    if figure_format and figure_format != kind:
+        raise UserError(f"--out {out} names a .{kind} file but --format is {figure_format}; make them agree or drop "
+                        "--format")
+    return out
+
+
+def figure_folder(out: Path, command: str) -> Path:
+    """`out` as the folder of a command that writes several figures; a UserError when it is named like
+    a figure file (x.pdf) or is a file."""
+    out = Path(out)
+    kind = out.suffix.lower().lstrip(".")
+    if kind in FIGURE_SUFFIXES:
+        suggestion = f" --format {kind}" if kind in FORMATS else ""
+        raise UserError(f"plotting.py {command} writes several figures into a folder, not into the file {out}: "
+                        f"pass --out {out.with_suffix('')}{suggestion}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; plotting.py {command} writes into a folder: name a folder")
+    return out
 
 
 # Studies (sweep.py): the runs of studies/<name>/, one line per group of runs equal in every varied
 # setting but the seed, so that the seeds make the band.
 
-def plot_study(study_dir: Path, out_dir: Path | None = None) -> list[Path]:
+def plot_study(study_dir: Path, out_dir: Path | None = None, suffix: str = ".png") -> list[Path]:
     """A study's Figures 2-7 panel (panel.png) and training curves (training_curves.png), with its finished
     runs grouped by the study's varied settings except the seed (each group's mean over seeds, and their
     min-max band); for a learning-rate grid, each group at its chosen learning rate only. Its tables are
-    refreshed first; the files go to the study's folder, or to `out_dir` with a copy of table.md. The run
-    folders are read where sweep.py put them, relative to the folder it ran in."""
+    refreshed first; the files go to the study's folder, or to `out_dir` with a copy of table.md, in the
+    format of `suffix`. The run folders are read where sweep.py put them, relative to the folder it ran in."""
     study_dir = Path(study_dir)
     out_dir = Path(out_dir) if out_dir else study_dir
-    study = studies.read_study(study_dir)
-    drawn = [row for row in studies.refresh_tables(study_dir) if row["status"] == "done" and row.get("selected", True)]
-    if not drawn:
-        raise UserError(f"{study_dir} has no finished run yet; run its sweep.py command (see its table.md)")
+    study, run_dirs = study_runs(study_dir)
     group_by = [key for key in study["varied"] if key != "seed"] or ["dataset"]  # one group: every seed
-    run_dirs = [Path(row["run_dir"]) for row in drawn]
-    written = [plot_panel(run_dirs, out_dir / "panel.png", group_by), plot_curves(run_dirs, out_dir, group_by)]
+    written = [plot_panel(run_dirs, out_dir / f"panel{suffix}", group_by),
+               plot_curves(run_dirs, out_dir / Path(CURVES_FILE).with_suffix(suffix), group_by)]
     if out_dir != study_dir:
         written.append(out_dir / studies.MARKDOWN_TABLE)
         runs.write_text(written[-1], (study_dir / studies.MARKDOWN_TABLE).read_text())
     return written
+
+
+def study_runs(study_dir: Path) -> tuple[dict, list[Path]]:
+    """A study's study.json and the folders of its finished runs (for a learning-rate grid, those at the
+    chosen rate only), after refreshing its tables."""
+    study = studies.read_study(study_dir)
+    drawn = [row for row in studies.refresh_tables(study_dir) if row["status"] == "done" and row.get("selected", True)]
+    if not drawn:
+        raise UserError(f"{study_dir} has no finished run yet; run its sweep.py command (see its table.md)")
+    return study, [Path(row["run_dir"]) for row in drawn]
 
 
 def group_series(run_dirs: list[Path], group_by: list[str], column: str,
@@ -312,44 +515,80 @@ def group_series(run_dirs: list[Path], group_by: list[str], column: str,
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    representations = commands.add_parser("representations", help="the Mixup representation figure from its CSV",
-                                          description="the Mixup representation figure from its CSV")
+
+    def command(name: str, summary: str, out_help: str, required: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=summary)
+        sub.add_argument("--out", type=Path, required=required, help=out_help)
+        if name != "table":
+            sub.add_argument("--format", choices=FORMATS, help="png (150 dpi), pdf or svg (vectors, text kept as "
+                             "text); default: the suffix of a file given to --out, else png")
+        return sub
+
+    def runs_and_groups(sub: argparse.ArgumentParser, what: str) -> None:
+        sub.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help=what)
+        sub.add_argument("--group-by", nargs="+", default=[], metavar="KEY",
+                         help="config.json keys (e.g. loss, precision): one line per group of runs with equal "
+                         "values, the mean over its runs and a band from their minimum to their maximum")
+
+    representations = command("representations", "the Mixup representation figure from its CSV",
+                              "the file to write (default: beside the CSV)", required=False)
     representations.add_argument("table", type=Path, metavar="CSV", help="mixup_representations_epoch<E>.csv")
-    representations.add_argument("--out", type=Path, help="the PNG file to write (default: beside the CSV)")
-    layers = commands.add_parser("layers", help="layerwise_nc1: NC1 after every stage, one line per checkpoint",
-                                 description="NC1 after every stage (validate_nc.py --layers), one line per checkpoint")
+    layers = command("layers", "layerwise_nc1: NC1 after every stage, one line per checkpoint",
+                     "the file to write (.png, .pdf or .svg)")
     layers.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder measured with --layers")
-    layers.add_argument("--out", type=Path, required=True, help="the file to write (.png, .pdf or .svg)")
-    for name, summary, out_help in (
-            ("nc", "Figures 2-7 (and 8 when measured), one file each, the runs overlaid", "folder for the figures"),
-            ("curves", "training_curves.png: loss, accuracy and test ECE per epoch", "folder for the figure"),
-            ("panel", "Figures 2-7 in one compact 2x3 panel", "the file to write (.png, .pdf or .svg)")):
-        command = commands.add_parser(name, help=summary, description=summary)
-        command.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders to plot")
-        command.add_argument("--out", type=Path, required=True, help=out_help)
-        command.add_argument("--group-by", nargs="+", default=[], metavar="KEY",
-                             help="config.json keys (e.g. loss, precision): one line per group of runs with equal "
-                             "values, the mean over its runs and a band from their minimum to their maximum")
-    study = commands.add_parser("study", help="a study's panel and training curves, seeds as bands",
-                                description="a study's panel and training curves, seeds as bands, and its table.md")
+    runs_and_groups(command("nc", "Figures 2-7 (and 8 when measured), one file each, the runs overlaid",
+                            "the folder for the figures"), "run folders to plot")
+    runs_and_groups(command("curves", "training_curves: loss, accuracy and test ECE per epoch",
+                            "a folder (for training_curves.<format>) or the file to write"), "run folders to plot")
+    runs_and_groups(command("panel", "Figures 2-7 in one compact 2x3 panel", "the file to write (.png, .pdf or .svg)"),
+                    "run folders to plot")
+    study = command("study", "a study's panel and training curves, seeds as bands, and its table.md",
+                    "folder for the files (default: the study's folder)", required=False)
     study.add_argument("study_dir", type=Path, metavar="STUDY_DIR", help="studies/NAME, as sweep.py wrote it")
-    study.add_argument("--out", type=Path, help="folder for the files (default: the study's folder)")
+    table = command("table", "the paper's Table 1 over runs: TPT onset, test accuracy there and at the last "
+                    "epoch, and the change; printed as Markdown", "also write it to this file as Markdown (.md) and "
+                    "beside it as CSV (.csv)", required=False)
+    runs_and_groups(table, "run folders, or study folders (their finished runs)")
     return parser.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.command == "table":
+        return _print_table(args)
+    figure_format = args.format
+    suffix = f".{figure_format or FORMATS[0]}"
     if args.command == "representations":
-        written = [plot_representations(args.table, args.out)]
+        out = figure_path(args.out, figure_format) if args.out else args.table.with_suffix(suffix)
+        written = [plot_representations(args.table, out)]
     elif args.command == "layers":
-        written = [plot_layers(args.run_dir, args.out)]
+        written = [plot_layers(args.run_dir, figure_path(args.out, figure_format))]
     elif args.command == "nc":
-        written = plot_runs(args.run_dirs, args.out, args.group_by)
+        written = plot_runs(args.run_dirs, figure_folder(args.out, "nc"), args.group_by, suffix)
     elif args.command == "study":
-        written = plot_study(args.study_dir, args.out)
+        written = plot_study(args.study_dir, args.out and figure_folder(args.out, "study"), suffix)
     elif args.command == "curves":
-        written = [plot_curves(args.run_dirs, args.out, args.group_by)]
+        named_file = args.out.suffix.lower().lstrip(".") in FIGURE_SUFFIXES
+        out = figure_path(args.out, figure_format) if named_file else args.out / Path(CURVES_FILE).with_suffix(suffix)
+        written = [plot_curves(args.run_dirs, out, args.group_by)]
     else:
-        written = [plot_panel(args.run_dirs, args.out, args.group_by)]
+        written = [plot_panel(args.run_dirs, figure_path(args.out, figure_format), args.group_by)]
+    for path in written:
+        print(path)
+    return 0
+
+
+def _print_table(args: argparse.Namespace) -> int:
+    """`plotting.py table`: Table 1 of the runs (a study's finished ones for a study folder) printed as
+    Markdown and, with --out, written as Markdown and CSV."""
+    if args.out is not None and args.out.suffix.lower() not in ("", ".md", ".csv"):
+        raise UserError(f"--out {args.out}: Table 1 is written as FILE.md and FILE.csv; name a .md or .csv file")
+    run_dirs = [run_dir for path in args.run_dirs
+                for run_dir in (study_runs(path)[1] if (path / studies.STUDY_FILE).is_file() else [path])]
+    if args.out is None:
+        print(table1_markdown(table1(run_dirs, args.group_by), table1_columns(args.group_by)), end="")
+        return 0
+    markdown, written = write_table1(run_dirs, args.out, args.group_by)
+    print(markdown, end="")
     for path in written:
         print(path)
     return 0
@@ -371,6 +610,8 @@ class _Line:
 # What makes each table, for the message when a run folder lacks it.
 _READERS = {NC_TABLE: (runs.read_nc_metrics, "python validate_nc.py --run-dir {}"),
             LOG_TABLE: (runs.read_log, "python train.py --run-dir {} (with the run's --dataset and other flags)")}
+# How run_labels holds milestones that are the default of the run's length: a value, but never named.
+_DEFAULT_MILESTONES = "default milestones"
 
 
 def _load_lines(run_dirs: list[Path], needed: str, group_by: list[str]) -> list[_Line]:
@@ -383,20 +624,58 @@ def _load_lines(run_dirs: list[Path], needed: str, group_by: list[str]) -> list[
         tables.append({table: rows if table == needed else reader(run_dir) for table, (reader, _) in _READERS.items()})
     configs = [runs.read_config(run_dir, required=()) or {} for run_dir in run_dirs]
     if group_by:
-        unknown = sorted(set(group_by) - {key for run in configs for key in run})
-        if unknown:
-            raise UserError(f"--group-by {' '.join(unknown)}: no such key in the runs' config.json; "
-                            f"choose among {', '.join(config.SETTING_NAMES)}")
-        keys = [tuple(str(run.get(key)) for key in group_by) for run in configs]
-        members = [[i for i, key in enumerate(keys) if key == group] for group in dict.fromkeys(keys)]
-        labels = [", ".join(config.setting_text(key, configs[group[0]].get(key)) for key in group_by)
-                  + f" ({len(group)} run{'s' * (len(group) > 1)})" for group in members]
+        members = _groups(configs, group_by)
+        labels = [_group_label(configs[group[0]], group_by) + f" ({len(group)} run{'s' * (len(group) > 1)})"
+                  for group in members]
     else:
         members = [[i] for i in range(len(run_dirs))]
         labels = run_labels(configs, _folder_names(run_dirs))
-    colours = plt.get_cmap("tab10").colors
-    return [_Line(label, colours[k % len(colours)], [configs[i] for i in group], [tables[i] for i in group])
-            for k, (label, group) in enumerate(zip(labels, members))]
+    colours = _colours(len(members))
+    return [_Line(label, colour, [configs[i] for i in group], [tables[i] for i in group])
+            for label, colour, group in zip(labels, colours, members)]
+
+
+def _groups(configs: list[dict], group_by: list[str]) -> list[list[int]]:
+    """The indices of `configs` per group of equal values of the `group_by` keys, in order of appearance."""
+    unknown = sorted(set(group_by) - {key for run in configs for key in run})
+    if unknown:
+        raise UserError(f"--group-by {' '.join(unknown)}: no such key in the runs' config.json; "
+                        f"choose among {', '.join(config.SETTING_NAMES)}")
+    keys = [tuple(str(run.get(key)) for key in group_by) for run in configs]
+    return [[i for i, key in enumerate(keys) if key == group] for group in dict.fromkeys(keys)]
+
+
+def _group_label(run: dict, group_by: list[str]) -> str:
+    """The `group_by` settings of a group's runs that apply to them ("loss=ce", not "loss=ce, kappa=None")."""
+    applied = _applied_settings(run)
+    named = [config.setting_text(key, applied[key]) for key in group_by if key in applied]
+    return ", ".join(named) or ", ".join(f"no {config.SETTING_NAMES.get(key) or key}" for key in group_by)
+
+
+def _applied_settings(run: dict) -> dict:
+    """The user-facing settings (config.SETTING_NAMES) of a run's config.json that apply to it: a setting
+    its loss or optimizer does not use (None there: kappa under cross-entropy, the momentum of Adam) is
+    left out, the whole training set (samples_per_class None) is "all", and milestones that are the
+    default of the run's length are _DEFAULT_MILESTONES."""
+    applied = {}
+    for key in config.SETTING_NAMES:
+        value = run.get(key)
+        if key == "samples_per_class" and value is None:
+            value = "all"
+        elif key == "lr_milestones" and value == config.default_milestones(run.get("epochs") or 0):
+            value = _DEFAULT_MILESTONES
+        if value is not None:
+            applied[key] = value
+    return applied
+
+
+def _colours(count: int) -> list[tuple]:
+    """`count` colours that tell lines apart: tab10's, tab20's beyond 10, evenly spaced hues beyond 20."""
+    if count <= 10:
+        return list(plt.get_cmap("tab10").colors[:count])
+    if count <= 20:
+        return list(plt.get_cmap("tab20").colors[:count])
+    return [tuple(colour) for colour in plt.get_cmap("turbo")(np.linspace(0.05, 0.95, count))]
 
 
 def _read_required(run_dir: Path, filename: str) -> list[dict]:
@@ -431,12 +710,13 @@ def _draw(ax: plt.Axes, panel: Panel, lines: list[_Line]) -> set[str]:
                                 linewidth=0)
             drawn |= {quantity.style} | ({"zeros"} if hidden else set())
         for epoch in sorted({epoch for epoch in line.tpt_epochs if epoch is not None}):
-            ax.axvline(epoch, color=line.colour, **TPT_STYLE)
+            ax.axvline(epoch, color=line.colour if len(lines) > 1 else TPT_COLOUR_ALONE, **TPT_STYLE)
             drawn.add("tpt")
     ax.set_xscale("log")
+    readable_log_ticks(ax.xaxis)
     if panel.log_y:
         ax.set_yscale("log")
-    _plain_ticks(ax, panel.log_y)
+        readable_log_ticks(ax.yaxis)
     ax.set_xlabel("epoch")
     ax.set_ylabel(panel.ylabel)
     ax.set_title(panel.title)
@@ -451,13 +731,20 @@ def _present(panel: Panel, lines: list[_Line]) -> list[Quantity]:
                    for row in tables[panel.table])]
 
 
-def _plain_ticks(ax: plt.Axes, log_y: bool) -> None:
-    """Log axes labelled at 1, 2, 5 times powers of ten with plain numbers (2, 50, 0.005), not 2x10^0."""
-    axes = [ax.xaxis, ax.yaxis] if log_y else [ax.xaxis]
-    for axis in axes:
-        axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
-        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+class _ReadableLogLocator(matplotlib.ticker.LogLocator):
+    """Ticks at 1, 2 and 5 times powers of ten; where that leaves fewer than MIN_LOG_TICKS in view (an
+    axis spanning less than a decade), at every integer multiple of them; and where even that does not,
+    at evenly spaced round values."""
+
+    def tick_values(self, vmin: float, vmax: float) -> np.ndarray:
+        low, high = sorted((vmin, vmax))
+        for subs in ((1.0, 2.0, 5.0), tuple(np.arange(1.0, 10.0))):
+            self.set_params(subs=subs)
+            ticks = super().tick_values(vmin, vmax)
+            if np.count_nonzero((ticks >= low) & (ticks <= high)) >= MIN_LOG_TICKS:
+                return ticks
+        ticks = matplotlib.ticker.MaxNLocator(nbins=MIN_LOG_TICKS + 1).tick_values(low, high)
+        return ticks[ticks > 0]
 
 
 def _aggregate(tables: list[list[dict]], column: str, log_y: bool) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -486,14 +773,15 @@ def _finish(fig: plt.Figure, lines: list[_Line], drawn: set[str], names: dict[st
     handles = [Line2D([], [], color=colour, linestyle=style, label=name)
                for style, name in names.items() if style in drawn]
     if "tpt" in drawn:
-        handles.append(Line2D([], [], color=colour, **TPT_STYLE, label="TPT onset"))
+        handles.append(Line2D([], [], color=TPT_COLOUR_ALONE if len(lines) == 1 else colour, **TPT_STYLE,
+                              label="TPT onset"))
     if "zeros" in drawn:
         handles.append(Line2D([], [], linestyle="none", label="(zeros are not shown on log axes)"))
     if len(lines) > 1:
         handles += [Line2D([], [], color=line.colour, linewidth=3, label=line.label + _no_tpt_note(line))
                     for line in lines]
-    fig.legend(handles=handles, loc="outside lower center", ncols=2 if len(handles) > 3 else len(handles))
-    fig.suptitle(_describe(lines))
+    legend_below(fig, handles)
+    title_above(fig, _describe(lines))
 
 
 def _describe(lines: list[_Line]) -> str:
@@ -516,16 +804,56 @@ def _no_tpt_note(line: _Line) -> str:
     return f" (training error never zero at a measured checkpoint{share})"
 
 
+def _fitting_legend(fig: plt.Figure, handles: list, labels: list[str], chars: int, renderer) -> Legend | None:
+    """The legend of the most columns that fits the figure's width with its labels wrapped at `chars`
+    characters, or None (nothing left on the figure) if even one column is too wide."""
+    wrapped = [_wrap(label, chars) for label in labels]
+    for columns in range(min(len(handles), MAX_LEGEND_COLUMNS), 0, -1):
+        legend = fig.legend(handles, wrapped, loc="outside lower center", ncols=columns)
+        if legend.get_window_extent(renderer).width <= _room(fig):
+            return legend
+        legend.remove()
+    return None
+
+
+def _room(fig: plt.Figure) -> float:
+    """The width, in display units, that a legend or title may take."""
+    return fig.bbox.width * (1 - 2 * SIDE_MARGIN)
+
+
+def _wrap(text: str, chars: int) -> str:
+    """`text` with each line broken at spaces into lines of at most `chars` characters where it can be:
+    a $math$ span is never broken, and a longer word without math is cut into pieces of `chars`."""
+    wrapped = []
+    for line in text.split("\n"):
+        words = []
+        for word in line.split(" "):
+            if words and words[-1].count("$") % 2:  # inside a $math$ span: the space belongs to it
+                words[-1] += " " + word
+            elif "$" not in word and len(word) > chars:
+                words += [word[i:i + chars] for i in range(0, len(word), chars)]
+            else:
+                words.append(word)
+        rows = [""]
+        for word in words:
+            if rows[-1] and len(rows[-1]) + 1 + len(word) > chars:
+                rows.append(word)
+            else:
+                rows[-1] = f"{rows[-1]} {word}" if rows[-1] else word
+        wrapped += rows
+    return "\n".join(wrapped)
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
-    """Write `fig` in the format its suffix names: .pdf or .svg as vectors (text kept as text), .png at
-    150 dpi with 256 colours: line art loses nothing visible, and the file is a third of the size of
-    matplotlib's RGBA one (the 2x3 panel of three runs stays under 300 KB)."""
+    """Write `fig` in the format its suffix names and close it: .pdf or .svg as vectors (text kept as
+    text), .png at 150 dpi with 256 colours: line art loses nothing visible, and the file is a third of
+    the size of matplotlib's RGBA one (the 2x3 panel of three runs stays under 300 KB)."""
     path = Path(path)
     kind = path.suffix.lower().lstrip(".")
     try:
         if kind not in FORMATS:
             raise UserError(f"cannot write {path}: name a .png, .pdf or .svg file")
-        with runs.atomic_path(path) as tmp:
+        with runs.atomic_path(path) as tmp, plt.rc_context(STYLE):
             path.parent.mkdir(parents=True, exist_ok=True)
             if kind == "png":
                 fig.set_dpi(DPI)
@@ -538,6 +866,52 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def _table1_row(run_dir: Path) -> dict:
+    """One run's row of Table 1 (see `table1`), with its best clean training accuracy for a run that
+    never reached the onset."""
+    measured = _read_required(run_dir, NC_TABLE)
+    settings = runs.read_config(run_dir, required=()) or {}
+    onset, last = runs.tpt_row(measured), measured[-1]
+    return {"run_dir": str(run_dir), "dataset": settings.get("dataset"), "model": settings.get("model"),
+            "tpt_epoch": onset["epoch"] if onset else None, "tpt_test_acc": onset["test_acc"] if onset else None,
+            "last_epoch": last["epoch"], "last_test_acc": last["test_acc"],
+            "change": last["test_acc"] - onset["test_acc"] if onset else None,
+            "best_train_acc": max(row["train_acc"] for row in measured)}
+
+
+def _spread(values: list[float | None]) -> tuple[float, float, float] | None:
+    """(mean, minimum, maximum) of the values that are not None, or None if all are."""
+    present = [value for value in values if value is not None]
+    return (float(np.mean(present)), min(present), max(present)) if present else None
+
+
+def _distinct(values) -> str:
+    return ", ".join(dict.fromkeys(str(value) for value in values))
+
+
+def _table1_cell(column: str, row: dict) -> str:
+    """A cell of Table 1 in Markdown: accuracies in percent, the change in percentage points, a group's
+    statistic as its mean [minimum, maximum]."""
+    value = row.get(column)
+    if column == "tpt_epoch" and value is None and "best_train_acc" in row:
+        return f"not reached by epoch {row['last_epoch']} (best train accuracy {_percent(row['best_train_acc'])})"
+    if column in TABLE1_STATS:
+        if value is None:
+            return "n/a"
+        show = {"tpt_epoch": "{:g}".format, "last_epoch": "{:g}".format, "change": lambda v: f"{100 * v:+.2f}"}.get(
+            column, _percent)
+        if not isinstance(value, tuple):
+            return show(value)
+        mean, low, high = value
+        return show(round(mean, 1) if column.endswith("epoch") else mean) + (
+            f" [{show(low)}, {show(high)}]" if low != high else "")
+    if column == "run_dir":
+        return f"`{value}`"
+    if value is None:
+        return "n/a"
+    return ",".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _read_representations(table: Path) -> list[dict]:

@@ -146,7 +146,7 @@ def draw_representations(checkpoints: dict[int, Path], run_config: dict, run_dir
         table = plots_dir / f"mixup_representations_epoch{epoch}.csv"
         plots_dir.mkdir(parents=True, exist_ok=True)
         runs.write_csv(table, rows, engine.REPRESENTATION_COLUMNS)
-        print(plotting.plot_representations(table))
+        print(plotting.plot_representations(table, table.with_suffix(f".{args.format}")))
     return 0
 
 

@@ -1,17 +1,24 @@
-"""The figures and Table 1 from hand-written run folders: files, PNG sizes, TPT values, labels, CLI."""
+"""The figures and Table 1 from hand-written run folders: files, formats, PNG sizes, whole legends, ticks,
+labels, TPT values, Table 1 over runs and groups, CLI."""
+import csv
 import json
-import warnings
 import re
+import sys
+import warnings
 from pathlib import Path
 
+import matplotlib.colors
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
 import plotting
 import runs
-from errors import UserError
+import studies
+from errors import UserError, run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAGIC = {"png": PNG_SIGNATURE, "pdf": b"%PDF-", "svg": b"<?xml"}
 NC_FILES = {"fig2_equinorm.png", "fig3_equiangularity.png", "fig4_max_equiangularity.png",
             "fig5_self_duality.png", "fig6_nc1.png", "fig7_ncc_mismatch.png"}
 NC_HEADER = ("epoch,train_acc,train_loss,test_acc,test_loss,test_ece,nc1,equinorm_means,equinorm_weights,"
@@ -53,13 +60,15 @@ def png_size(path: Path) -> tuple[int, int]:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
-def test_plot_run_writes_every_figure_as_a_png_of_its_size_in_inches_times_150_dpi(tmp_path):
+def test_plot_run_writes_every_figure_as_a_png_of_its_width_in_inches_times_150_dpi(tmp_path):
     written = plotting.plot_run(write_run(tmp_path / "run"), tmp_path / "figures")
     assert {path.name for path in written} == NC_FILES | {"training_curves.png", "panel.png"}
     assert all(path.parent == tmp_path / "figures" for path in written)
     sizes = {"training_curves.png": (2250, 720), "panel.png": (1800, 1050)}  # 15x4.8 in, 12x7 in
     for path in written:
-        assert png_size(path) == sizes.get(path.name, (1050, 750))  # 7x5 in
+        width, height = png_size(path)
+        nominal = sizes.get(path.name, (1050, 750))  # 7x5 in, and the legend's height below
+        assert width == nominal[0] and nominal[1] < height < nominal[1] + 150
     assert not list((tmp_path / "figures").glob("*.tmp"))
 
 
@@ -75,7 +84,7 @@ def test_tpt_table_takes_the_onset_from_the_clean_eval_mode_accuracy_not_the_run
     rows = [line for line in table.splitlines() if line.startswith("|")]
     assert len(rows) == 3 and set(rows[1]) <= set("|-")
     cells = [cell.strip() for cell in rows[2].strip("|").split("|")]
-    assert cells == ["synthetic", "resnet18", str(TPT_EPOCH), TPT_TEST_ACC, str(LAST_EPOCH), LAST_TEST_ACC]
+    assert cells == ["synthetic", "resnet18", str(TPT_EPOCH), TPT_TEST_ACC, str(LAST_EPOCH), LAST_TEST_ACC, "+3.00"]
 
 
 def test_tpt_table_says_when_zero_training_error_is_never_reached(tmp_path):
@@ -108,17 +117,17 @@ def test_cli_overlays_two_runs_into_the_six_figures(tmp_path, capsys):
     out = tmp_path / "overlay"
     assert plotting.main(plotting.parse_args(["nc", str(first), str(second), "--out", str(out)])) == 0
     assert {path.name for path in out.iterdir()} == NC_FILES
-    assert all(png_size(out / name) == (1050, 750) for name in NC_FILES)
+    assert all(png_size(out / name)[0] == 1050 for name in NC_FILES)
     assert str(out / "fig2_equinorm.png") in capsys.readouterr().out
 
 
 def test_cli_curves_of_two_runs(tmp_path):
     runs = [str(write_run(tmp_path / name, seed=seed)) for name, seed in (("s0", 0), ("s1", 1))]
     plotting.main(plotting.parse_args(["curves", *runs, "--out", str(tmp_path / "out")]))
-    assert png_size(tmp_path / "out" / "training_curves.png") == (2250, 720)
+    assert png_size(tmp_path / "out" / "training_curves.png")[0] == 2250
 
 
-def test_panel_of_three_long_noisy_runs_is_a_png_of_12_by_7_inches_under_300_kb(tmp_path):
+def test_panel_of_three_long_noisy_runs_is_a_png_12_inches_wide_under_300_kb(tmp_path):
     rng = np.random.default_rng(0)
     epochs = np.unique(np.round(np.logspace(0, np.log10(350), 60)).astype(int))  # 46 log-spaced checkpoints
     folders = []
@@ -130,7 +139,7 @@ def test_panel_of_three_long_noisy_runs_is_a_png_of_12_by_7_inches_under_300_kb(
         folders.append(str(folder))
     out = tmp_path / "docs" / "panel.png"
     assert plotting.main(plotting.parse_args(["panel", *folders, "--out", str(out)])) == 0
-    assert png_size(out) == (1800, 1050)
+    assert png_size(out)[0] == 1800
     assert out.stat().st_size < 300 * 1024
 
 
@@ -190,3 +199,335 @@ def test_overlaid_subset_runs_are_labelled_by_their_flags_inside_the_figure_with
     text = out.read_text()
     assert "synthetic, spc=100, seed=0" in text and "CIFAR10, spc=50, seed=1" in text
     assert "normalization" not in text and "'mean'" not in text and "0.49" not in text
+
+
+# Runs measured with --layers and --adversarial, differing in several settings so that overlay labels
+# are long; a Mixup representation table; a finished study of hand-written runs.
+
+STAGES = ("nc1_layer1", "nc1_layer2", "nc1_layer3", "nc1_layer4")
+LOSSES = ("ce", "mse", "label_smoothing", "focal")
+
+
+def set_columns(run: Path, **columns: list[float]) -> Path:
+    """Set (or add) columns of a run's nc_metrics.csv, one value per row."""
+    rows = runs.read_csv(run / "nc_metrics.csv")
+    for k, row in enumerate(rows):
+        row.update({column: str(values[k]) for column, values in columns.items()})
+    runs.write_csv(run / "nc_metrics.csv", rows, list(rows[0]))
+    return run
+
+
+def fully_measured(run: Path) -> Path:
+    """The run as validate_nc.py --layers --adversarial leaves it: NC1 after each of four stages, falling
+    with depth, and Figure 8's column."""
+    nc1 = [3.1, 1.2, 0.3, 0.04, 0.005]
+    return set_columns(run, deepfool_robustness=[0.02, 0.015, 0.012, 0.011, 0.010],
+                       **{stage: [value * (len(STAGES) - depth) for value in nc1] for depth, stage in enumerate(STAGES)})
+
+
+def overlay_runs(root: Path, count: int) -> list[Path]:
+    """`count` fully measured runs differing in loss, learning rate, seed and training-set size; the
+    second never reaches zero training error."""
+    return [fully_measured(write_run(root / f"run{k}", reaches_tpt=k != 1, loss=LOSSES[k % 4], seed=k,
+                                     lr=0.01 * (k + 1), samples_per_class=100 + k,
+                                     target_scale=1.0 if LOSSES[k % 4] == "mse" else None))
+            for k in range(count)]
+
+
+def write_representations(path: Path) -> Path:
+    """A representation table of classes 1, 4 and 7: mixes around three directions, classifier rows and means."""
+    angles = {1: 0.0, 4: 2.1, 7: 4.2}
+    rows = []
+    for lam in (0.0, 0.5, 1.0):
+        for a, b in ((1, 1), (4, 4), (7, 7), (1, 4), (1, 7), (4, 7)):
+            angle = lam * angles[a] + (1 - lam) * angles[b]
+            rows.append({"kind": "same" if a == b else "mixed", "lam": lam, "class_a": a, "class_b": b,
+                         "x": np.cos(angle), "y": np.sin(angle)})
+    for label, angle in angles.items():
+        rows.append({"kind": "classifier", "lam": 1.0, "class_a": label, "class_b": label,
+                     "x": 2 * np.cos(angle), "y": 2 * np.sin(angle)})
+        rows.append({"kind": "mean", "lam": 1.0, "class_a": label, "class_b": label, "x": np.cos(angle),
+                     "y": np.sin(angle)})
+    runs.write_csv(path, rows, ["kind", "lam", "class_a", "class_b", "x", "y"])
+    return path
+
+
+def write_study(root: Path, run_dirs: list[Path], varied: list[str]) -> Path:
+    """studies/hand/ as sweep.py leaves it when every run is done: study.json naming the run folders, each
+    trained to its last epoch (last.pt, summary.json) with every checkpoint on disk measured."""
+    settings = [json.loads((run / "config.json").read_text()) for run in run_dirs]
+    for run in run_dirs:
+        (run / "last.pt").write_bytes(b"")
+        (run / "summary.json").write_text(json.dumps({"epochs_done": LAST_EPOCH}))
+        (run / "checkpoints").mkdir()
+        for row in runs.read_nc_metrics(run):
+            runs.checkpoint_path(run, row["epoch"]).write_bytes(b"")
+    folder = root / "studies" / "hand"
+    folder.mkdir(parents=True)
+    study = {"name": "hand", "argv": ["--name", "hand"], "varied": varied,
+             "grid": {key: list(dict.fromkeys(run[key] for run in settings)) for key in varied},
+             "runs": [{"run_dir": str(run), "settings": {key: values[key] for key in varied}, "train": [],
+                       "validate": [], "epochs": LAST_EPOCH} for run, values in zip(run_dirs, settings)]}
+    (folder / studies.STUDY_FILE).write_text(json.dumps(study))
+    return folder
+
+
+def assert_whole_legends(name: str, fig: plt.Figure) -> None:
+    """Every legend of `fig`, drawn at the PNG's resolution, lies inside the figure and below its axes
+    (their tick labels and axis labels included)."""
+    try:
+        fig.set_dpi(plotting.DPI)
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+        assert legends, f"{name}: no legend"
+        page = fig.bbox
+        for legend in legends:
+            box = legend.get_window_extent(renderer)
+            assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, \
+                f"{name}: legend {box.bounds} outside the figure {page.bounds}"
+            assert all(box.y1 <= ax.get_tightbbox(renderer).y0 + 1 for ax in fig.axes), f"{name}: legend over the axes"
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 24])
+def test_every_figure_keeps_its_whole_legend_inside_the_image_below_the_axes(tmp_path, count):
+    run_dirs = overlay_runs(tmp_path, count)
+    figures = dict(plotting.nc_figures(run_dirs))
+    assert set(figures) == NC_FILES | {"fig8_adversarial_robustness.png"}
+    figures |= {"panel": plotting.panel_figure(run_dirs), "curves": plotting.curves_figure(run_dirs),
+                "study panel": plotting.panel_figure(run_dirs, ["loss"]),  # what plot_study draws
+                "study curves": plotting.curves_figure(run_dirs, ["loss"])}
+    if count == 1:  # figures of one run
+        figures |= {"layerwise": plotting.layers_figure(run_dirs[0]),
+                    "representations": plotting.representations_figure(write_representations(tmp_path / "r.csv"))}
+    for name, fig in figures.items():
+        assert_whole_legends(f"{count} runs, {name}", fig)
+
+
+def test_a_legend_of_labels_wider_than_the_figure_is_wrapped_inside_it(tmp_path):
+    """Runs whose folders share a name are labelled by their paths, here each longer than the figure."""
+    deep = [tmp_path / ("a" * 60) / ("b" * 60) / letter / "run" for letter in "xyz"]
+    for folder in deep:
+        write_run(folder)
+    fig = plotting.panel_figure(deep)
+    assert any(str(deep[0]) in text.get_text().replace("\n", "") for text in fig.legends[0].get_texts())
+    assert_whole_legends("long paths", fig)
+
+
+def test_every_subcommand_writes_the_format_asked_for(tmp_path):
+    """Each subcommand with --format, each format in turn (they share one writer), and a file's suffix."""
+    run = str(overlay_runs(tmp_path / "runs", 1)[0])
+    study = str(write_study(tmp_path, [Path(run)], ["seed"]))
+    table = write_representations(tmp_path / "mixup.csv")
+    out = tmp_path / "out"
+    commands = {"nc": ["nc", run, "--out", f"{out}/nc"], "curves": ["curves", run, "--out", f"{out}/curves"],
+                "panel": ["panel", run, "--out", f"{out}/panel"], "layers": ["layers", run, "--out", f"{out}/layers"],
+                "representations": ["representations", str(table)], "study": ["study", study, "--out", f"{out}/study"]}
+    formats = dict(zip(commands, plotting.FORMATS * 2))
+    for name, command in commands.items():
+        assert plotting.main(plotting.parse_args([*command, "--format", formats[name]])) == 0
+    assert plotting.main(plotting.parse_args(["curves", run, "--out", f"{out}/curves.svg"])) == 0
+    assert plotting.main(plotting.parse_args(["panel", run, "--out", f"{out}/named.pdf"])) == 0
+    expected = {out / "curves.svg": "svg", out / "named.pdf": "pdf", table.with_suffix(f".{formats['representations']}"):
+                formats["representations"]}
+    expected |= {out / "nc" / Path(name).with_suffix(f".{formats['nc']}"): formats["nc"]
+                 for name in NC_FILES | {"fig8_adversarial_robustness.png"}}
+    expected |= {out / "curves" / f"training_curves.{formats['curves']}": formats["curves"],
+                 out / f"panel.{formats['panel']}": formats["panel"], out / f"layers.{formats['layers']}": formats["layers"],
+                 out / "study" / f"panel.{formats['study']}": formats["study"],
+                 out / "study" / f"training_curves.{formats['study']}": formats["study"]}
+    assert {path for path in out.rglob("*") if path.is_file()} == {*expected, out / "study" / "table.md"} - {
+        table.with_suffix(f".{formats['representations']}")}
+    for path, figure_format in expected.items():
+        assert path.read_bytes().startswith(MAGIC[figure_format]), path
+        if figure_format == "svg":
+            assert b"<svg" in path.read_bytes()[:1000]
+
+
+@pytest.mark.parametrize("command,message", [
+    (["nc", "RUN", "--out", "x.pdf"], "writes several figures into a folder, not into the file x.pdf: pass --out x --format pdf"),
+    (["study", "STUDY", "--out", "x.jpg"], "writes several figures into a folder"),
+    (["panel", "RUN", "--out", "x.jpg"], r"name a .png, .pdf or .svg file"),
+    (["layers", "RUN", "--out", "x.eps"], r"name a .png, .pdf or .svg file"),
+    (["panel", "RUN", "--out", "x.pdf", "--format", "svg"], "names a .pdf file but --format is svg"),
+    (["curves", "RUN", "--out", "x.png", "--format", "pdf"], "names a .png file but --format is pdf"),
+    (["representations", "CSV", "--out", "x.svg", "--format", "png"], "names a .svg file but --format is png"),
+    (["table", "RUN", "--out", "x.png"], "name a .md or .csv file"),
+])
+def test_an_output_name_that_cannot_be_honoured_is_a_one_line_error_and_nothing_is_written(
+        tmp_path, monkeypatch, capsys, command, message):
+    run = overlay_runs(tmp_path, 1)[0]
+    names = {"RUN": str(run), "STUDY": str(write_study(tmp_path, [run], ["seed"])),
+             "CSV": str(write_representations(tmp_path / "mixup.csv"))}
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    monkeypatch.setattr(sys, "argv", ["plotting.py", *(names.get(word, word) for word in command)])
+    assert run_cli(plotting.main, plotting.parse_args) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1 and message in error
+    assert not list(out.iterdir()) and not list(tmp_path.glob("mixup.[ps]*"))
+
+
+def test_overlay_labels_name_only_the_settings_that_differ_and_apply():
+    ce = {"dataset": "CIFAR10", "model": "resnet18", "epochs": 30, "lr_milestones": [10, 20], "seed": 0, "lr": 0.0679,
+          "optimizer": "sgd", "momentum": 0.9, "loss": "ce", "target_scale": None, "label_smoothing": None}
+    mse = {**ce, "loss": "mse", "target_scale": 1.0}
+    names = ["a", "b", "c"]
+    assert plotting.run_labels([ce, mse], names[:2]) == ["loss=ce", "loss=mse"]
+    assert plotting.run_labels([ce, mse, {**mse, "target_scale": 10.0}], names) == [
+        "loss=ce", "loss=mse, kappa=1", "loss=mse, kappa=10"]
+    # Each length's default milestones (floor(E/3), floor(2E/3)) are derived, not chosen: not named.
+    assert plotting.run_labels([ce, {**ce, "epochs": 60, "lr_milestones": [20, 40]}], names[:2]) == [
+        "epochs=30", "epochs=60"]
+    assert plotting.run_labels([ce, {**ce, "lr_milestones": [5, 25]}], names[:2]) == ["a", "milestones=5,25"]
+    assert plotting.run_labels([ce, {**ce, "optimizer": "adam", "momentum": None, "lr": 0.001}], names[:2]) == [
+        "sgd, lr=0.0679", "adam, lr=0.001"]
+    assert plotting.run_labels([{**ce, "samples_per_class": None}, {**ce, "samples_per_class": 100}], names[:2]) == [
+        "spc=all", "spc=100"]
+
+
+def test_the_legend_of_cross_entropy_against_mse_reads_loss_ce_and_loss_mse(tmp_path):
+    ce = write_run(tmp_path / "ce", target_scale=None)
+    mse = write_run(tmp_path / "mse", loss="mse", target_scale=1.0)
+    for group_by, expected in (([], ["loss=ce", "loss=mse"]),
+                               (["loss", "target_scale"], ["loss=ce (1 run)", "loss=mse, kappa=1 (1 run)"])):
+        fig = plotting.panel_figure([ce, mse], group_by)
+        texts = [text.get_text() for text in fig.legends[0].get_texts()]
+        plt.close(fig)
+        assert texts[-2:] == expected and not any("None" in text for text in texts)
+
+
+@pytest.mark.parametrize("first,last", [(1.4, 0.6), (0.99, 0.95)])
+def test_a_log_axis_spanning_less_than_a_decade_shows_at_least_three_labelled_ticks(tmp_path, first, last):
+    """Figure 5 of a short run whose self-duality falls from `first` to `last`: once only "1" was labelled."""
+    run = set_columns(write_run(tmp_path / "short"), self_duality=np.geomspace(first, last, len(NC_ROWS)).tolist())
+    fig = dict(plotting.nc_figures([run]))["fig5_self_duality.png"]
+    fig.set_dpi(plotting.DPI)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    low, high = sorted(ax.get_ylim())
+    labels = [text.get_text() for text in ax.get_yticklabels() if text.get_text() and low <= text.get_position()[1] <= high]
+    plt.close(fig)
+    assert len(labels) >= 3 and len(set(labels)) == len(labels)
+    assert all(low <= float(label) <= high for label in labels)
+
+
+def test_the_layerwise_colour_bar_labels_epochs_as_integers(tmp_path):
+    fig = plotting.layers_figure(fully_measured(write_run(tmp_path / "run")))
+    fig.canvas.draw()
+    bar = fig.axes[1]
+    low, high = sorted(bar.get_ylim())
+    labels = [text.get_text() for text in bar.get_yticklabels() if text.get_text() and low <= text.get_position()[1] <= high]
+    plt.close(fig)
+    assert len(labels) >= 3 and all(re.fullmatch(r"[0-9]+", label) for label in labels)
+    assert {int(label) for label in labels} <= set(range(1, LAST_EPOCH + 1))
+
+
+def test_a_single_runs_tpt_line_differs_in_colour_from_its_curves(tmp_path):
+    fig = plotting.panel_figure([write_run(tmp_path / "run")])
+    for ax in fig.axes:
+        vertical = [line for line in ax.get_lines() if len(set(line.get_xdata())) == 1]
+        curves = [line for line in ax.get_lines() if line not in vertical]
+        assert [line.get_xdata()[0] for line in vertical] == [TPT_EPOCH] and curves
+        colours = {matplotlib.colors.to_rgb(line.get_color()) for line in curves}
+        assert matplotlib.colors.to_rgb(vertical[0].get_color()) not in colours
+    plt.close(fig)
+
+
+def test_the_representation_legend_shows_its_markers_large_and_dark_enough_to_read(tmp_path):
+    fig = plotting.representations_figure(write_representations(tmp_path / "mixup.csv"))
+    legend = fig.legends[0]
+    assert [text.get_text() for text in legend.get_texts()] == ["same-class mixes", "two-class mixes",
+                                                                "class means (clean)"]
+    for handle in legend.legend_handles:
+        red, green, blue = matplotlib.colors.to_rgb(handle.get_color())
+        assert handle.get_markersize() >= 6 and 0.2126 * red + 0.7152 * green + 0.0722 * blue < 0.6
+    plt.close(fig)
+
+
+# Table 1 over runs: (epoch, clean training accuracy, test accuracy) at three checkpoints.
+CE_RUNS = [[(1, 0.5, 0.40), (5, 1.0, 0.70), (10, 1.0, 0.76)],    # onset 5: 70% -> 76%
+           [(1, 0.6, 0.42), (5, 0.98, 0.71), (10, 1.0, 0.75)],   # onset 10: 75% -> 75%
+           [(1, 0.55, 0.41), (5, 1.0, 0.72), (10, 1.0, 0.80)]]   # onset 5: 72% -> 80%
+MSE_RUNS = [[(1, 0.3, 0.30), (5, 0.9, 0.50), (10, 0.99, 0.60)],  # never: 60% at the end
+            [(1, 0.3, 0.30), (5, 1.0, 0.55), (10, 1.0, 0.65)]]   # onset 5: 55% -> 65%
+
+
+def write_accuracies(folder: Path, checkpoints: list[tuple[int, float, float]], **settings) -> Path:
+    """A run folder whose nc_metrics.csv has these clean training and test accuracies (0.5 elsewhere)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"dataset": "synthetic", "model": "resnet18", **settings}))
+    rows = [{**dict.fromkeys(runs.NC_COLUMNS, 0.5), "epoch": epoch, "train_acc": train, "test_acc": test}
+            for epoch, train, test in checkpoints]
+    runs.write_csv(folder / "nc_metrics.csv", rows, runs.NC_COLUMNS)
+    return folder
+
+
+def table_runs(root: Path) -> list[Path]:
+    return ([write_accuracies(root / f"ce{seed}", rows, loss="ce", seed=seed) for seed, rows in enumerate(CE_RUNS)]
+            + [write_accuracies(root / f"mse{seed}", rows, loss="mse", seed=seed) for seed, rows in enumerate(MSE_RUNS)])
+
+
+def markdown_rows(text: str) -> list[list[str]]:
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_table_1_gives_each_runs_onset_accuracies_and_change_as_markdown_and_csv(tmp_path, capsys):
+    run_dirs = table_runs(tmp_path / "runs")
+    out = tmp_path / "tables" / "table1.md"
+    assert plotting.main(plotting.parse_args(["table", *map(str, run_dirs), "--out", str(out)])) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(out.read_text()) and str(out.with_suffix(".csv")) in printed
+    assert markdown_rows(out.read_text()) == [
+        [f"`{run_dirs[0]}`", "synthetic", "resnet18", "5", "70.00%", "10", "76.00%", "+6.00"],
+        [f"`{run_dirs[1]}`", "synthetic", "resnet18", "10", "75.00%", "10", "75.00%", "+0.00"],
+        [f"`{run_dirs[2]}`", "synthetic", "resnet18", "5", "72.00%", "10", "80.00%", "+8.00"],
+        [f"`{run_dirs[3]}`", "synthetic", "resnet18", "not reached by epoch 10 (best train accuracy 99.00%)", "n/a",
+         "10", "60.00%", "n/a"],
+        [f"`{run_dirs[4]}`", "synthetic", "resnet18", "5", "55.00%", "10", "65.00%", "+10.00"]]
+    with open(out.with_suffix(".csv"), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["run_dir"] for row in rows] == [str(run) for run in run_dirs]
+    assert [row["tpt_epoch"] for row in rows] == ["5", "10", "5", "", "5"]
+    assert [float(row["last_test_acc"]) for row in rows] == [0.76, 0.75, 0.80, 0.60, 0.65]
+    assert [float(row["change"]) if row["change"] else None for row in rows] == pytest.approx(
+        [0.06, 0.0, 0.08, None, 0.10])
+
+
+def test_table_1_grouped_gives_the_mean_over_seeds_with_their_range(tmp_path, capsys):
+    out = tmp_path / "by_loss"
+    command = ["table", *map(str, table_runs(tmp_path / "runs")), "--group-by", "loss", "--out", str(out)]
+    assert plotting.main(plotting.parse_args(command)) == 0
+    assert markdown_rows(out.with_suffix(".md").read_text()) == [
+        ["ce", "3", "3", "synthetic", "resnet18", "6.7 [5, 10]", "72.33% [70.00%, 75.00%]", "10",
+         "77.00% [75.00%, 80.00%]", "+4.67 [+0.00, +8.00]"],
+        ["mse", "2", "1", "synthetic", "resnet18", "5", "55.00%", "10", "62.50% [60.00%, 65.00%]", "+10.00"]]
+    with open(out.with_suffix(".csv"), newline="") as handle:
+        ce, mse = csv.DictReader(handle)
+    assert (ce["runs"], ce["runs_tpt"], mse["runs"], mse["runs_tpt"]) == ("3", "3", "2", "1")
+    assert float(ce["tpt_epoch_mean"]) == pytest.approx(20 / 3) and (ce["tpt_epoch_min"], ce["tpt_epoch_max"]) == ("5", "10")
+    assert float(ce["tpt_test_acc_mean"]) == pytest.approx(0.72333333) and float(ce["change_max"]) == pytest.approx(0.08)
+    assert float(mse["last_test_acc_mean"]) == pytest.approx(0.625) and float(mse["change_min"]) == pytest.approx(0.10)
+
+
+def test_table_1_of_a_study_folder_is_that_of_its_finished_runs(tmp_path, capsys):
+    run_dirs = table_runs(tmp_path / "runs")[:3]
+    study = write_study(tmp_path, run_dirs, ["seed"])
+    assert plotting.main(plotting.parse_args(["table", str(study)])) == 0
+    assert [row[0] for row in markdown_rows(capsys.readouterr().out)] == [f"`{run}`" for run in run_dirs]
+    assert plotting.main(plotting.parse_args(["table", str(study), "--group-by", "loss"])) == 0
+    assert markdown_rows(capsys.readouterr().out)[0][:6] == ["ce", "3", "3", "synthetic", "resnet18", "6.7 [5, 10]"]
+
+
+def test_the_help_offers_table_1_as_the_table_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        plotting.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "plotting.py table" in text and "Table 1" in text
+    with pytest.raises(SystemExit):
+        plotting.parse_args(["table", "--help"])
+    assert "Table 1" in capsys.readouterr().out
