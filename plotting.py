@@ -154,18 +154,19 @@ CURVE_PANELS = (
 CURVES_FILE = "training_curves.png"
 
 
-# The paper's Table 1, per run; a grouped table has, instead of `run_dir`, the grouping keys and the
-# counts of its runs, and the mean [minimum, maximum] of each of TABLE1_STATS.
+# The paper's Table 1, per run. A grouped table has instead of `run_dir` the grouping keys and the
+# counts of its runs, and each of TABLE1_STATS as its mean, minimum and maximum over them (<stat>_mean ...).
 TABLE1_COLUMNS = ["dataset", "model", "tpt_epoch", "tpt_test_acc", "last_epoch", "last_test_acc", "change"]
-TABLE1_STATS = ("tpt_epoch", "tpt_test_acc", "last_epoch", "last_test_acc", "change")
+TABLE1_STATS = TABLE1_COLUMNS[2:]
+SPREAD = ("mean", "min", "max")
 TABLE1_HEADERS = {"run_dir": "run", "runs": "runs", "runs_tpt": "runs reaching the TPT", "dataset": "dataset",
                   "model": "network", "tpt_epoch": "TPT onset epoch", "tpt_test_acc": "test accuracy at the TPT onset",
                   "last_epoch": "last epoch", "last_test_acc": "test accuracy at the last epoch",
                   "change": "change (points)"}
 TABLE1_NOTE = ("TPT onset: the first measured checkpoint whose clean training set is classified without error "
-               "(eval mode). Change: the test accuracy at the last epoch minus that at the onset, in percentage points.")
-GROUPED_NOTE = " Each cell of a group: the mean over its runs [minimum, maximum]; the onset's over the runs reaching it."
-
+               "(eval mode). Change: the test accuracy at the last epoch minus that at the onset, in percentage "
+               "points.")
+GROUPED_NOTE = " A group's cell: the mean over its runs [minimum, maximum]; the onset's over the runs that reach it."
 
 def plot_run(run_dir: Path, out_dir: Path, suffix: str = ".png") -> list[Path]:
     """Figures 2-7 (and 8 and the layer-wise figure when measured), the 2x3 panel and the training
@@ -262,7 +263,8 @@ def layers_figure(run_dir: Path) -> plt.Figure:
             tpt = row["epoch"] == onset
             ax.plot(depth, values, marker="o", markersize=MARKER_SIZE, linewidth=2.5 if tpt else 1.2,
                     color=TPT_COLOUR_ALONE if tpt else colours(norm(row["epoch"])), zorder=3 if tpt else 2)
-        bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=colours), ax=ax, label="epoch of the checkpoint")
+        bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=colours), ax=ax,
+                           label="epoch of the checkpoint")
         readable_log_ticks(bar.ax.yaxis)  # epochs as the integers they are, not powers of ten
         ax.set_yscale("log")
         readable_log_ticks(ax.yaxis)
@@ -318,12 +320,13 @@ def representations_figure(table: Path) -> plt.Figure:
 
 
 def table1(run_dirs: list[Path], group_by: list[str] = ()) -> list[dict]:
-    """The paper's Table 1 from the runs' nc_metrics.csv: per run its folder, dataset and network, the
-    TPT onset epoch (None if never reached) and the test accuracy there, the last measured epoch and the
-    test accuracy there, and the change (a fraction; None without an onset). With `group_by`, one row per
-    group of runs with equal values of those config.json keys: the keys' values, the counts `runs` and
-    `runs_tpt`, and for each of TABLE1_STATS a (mean, minimum, maximum) over the group's runs (over those
-    that reached the onset, for the onset's columns), or None."""
+    """The paper's Table 1 from the runs' nc_metrics.csv, as rows of `table1_columns(group_by)`: per run
+    its folder, dataset and network, the TPT onset epoch and the test accuracy there (None if the run
+    never reached it), the last measured epoch and the test accuracy there, the change (a fraction) and
+    its best clean training accuracy. With `group_by`, one row per group of runs with equal values of
+    those config.json keys: the values, the counts `runs` and `runs_tpt`, and the mean, minimum and
+    maximum of each of TABLE1_STATS over the group's runs (over those that reach the onset for the
+    onset's columns; None where none does)."""
     run_dirs = [Path(run_dir) for run_dir in run_dirs]
     rows = [_table1_row(run_dir) for run_dir in run_dirs]
     if not group_by:
@@ -332,63 +335,48 @@ def table1(run_dirs: list[Path], group_by: list[str] = ()) -> list[dict]:
     grouped = []
     for members in _groups(configs, group_by):
         chosen = [rows[i] for i in members]
-        grouped.append({**{key: configs[members[0]].get(key) for key in group_by}, "runs": len(chosen),
-                        "runs_tpt": sum(row["tpt_epoch"] is not None for row in chosen),
-                        "dataset": _distinct(row["dataset"] for row in chosen),
-                        "model": _distinct(row["model"] for row in chosen),
-                        **{stat: _spread([row[stat] for row in chosen]) for stat in TABLE1_STATS}})
+        row = {**{key: configs[members[0]].get(key) for key in group_by}, "runs": len(chosen),
+               "runs_tpt": sum(row["tpt_epoch"] is not None for row in chosen),
+               "dataset": _distinct(row["dataset"] for row in chosen),
+               "model": _distinct(row["model"] for row in chosen)}
+        for stat in TABLE1_STATS:
+            present = [row[stat] for row in chosen if row[stat] is not None]
+            spread = (float(np.mean(present)), min(present), max(present)) if present else (None,) * len(SPREAD)
+            row |= {f"{stat}_{part}": value for part, value in zip(SPREAD, spread)}
+        grouped.append(row)
     return grouped
 
 
 def table1_columns(group_by: list[str] = ()) -> list[str]:
-    """The columns of `table1`'s rows, in order."""
-    return [*group_by, "runs", "runs_tpt", *TABLE1_COLUMNS] if group_by else ["run_dir", *TABLE1_COLUMNS]
+    """The columns of `table1`'s rows, as its CSV has them."""
+    if not group_by:
+        return ["run_dir", *TABLE1_COLUMNS, "best_train_acc"]
+    return [*group_by, "runs", "runs_tpt", "dataset", "model", *(f"{stat}_{part}" for stat in TABLE1_STATS
+                                                                 for part in SPREAD)]
 
 
-def table1_markdown(rows: list[dict], columns: list[str]) -> str:
-    """`table1`'s rows as a Markdown table of `columns`, accuracies in percent, with a note on its terms."""
-    grouped = "runs" in columns
+def table1_markdown(rows: list[dict], group_by: list[str] = (), run_column: bool = True) -> str:
+    """`table1`'s rows as a Markdown table (accuracies in percent, a group's statistics as mean [minimum,
+    maximum]) with a note on its terms; `run_column` False leaves out the runs' folders."""
+    columns = ([*group_by, "runs", "runs_tpt"] if group_by else ["run_dir"] * run_column) + TABLE1_COLUMNS
     header = [TABLE1_HEADERS.get(column) or config.SETTING_NAMES.get(column) or column for column in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_table1_cell(column, row) for column in columns) + " |" for row in rows]
-    return "\n".join([*lines, "", TABLE1_NOTE + (GROUPED_NOTE if grouped else "")]) + "\n"
+    return "\n".join([*lines, "", TABLE1_NOTE + (GROUPED_NOTE if group_by else "")]) + "\n"
 
 
-def table1_csv_rows(rows: list[dict], columns: list[str]) -> tuple[list[dict], list[str]]:
-    """`table1`'s rows flat, for a CSV: numbers as they are (accuracies and the change as fractions), a
-    group's statistic as <stat>_mean, <stat>_min and <stat>_max; and the CSV's columns."""
-    flat_columns = [name for column in columns
-                    for name in ([f"{column}_{part}" for part in ("mean", "min", "max")]
-                                 if column in TABLE1_STATS and "runs" in columns else [column])]
-    flat = []
-    for row in rows:
-        cells = {}
-        for column in columns:
-            value = row[column]
-            if column in TABLE1_STATS and "runs" in columns:
-                cells |= dict(zip((f"{column}_{part}" for part in ("mean", "min", "max")), value or (None,) * 3))
-            else:
-                cells[column] = ",".join(map(str, value)) if isinstance(value, list) else value
-        flat.append(cells)
-    return flat, flat_columns
+def write_table1(rows: list[dict], out: Path, group_by: list[str] = ()) -> list[Path]:
+    """`table1`'s rows as Markdown and CSV, at `out` with the suffixes .md and .csv; the paths written."""
+    paths = [Path(out).with_suffix(".md"), Path(out).with_suffix(".csv")]
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    runs.write_text(paths[0], table1_markdown(rows, group_by))
+    runs.write_csv(paths[1], [{key: _csv_value(row[key]) for key in row} for row in rows], table1_columns(group_by))
+    return paths
 
 
 def tpt_table(run_dir: Path) -> str:
     """The paper's Table 1 for one run, as Markdown (what validate_nc.py writes to tpt_table.md)."""
-    return table1_markdown(table1([run_dir]), TABLE1_COLUMNS)
-
-
-def write_table1(run_dirs: list[Path], out: Path, group_by: list[str] = ()) -> tuple[str, list[Path]]:
-    """Table 1 of the runs as Markdown and as CSV, at `out` with the suffixes .md and .csv; the Markdown
-    and the paths written."""
-    rows, columns = table1(run_dirs, group_by), table1_columns(group_by)
-    markdown = table1_markdown(rows, columns)
-    paths = [out.with_suffix(".md"), out.with_suffix(".csv")]
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
-    runs.write_text(paths[0], markdown)
-    runs.write_csv(paths[1], *table1_csv_rows(rows, columns))
-    return markdown, paths
-
+    return table1_markdown(table1([run_dir]), run_column=False)
 
 def run_labels(configs: list[dict], names: list[str]) -> list[str]:
     """A legend label per run: the user-facing settings that apply to it and whose values differ across
@@ -524,11 +512,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "text); default: the suffix of a file given to --out, else png")
         return sub
 
-    def runs_and_groups(sub: argparse.ArgumentParser, what: str) -> None:
+    def runs_and_groups(sub: argparse.ArgumentParser, what: str,
+                        per_group: str = "one line per group of runs with equal values, the mean over its runs and "
+                        "a band from their minimum to their maximum") -> None:
         sub.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help=what)
         sub.add_argument("--group-by", nargs="+", default=[], metavar="KEY",
-                         help="config.json keys (e.g. loss, precision): one line per group of runs with equal "
-                         "values, the mean over its runs and a band from their minimum to their maximum")
+                         help=f"config.json keys (e.g. loss, precision): {per_group}")
 
     representations = command("representations", "the Mixup representation figure from its CSV",
                               "the file to write (default: beside the CSV)", required=False)
@@ -548,7 +537,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     table = command("table", "the paper's Table 1 over runs: TPT onset, test accuracy there and at the last "
                     "epoch, and the change; printed as Markdown", "also write it to this file as Markdown (.md) and "
                     "beside it as CSV (.csv)", required=False)
-    runs_and_groups(table, "run folders, or study folders (their finished runs)")
+    runs_and_groups(table, "run folders, or study folders (their finished runs)", "one row per group of runs with "
+                    "equal values (the seeds of a setting): the mean over its runs and their range [minimum, maximum]")
     return parser.parse_args(argv)
 
 
@@ -568,7 +558,8 @@ def main(args: argparse.Namespace) -> int:
         written = plot_study(args.study_dir, args.out and figure_folder(args.out, "study"), suffix)
     elif args.command == "curves":
         named_file = args.out.suffix.lower().lstrip(".") in FIGURE_SUFFIXES
-        out = figure_path(args.out, figure_format) if named_file else args.out / Path(CURVES_FILE).with_suffix(suffix)
+        out = (figure_path(args.out, figure_format) if named_file
+               else figure_folder(args.out, "curves") / Path(CURVES_FILE).with_suffix(suffix))
         written = [plot_curves(args.run_dirs, out, args.group_by)]
     else:
         written = [plot_panel(args.run_dirs, figure_path(args.out, figure_format), args.group_by)]
@@ -584,13 +575,10 @@ def _print_table(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out}: Table 1 is written as FILE.md and FILE.csv; name a .md or .csv file")
     run_dirs = [run_dir for path in args.run_dirs
                 for run_dir in (study_runs(path)[1] if (path / studies.STUDY_FILE).is_file() else [path])]
-    if args.out is None:
-        print(table1_markdown(table1(run_dirs, args.group_by), table1_columns(args.group_by)), end="")
-        return 0
-    markdown, written = write_table1(run_dirs, args.out, args.group_by)
-    print(markdown, end="")
-    for path in written:
-        print(path)
+    rows = table1(run_dirs, args.group_by)
+    print(table1_markdown(rows, args.group_by), end="")
+    if args.out is not None:
+        print("\n".join(map(str, write_table1(rows, args.out, args.group_by))))
     return 0
 
 
@@ -869,8 +857,7 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 
 def _table1_row(run_dir: Path) -> dict:
-    """One run's row of Table 1 (see `table1`), with its best clean training accuracy for a run that
-    never reached the onset."""
+    """One run's row of Table 1 (see `table1`)."""
     measured = _read_required(run_dir, NC_TABLE)
     settings = runs.read_config(run_dir, required=()) or {}
     onset, last = runs.tpt_row(measured), measured[-1]
@@ -881,38 +868,36 @@ def _table1_row(run_dir: Path) -> dict:
             "best_train_acc": max(row["train_acc"] for row in measured)}
 
 
-def _spread(values: list[float | None]) -> tuple[float, float, float] | None:
-    """(mean, minimum, maximum) of the values that are not None, or None if all are."""
-    present = [value for value in values if value is not None]
-    return (float(np.mean(present)), min(present), max(present)) if present else None
-
-
 def _distinct(values) -> str:
     return ", ".join(dict.fromkeys(str(value) for value in values))
 
 
 def _table1_cell(column: str, row: dict) -> str:
-    """A cell of Table 1 in Markdown: accuracies in percent, the change in percentage points, a group's
-    statistic as its mean [minimum, maximum]."""
-    value = row.get(column)
-    if column == "tpt_epoch" and value is None and "best_train_acc" in row:
-        return f"not reached by epoch {row['last_epoch']} (best train accuracy {_percent(row['best_train_acc'])})"
-    if column in TABLE1_STATS:
-        if value is None:
+    """A Markdown cell of Table 1: accuracies in percent, the change in percentage points, a group's
+    statistic as its mean [minimum, maximum] (the range left out when they are equal)."""
+    show = {"tpt_epoch": "{:g}".format, "last_epoch": "{:g}".format, "change": lambda value: f"{100 * value:+.2f}"}.get(
+        column, _percent)
+    if column in TABLE1_STATS and f"{column}_mean" in row:
+        mean, low, high = (row[f"{column}_{part}"] for part in SPREAD)
+        if mean is None:
             return "n/a"
-        show = {"tpt_epoch": "{:g}".format, "last_epoch": "{:g}".format, "change": lambda v: f"{100 * v:+.2f}"}.get(
-            column, _percent)
-        if not isinstance(value, tuple):
-            return show(value)
-        mean, low, high = value
         return show(round(mean, 1) if column.endswith("epoch") else mean) + (
             f" [{show(low)}, {show(high)}]" if low != high else "")
-    if column == "run_dir":
-        return f"`{value}`"
+    value = row[column]
+    if column == "tpt_epoch" and value is None:
+        return f"not reached by epoch {row['last_epoch']} (best train accuracy {_percent(row['best_train_acc'])})"
     if value is None:
         return "n/a"
-    return ",".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) else str(value)
+    if column in TABLE1_STATS:
+        return show(value)
+    if column == "run_dir":
+        return f"`{value}`"
+    return f"{value:g}" if isinstance(value, float) else str(_csv_value(value))
 
+
+def _csv_value(value):
+    """A setting as a table cell: a list as "10,20", anything else as it is."""
+    return ",".join(map(str, value)) if isinstance(value, list) else value
 
 def _read_representations(table: Path) -> list[dict]:
     if not table.is_file():

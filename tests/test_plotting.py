@@ -222,7 +222,8 @@ def fully_measured(run: Path) -> Path:
     with depth, and Figure 8's column."""
     nc1 = [3.1, 1.2, 0.3, 0.04, 0.005]
     return set_columns(run, deepfool_robustness=[0.02, 0.015, 0.012, 0.011, 0.010],
-                       **{stage: [value * (len(STAGES) - depth) for value in nc1] for depth, stage in enumerate(STAGES)})
+                       **{stage: [value * (len(STAGES) - depth) for value in nc1]
+                          for depth, stage in enumerate(STAGES)})
 
 
 def overlay_runs(root: Path, count: int) -> list[Path]:
@@ -291,6 +292,13 @@ def assert_whole_legends(name: str, fig: plt.Figure) -> None:
         plt.close(fig)
 
 
+def labelled_y_ticks(ax: plt.Axes) -> list[str]:
+    """The texts of the y axis's labelled ticks within its view (of a drawn figure)."""
+    low, high = sorted(ax.get_ylim())
+    return [text.get_text() for text in ax.get_yticklabels()
+            if text.get_text() and low <= text.get_position()[1] <= high]
+
+
 @pytest.mark.parametrize("count", [1, 2, 3, 24])
 def test_every_figure_keeps_its_whole_legend_inside_the_image_below_the_axes(tmp_path, count):
     run_dirs = overlay_runs(tmp_path, count)
@@ -330,12 +338,13 @@ def test_every_subcommand_writes_the_format_asked_for(tmp_path):
         assert plotting.main(plotting.parse_args([*command, "--format", formats[name]])) == 0
     assert plotting.main(plotting.parse_args(["curves", run, "--out", f"{out}/curves.svg"])) == 0
     assert plotting.main(plotting.parse_args(["panel", run, "--out", f"{out}/named.pdf"])) == 0
-    expected = {out / "curves.svg": "svg", out / "named.pdf": "pdf", table.with_suffix(f".{formats['representations']}"):
-                formats["representations"]}
+    expected = {out / "curves.svg": "svg", out / "named.pdf": "pdf",
+                table.with_suffix(f".{formats['representations']}"): formats["representations"]}
     expected |= {out / "nc" / Path(name).with_suffix(f".{formats['nc']}"): formats["nc"]
                  for name in NC_FILES | {"fig8_adversarial_robustness.png"}}
     expected |= {out / "curves" / f"training_curves.{formats['curves']}": formats["curves"],
-                 out / f"panel.{formats['panel']}": formats["panel"], out / f"layers.{formats['layers']}": formats["layers"],
+                 out / f"panel.{formats['panel']}": formats["panel"],
+                 out / f"layers.{formats['layers']}": formats["layers"],
                  out / "study" / f"panel.{formats['study']}": formats["study"],
                  out / "study" / f"training_curves.{formats['study']}": formats["study"]}
     assert {path for path in out.rglob("*") if path.is_file()} == {*expected, out / "study" / "table.md"} - {
@@ -347,7 +356,8 @@ def test_every_subcommand_writes_the_format_asked_for(tmp_path):
 
 
 @pytest.mark.parametrize("command,message", [
-    (["nc", "RUN", "--out", "x.pdf"], "writes several figures into a folder, not into the file x.pdf: pass --out x --format pdf"),
+    (["nc", "RUN", "--out", "x.pdf"],
+     "writes several figures into a folder, not into the file x.pdf: pass --out x --format pdf"),
     (["study", "STUDY", "--out", "x.jpg"], "writes several figures into a folder"),
     (["panel", "RUN", "--out", "x.jpg"], r"name a .png, .pdf or .svg file"),
     (["layers", "RUN", "--out", "x.eps"], r"name a .png, .pdf or .svg file"),
@@ -407,9 +417,8 @@ def test_a_log_axis_spanning_less_than_a_decade_shows_at_least_three_labelled_ti
     fig = dict(plotting.nc_figures([run]))["fig5_self_duality.png"]
     fig.set_dpi(plotting.DPI)
     fig.canvas.draw()
-    ax = fig.axes[0]
-    low, high = sorted(ax.get_ylim())
-    labels = [text.get_text() for text in ax.get_yticklabels() if text.get_text() and low <= text.get_position()[1] <= high]
+    labels = labelled_y_ticks(fig.axes[0])
+    low, high = sorted(fig.axes[0].get_ylim())
     plt.close(fig)
     assert len(labels) >= 3 and len(set(labels)) == len(labels)
     assert all(low <= float(label) <= high for label in labels)
@@ -418,9 +427,7 @@ def test_a_log_axis_spanning_less_than_a_decade_shows_at_least_three_labelled_ti
 def test_the_layerwise_colour_bar_labels_epochs_as_integers(tmp_path):
     fig = plotting.layers_figure(fully_measured(write_run(tmp_path / "run")))
     fig.canvas.draw()
-    bar = fig.axes[1]
-    low, high = sorted(bar.get_ylim())
-    labels = [text.get_text() for text in bar.get_yticklabels() if text.get_text() and low <= text.get_position()[1] <= high]
+    labels = labelled_y_ticks(fig.axes[1])
     plt.close(fig)
     assert len(labels) >= 3 and all(re.fullmatch(r"[0-9]+", label) for label in labels)
     assert {int(label) for label in labels} <= set(range(1, LAST_EPOCH + 1))
@@ -468,7 +475,8 @@ def write_accuracies(folder: Path, checkpoints: list[tuple[int, float, float]], 
 
 def table_runs(root: Path) -> list[Path]:
     return ([write_accuracies(root / f"ce{seed}", rows, loss="ce", seed=seed) for seed, rows in enumerate(CE_RUNS)]
-            + [write_accuracies(root / f"mse{seed}", rows, loss="mse", seed=seed) for seed, rows in enumerate(MSE_RUNS)])
+            + [write_accuracies(root / f"mse{seed}", rows, loss="mse", seed=seed)
+               for seed, rows in enumerate(MSE_RUNS)])
 
 
 def markdown_rows(text: str) -> list[list[str]]:
@@ -509,8 +517,10 @@ def test_table_1_grouped_gives_the_mean_over_seeds_with_their_range(tmp_path, ca
     with open(out.with_suffix(".csv"), newline="") as handle:
         ce, mse = csv.DictReader(handle)
     assert (ce["runs"], ce["runs_tpt"], mse["runs"], mse["runs_tpt"]) == ("3", "3", "2", "1")
-    assert float(ce["tpt_epoch_mean"]) == pytest.approx(20 / 3) and (ce["tpt_epoch_min"], ce["tpt_epoch_max"]) == ("5", "10")
-    assert float(ce["tpt_test_acc_mean"]) == pytest.approx(0.72333333) and float(ce["change_max"]) == pytest.approx(0.08)
+    assert float(ce["tpt_epoch_mean"]) == pytest.approx(20 / 3)
+    assert (ce["tpt_epoch_min"], ce["tpt_epoch_max"]) == ("5", "10")
+    assert float(ce["tpt_test_acc_mean"]) == pytest.approx(0.72333333)
+    assert float(ce["change_max"]) == pytest.approx(0.08)
     assert float(mse["last_test_acc_mean"]) == pytest.approx(0.625) and float(mse["change_min"]) == pytest.approx(0.10)
 
 
