@@ -636,7 +636,8 @@ def _groups(configs: list[dict], group_by: list[str]) -> list[list[int]]:
 def _group_label(run: dict, group_by: list[str]) -> str:
     """The `group_by` settings of a group's runs that apply to them ("loss=ce", not "loss=ce, kappa=None")."""
     applied = _applied_settings(run)
-    named = [config.setting_text(key, applied[key]) for key in group_by if key in applied]
+    named = [_DEFAULT_MILESTONES if applied[key] == _DEFAULT_MILESTONES else config.setting_text(key, applied[key])
+             for key in group_by if key in applied]
     return ", ".join(named) or ", ".join(f"no {config.SETTING_NAMES.get(key) or key}" for key in group_by)
 
 
