@@ -14,7 +14,7 @@ Figures go to <DATASET>_plots/ for the paper-default run and to <DATASET>_plots/
 With --follow it measures each checkpoint as soon as train.py writes it, waits for the next, and stops
 once the checkpoint of the run's last epoch (config.json's `epochs`) is measured, or once no process
 has held the run's training lock for the grace period (default 60 s: the run stopped before its end),
-then draws the figures; before train.py has written the run's config.json, it waits for it.
+then draws the figures; it may start before train.py (it waits for the run's config.json).
 
     torchrun --nproc_per_node=K validate_nc.py ...   # each process measures its shard of each split
 
@@ -113,24 +113,31 @@ def main(args: argparse.Namespace) -> int:
 def follow(args: argparse.Namespace, device: torch.device, held: contextlib.ExitStack) -> int:
     """Measure the run's checkpoints as train.py writes them (see the module's --follow), then report.
 
-    Each round first asks whether a process holds the training lock, then lists the checkpoints: a
-    trainer found gone has finished its files by then, so the listing holds all it wrote. A run
-    is done when the checkpoint of its last epoch is measured (or failed to be); config.json is read
-    every round, since a run extended with a larger --epochs rewrites it."""
+    Each round first asks whether a process holds the training lock, then reads config.json and lists
+    the checkpoints: a trainer found gone has finished its files by then, so the listing holds all it
+    wrote. A run is done when the checkpoint of its last epoch is measured (or failed to be);
+    config.json is read every round, since a run extended with a larger --epochs rewrites it. Until
+    train.py has written config.json, it waits while a trainer holds the lock (loading its data), or
+    for the grace period."""
     if distributed.world_size() > 1:
         raise UserError("--follow measures in one process; run validate_nc.py --follow without torchrun")
-    requested = config.resolve_config(args)
-    run_dir = config.default_run_dir(requested, args)
-    if runs.read_config(run_dir) is None:
-        print(f"waiting for {run_dir / 'config.json'} (train.py writes it once it has started)", file=sys.stderr)
-        while runs.read_config(run_dir) is None:
-            time.sleep(FOLLOW_POLL)
-    board = held.enter_context(contextlib.closing(runs.tensorboard_writer(run_dir))) if args.tensorboard else None
-    table = {row["epoch"]: row for row in runs.read_nc_metrics(run_dir)}
-    tried, skipped, data, idle_since = set(), [], None, None
+    run_dir = config.default_run_dir(config.resolve_config(args), args)
+    table, board, tried, skipped, data, idle_since = None, None, set(), [], None, None
     while True:
         trainer = runs.training_process(run_dir)
-        run_config = _run_config(run_dir, args, requested)
+        idle_since = None if trainer else idle_since or time.monotonic()
+        idle = idle_since is not None and time.monotonic() - idle_since >= args.follow
+        run_config = runs.read_config(run_dir)
+        if run_config is None:
+            if idle:
+                raise UserError(f"{run_dir} has no config.json, and no train.py has held its lock for {args.follow:g} "
+                                "s; start train.py with this --run-dir (or pass the folder it trains)")
+            time.sleep(FOLLOW_POLL)
+            continue
+        if table is None:
+            table = {row["epoch"]: row for row in runs.read_nc_metrics(run_dir)}
+            board = held.enter_context(contextlib.closing(runs.tensorboard_writer(run_dir))) if args.tensorboard \
+                else None
         todo = [(epoch, path) for epoch, path in runs.checkpoint_files(run_dir) if epoch not in tried
                 and (args.recompute or epoch not in table or _lacks(table[epoch], args))]
         if todo:
@@ -142,12 +149,10 @@ def follow(args: argparse.Namespace, device: torch.device, held: contextlib.Exit
         if last in tried or last in table:
             print(f"followed {run_dir} to its last epoch, {last}", file=sys.stderr)
             break
-        idle_since = None if trainer else idle_since or time.monotonic()
-        if idle_since is not None and time.monotonic() - idle_since >= args.follow:
-            done = max(table, default=0)
+        if idle:
             print(f"no process has trained {run_dir} for {args.follow:g} s; it stopped before its last epoch "
-                  f"({last}), and its checkpoints through epoch {done} are measured: run train.py again to "
-                  "continue it, with validate_nc.py --follow beside it", file=sys.stderr)
+                  f"({last}), and its checkpoints through epoch {max(table, default=0)} are measured: run train.py "
+                  "again to continue it, with validate_nc.py --follow beside it", file=sys.stderr)
             break
         time.sleep(FOLLOW_POLL)
     return _finish(run_config, run_dir, table, len(tried) - len(skipped), skipped, args, board)

@@ -14,6 +14,7 @@ import pytest
 
 import runs
 import validate_nc
+from errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "synthetic", "--width", "4", "--samples-per-class", "20", "--device", "cpu"]
@@ -112,6 +113,12 @@ def test_a_follower_of_a_finished_and_measured_run_stops_at_once(tmp_path):
     assert trained.returncode == 0
     assert validate_nc.main(validate_nc.parse_args(follower_args(run_dir, "3600"))) == 0  # no trainer to wait for
     assert measured_epochs(run_dir) == [1, 2]
+
+
+def test_a_follower_of_a_folder_no_one_trains_gives_up_after_its_grace(tmp_path, capsys):
+    with pytest.raises(UserError, match=r"has no config.json, and no train.py has held its lock for 1 s; start"):
+        validate_nc.main(validate_nc.parse_args(follower_args(tmp_path / "typo", "1")))
+    assert not (tmp_path / "typo").exists()
 
 
 def test_the_training_process_is_the_holder_of_the_lock_and_none_without_one(tmp_path):
