@@ -15,8 +15,9 @@ training files: train.py holds an OS lock on `.train.lock` for the whole run (th
 when the process ends, however it ends), and only the holder removes temporary files left by dead
 writers. It writes each epoch's files on a background thread (`BackgroundWriter`) while the next epoch
 trains, one epoch's files at a time; `training_process` tells another process (validate_nc.py --follow)
-whether a trainer holds the lock. Table updates that read before they write (nc_metrics.csv, summary.json) hold `.tables.lock`
-for the moment of the update, so processes measuring the same run never lose each other's rows. The
+whether a trainer holds the lock. Table updates that read before they write (nc_metrics.csv,
+summary.json) hold `.tables.lock` for the moment of the update, so processes measuring the same run
+never lose each other's rows. The
 tables are read row by row: a row that does not parse completely (a cut or edited file) is left out
 with a warning naming the file and line.
 

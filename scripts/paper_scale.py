@@ -454,7 +454,8 @@ def _decide(plan: Plan, outcome: Outcome, clock: "_Clock") -> None:
         _stop(dropped, "follower", clock, "stopped by the probe")
         outcome.dropped += dropped
         plan.seeds = [0]
-        decision = f"{seen} with {runs_at_once}: {epochs_left} epochs do not fit in the {left:.0f} s left; seed 0 alone goes on"
+        decision = (f"{seen} with {runs_at_once}: {epochs_left} epochs do not fit in the {left:.0f} s left; "
+                    "seed 0 alone goes on")
     elif plan.probe == "precision" and plan.precision == "fp32":
         _stop(outcome.jobs, "trainer", clock, "stopped by the probe")
         _stop(outcome.jobs, "follower", clock, "stopped by the probe")

@@ -4,7 +4,6 @@ precision and folder names from the known speeds."""
 import importlib.util
 import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 from types import ModuleType
@@ -135,8 +134,8 @@ def test_the_results_folder_names_the_precision_and_the_seeds(flags, name, run, 
     args = module.parse_args(["--data-root", str(tmp_path), *flags])
     plan = module.Plan(tiny=False, device_name="GPU", compiled=True, precision=args.precision, why="", probe=None,
                        seeds=list(range(args.seeds)), epochs=350, num_checkpoints=50,
-                       selection=["--dataset", "CIFAR10", "--data-root", str(tmp_path), *args.extra], data_root=tmp_path,
-                       runs_dir=tmp_path, results=None, out=None, command="")
+                       selection=["--dataset", "CIFAR10", "--data-root", str(tmp_path), *args.extra],
+                       data_root=tmp_path, runs_dir=tmp_path, results=None, out=None, command="")
     assert plan.name() == name and plan.run_dir(0).name == run
 
 
