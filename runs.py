@@ -17,9 +17,8 @@ writers. It writes each epoch's files on a background thread (`BackgroundWriter`
 trains, one epoch's files at a time; `training_process` tells another process (validate_nc.py --follow)
 whether a trainer holds the lock. Table updates that read before they write (nc_metrics.csv,
 summary.json) hold `.tables.lock` for the moment of the update, so processes measuring the same run
-never lose each other's rows. The
-tables are read row by row: a row that does not parse completely (a cut or edited file) is left out
-with a warning naming the file and line.
+never lose each other's rows. The tables are read row by row: a row that does not parse completely
+(a cut or edited file) is left out with a warning naming the file and line.
 
 The terminal phase of training (TPT) begins at the first analysis checkpoint whose network, in eval
 mode and strict float32, classifies every clean training sample correctly: `train_acc` == 1 in
