@@ -13,10 +13,12 @@ Every file is written to a temporary file in the same folder and renamed into pl
 never leaves a half-written file where a complete one is expected. A run folder has one writer of its
 training files: train.py holds an OS lock on `.train.lock` for the whole run (the kernel releases it
 when the process ends, however it ends), and only the holder removes temporary files left by dead
-writers. Table updates that read before they write (nc_metrics.csv, summary.json) hold `.tables.lock`
-for the moment of the update, so processes measuring the same run never lose each other's rows. The
-tables are read row by row: a row that does not parse completely (a cut or edited file) is left out
-with a warning naming the file and line.
+writers. It writes each epoch's files on a background thread (`BackgroundWriter`) while the next epoch
+trains, one epoch's files at a time; `training_process` tells another process (validate_nc.py --follow)
+whether a trainer holds the lock. Table updates that read before they write (nc_metrics.csv,
+summary.json) hold `.tables.lock` for the moment of the update, so processes measuring the same run
+never lose each other's rows. The tables are read row by row: a row that does not parse completely
+(a cut or edited file) is left out with a warning naming the file and line.
 
 The terminal phase of training (TPT) begins at the first analysis checkpoint whose network, in eval
 mode and strict float32, classifies every clean training sample correctly: `train_acc` == 1 in
@@ -34,8 +36,9 @@ import re
 import shutil
 import socket
 import sys
+import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -46,6 +49,7 @@ from nc_metrics import STATS_KEYS
 
 TMP_SUFFIX = ".tmp"
 TRAIN_LOCK, TABLES_LOCK = ".train.lock", ".tables.lock"
+WRITER_THREAD = "run-files-writer"
 
 
 @contextlib.contextmanager
@@ -257,6 +261,25 @@ def training_lock(run_dir: Path) -> Iterator[None]:
             raise
 
 
+def training_process(run_dir: Path) -> str | None:
+    """The process training the run now, as the lock file names it ("process <id> on <host>"), or None
+    if no process holds the training lock. The lock is tested with a shared lock, taken without waiting
+    and dropped at once: a train.py that tried to take the lock in that very instant would find the
+    folder busy and stop, so callers (validate_nc.py --follow) look at most once a second, and at a
+    run whose config.json is written: its trainer has the lock already or has ended."""
+    try:
+        handle = open(Path(run_dir) / TRAIN_LOCK)
+    except FileNotFoundError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "another process"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
 def tensorboard_writer(run_dir: Path):
     """A TensorBoard SummaryWriter of <run>/tensorboard/ (the --tensorboard flag); the CSV tables stay the
     record, this is for watching a run live."""
@@ -291,6 +314,48 @@ def locked(path: Path) -> Iterator[None]:
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
+
+
+class BackgroundWriter:
+    """Runs a training process's file writes on a thread, one job at a time and in the order submitted,
+    so that the training thread, and the GPU it feeds, never wait for the disk. `submit` first waits for
+    the job before it (one write in flight: each epoch's files are complete before the next epoch's
+    begin), raising its error there; `wait` waits for the last one. Jobs write through the atomic
+    writers of this module, so a kill at any moment leaves each file as it was or as it became."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, job: Callable[..., None], *args) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(job, args), name=WRITER_THREAD)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Return once the job in flight, if any, is done; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _run(self, job: Callable[..., None], args: tuple) -> None:
+        try:
+            job(*args)
+        except BaseException as err:  # handed to the training thread, which raises it
+            self._error = err
+
+
+@contextlib.contextmanager
+def background_writer() -> Iterator[BackgroundWriter]:
+    """A `BackgroundWriter` whose last job is finished on leaving, however the block is left."""
+    writer = BackgroundWriter()
+    try:
+        yield writer
+    finally:
+        writer.wait()
 
 
 def remove_leftovers(run_dir: Path) -> list[Path]:

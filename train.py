@@ -17,6 +17,7 @@ SyncBatchNorm cannot run, so each process normalises with its own share of the b
 """
 import argparse
 import contextlib
+import copy
 import math
 import os
 import random
@@ -79,19 +80,21 @@ def train_run(args: argparse.Namespace, device: torch.device) -> None:
         start, log = distributed.on_every_rank(_resume, run_dir, last, model, optimizer, scheduler)
         del last
         distributed.on_rank_zero(_start_folder, run_dir, settings)
+        writer = held.enter_context(runs.background_writer())  # closed (its last write done) before the lock goes
         board = distributed.on_rank_zero(runs.tensorboard_writer, run_dir) if args.tensorboard else None
         if board is not None:
             held.callback(board.close)
         if distributed.world_size() > 1:
             step_model = _parallel(model, device, args.compile)
         else:
-            step_model = _compiled(model, device) if args.compile else model
+            step_model = FullBatchesCompiled(model, device, settings["batch_size"]) if args.compile else model
 
         processes = f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
         _say(f"run {run_dir}: {settings['dataset']} ({len(train[1])} train / {len(test[1])} test images), "
              f"{settings['model']} width {settings['width']}, {settings['loss']}, {settings['precision']} on "
              f"{device.type if processes else device}{processes}" + (f"; resuming after epoch {start}" if start else ""))
-        train_for(settings, run_dir, step_model, model, optimizer, scheduler, loss_fn, train, test, start, log, board)
+        train_for(settings, run_dir, step_model, model, optimizer, scheduler, loss_fn, train, test, start, log,
+                  writer, board)
 
 
 def load_data(settings: dict, args: argparse.Namespace, device: torch.device) -> tuple[engine.Split, engine.Split]:
@@ -123,22 +126,25 @@ def make_scheduler(optimizer: torch.optim.Optimizer, settings: dict) -> torch.op
 
 def train_for(settings: dict, run_dir: Path, step_model: nn.Module, model: nn.Module,
               optimizer: torch.optim.Optimizer, scheduler, loss_fn: losses.LossFn,
-              train: engine.Split, test: engine.Split, start: int, log: list[dict], board=None) -> None:
-    """Train epochs start+1 .. epochs, saving the log, the analysis checkpoints and last.pt each epoch (and
-    the log row to TensorBoard's `board`, if any).
+              train: engine.Split, test: engine.Split, start: int, log: list[dict],
+              writer: runs.BackgroundWriter, board=None) -> None:
+    """Train epochs start+1 .. epochs, saving the log, the analysis checkpoints and last.pt each epoch
+    through `writer` (and the log row to TensorBoard's `board`, if any).
 
     `step_model` trains (compiled, or under torchrun the DDP wrapper); `model` itself evaluates (the
     wrapper's forward would wait for the other processes; evaluation is a small part of an epoch) and is
-    what is checked and saved."""
+    what is checked and saved. The host reads the device once per epoch, after its last step (the
+    loss and accuracy sums, then the evaluation, if any, and the check for divergence); the epoch's
+    files are written while the next epoch trains. A row's `seconds` is the wall time since the
+    previous row: the epoch, its evaluation and the hand-over of the previous epoch's files."""
     epochs = settings["epochs"]
     analysed = set(config.checkpoint_epochs(epochs, settings["num_checkpoints"]))
     running_full = any(row["train_acc"] == 1.0 for row in log)
-    began = time.perf_counter()
+    began = tick = time.perf_counter()
     quiet = not distributed.is_main()
     bar = tqdm(range(start + 1, epochs + 1), initial=start, total=epochs, unit="epoch", desc=run_dir.name,
                dynamic_ncols=True, disable=quiet)
     for epoch in bar:
-        tick = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         with tqdm(total=datasets.num_batches(len(train[1]), settings["batch_size"]), leave=False,
                   unit="batch", dynamic_ncols=True, disable=quiet) as batches:
@@ -148,9 +154,12 @@ def train_for(settings: dict, run_dir: Path, step_model: nn.Module, model: nn.Mo
         row |= engine.evaluate(model, loss_fn, test, settings) if evaluated else dict.fromkeys(engine.EVALUATION_KEYS)
         distributed.on_every_rank(_refuse_divergence, model, row, epoch, settings["lr"])
         scheduler.step()
-        row = {"epoch": epoch, "lr": lr, **row, "seconds": time.perf_counter() - tick}
+        now = time.perf_counter()
+        row = {"epoch": epoch, "lr": lr, **row, "seconds": now - tick}
+        tick = now
         log.append(row)
-        distributed.on_rank_zero(_save_epoch, run_dir, settings, epoch in analysed, model, optimizer, scheduler, log)
+        distributed.on_rank_zero(_save_epoch, writer, run_dir, settings, epoch in analysed, model, optimizer,
+                                 scheduler, log)
         if board is not None:
             runs.log_scalars(board, "train", row)
         bar.set_postfix(loss=f"{row['train_loss']:.4f}", acc=f"{row['train_acc']:.2%}", lr=f"{lr:.3g}")
@@ -160,6 +169,7 @@ def train_for(settings: dict, run_dir: Path, step_model: nn.Module, model: nn.Mo
             _say(f"epoch {epoch}: the running training accuracy (train mode, averaged over the epoch) reached "
                  "100%; validate_nc.py measures the TPT onset on the clean training set in eval mode")
     bar.close()
+    distributed.on_rank_zero(writer.wait)  # the last epoch's files, before saying they are there
     _say(f"done: {epochs} epochs in {run_dir} ({time.perf_counter() - began:.0f} s this session). "
          f"Next, to measure collapse and the TPT onset: python validate_nc.py --run-dir {run_dir}")
 
@@ -233,26 +243,68 @@ def _parallel(model: nn.Module, device: torch.device, compile_model: bool) -> nn
     return torch.compile(wrapped) if compile_model else wrapped
 
 
-def _compiled(model: nn.Module, device: torch.device) -> nn.Module:
-    """torch.compile'd for training; on CUDA with CUDA graphs ("reduce-overhead"): at batch size 128 a
-    ResNet-18 step is bound by kernel launches, and on an H100 graphs trained 2.75x faster than eager
-    while the default mode was slower than eager."""
-    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default")
+class FullBatchesCompiled(nn.Module):
+    """The model torch.compile'd for the full batches of an epoch, its smaller last batch run eagerly.
+
+    On CUDA with CUDA graphs ("reduce-overhead"): at batch size 128 a ResNet-18 step is bound by kernel
+    launches, and on an H100 graphs trained 2.75x faster than eager while the default mode was slower
+    than eager. Compiling for one batch size (dynamic=False) keeps the kernels specialised; a second
+    graph for the last batch (80 of CIFAR-10's 50,000 images) would cost another compilation, as long as
+    the first, to save milliseconds per epoch. The parameters are `model`'s: checkpoints hold it alone."""
+
+    def __init__(self, model: nn.Module, device: torch.device, batch_size: int):
+        super().__init__()
+        self.model = model
+        self.compiled = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default",
+                                      dynamic=False)
+        self.batch_size = batch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.compiled if len(x) == self.batch_size else self.model)(x)
 
 
-def _save_epoch(run_dir: Path, settings: dict, analysed: bool, model: nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler, log: list[dict]) -> None:
-    """The epoch's files: its analysis checkpoint if it has one, log.csv, last.pt and summary.json."""
-    row = log[-1]
-    epoch = row["epoch"]
+def _save_epoch(writer: runs.BackgroundWriter, run_dir: Path, settings: dict, analysed: bool, model: nn.Module,
+                optimizer: torch.optim.Optimizer, scheduler, log: list[dict]) -> None:
+    """Hand the epoch's files to `writer`: its analysis checkpoint if it has one, log.csv, last.pt and
+    summary.json, in that order, from a copy of the state taken now (see `_host_copy`). The previous
+    epoch's files are finished first; a failure to write them is raised here."""
+    copied = _host_copy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "rng": _rng_states()})
+    on_host = torch.cuda.Event() if any(p.is_cuda for p in model.parameters()) else None
+    if on_host is not None:
+        on_host.record()
+    writer.submit(_write_epoch, on_host, run_dir, settings, analysed, copied, list(log))
+
+
+def _write_epoch(on_host, run_dir: Path, settings: dict, analysed: bool, state: dict, log: list[dict]) -> None:
+    """The writer's job: the files of the epoch of log's last row, once the copies to the host are done."""
+    if on_host is not None:
+        on_host.synchronize()
+    epoch = log[-1]["epoch"]
     if analysed:
         runs.save_checkpoint(runs.checkpoint_path(run_dir, epoch),
-                             {"model": model.state_dict(), "epoch": epoch, "config": settings})
+                             {"model": state["model"], "epoch": epoch, "config": settings})
     runs.write_log(run_dir, log)  # before last.pt: a resume drops rows past last.pt's epoch
-    runs.save_checkpoint(run_dir / "last.pt", {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "epoch": epoch, "rng": _rng_states(), "config": settings})
+    runs.save_checkpoint(run_dir / "last.pt", {**state, "epoch": epoch, "config": settings})
     runs.write_summary(run_dir)
+
+
+def _host_copy(value):
+    """`value` (nested dicts, lists and tuples of tensors and plain values) with every tensor copied to
+    the host, every container copied with its type and attributes: the next epoch changes the weights
+    and the optimizer's buffers in place while the writer saves them. A CUDA tensor is copied
+    asynchronously into pinned memory, behind the epoch's kernels (the writer waits for an event
+    recorded after the copies), so the GPU goes on to the next epoch without waiting for the host."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", non_blocking=True) if value.is_cuda else value.detach().clone()
+    if isinstance(value, dict):
+        copied = copy.copy(value)  # an OrderedDict state dict keeps its _metadata, a Counter stays one
+        for key, item in value.items():
+            copied[key] = _host_copy(item)
+        return copied
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_copy(item) for item in value)
+    return copy.deepcopy(value)
 
 
 def _resume(run_dir: Path, last: dict | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -9,6 +9,13 @@ no Mixup) and once over the test split, and a row is added to <run>/nc_metrics.c
 in the table are skipped (unless --recompute), so a run still training can be validated again later.
 Figures go to <DATASET>_plots/ for the paper-default run and to <DATASET>_plots/<run name>/ otherwise.
 
+    python validate_nc.py --run-dir runs/NAME --follow   # alongside train.py: each checkpoint as it lands
+
+With --follow it measures each checkpoint as soon as train.py writes it, waits for the next, and stops
+once the checkpoint of the run's last epoch (config.json's `epochs`) is measured, or once no process
+has held the run's training lock for the grace period (default 60 s: the run stopped before its end),
+then draws the figures; it may start before train.py (it waits for the run's config.json).
+
     torchrun --nproc_per_node=K validate_nc.py ...   # each process measures its shard of each split
 
 Under torchrun the processes' class statistics and counts are summed and process 0 writes the table
@@ -17,6 +24,7 @@ and the figures: the numbers are those of one process up to float64 rounding.
 import argparse
 import contextlib
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +40,8 @@ import runs
 from errors import ArgumentParser, UserError, run_cli
 
 REPRESENTATION_LAMBDAS = [step / 10 for step in range(11)]
+FOLLOW_GRACE = 60.0  # seconds without a trainer after which --follow stops, by default
+FOLLOW_POLL = 1.0  # seconds between --follow's looks at the run folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--format", choices=plotting.FORMATS, default="png", help="the figures' file format (default png; pdf "
         "and svg are vector files with text kept as text)")
     add("--recompute", action="store_true", help="measure every checkpoint again, even those in the table")
+    add("--follow", type=config.positive_float, nargs="?", const=FOLLOW_GRACE, metavar="GRACE",
+        help="measure each checkpoint as soon as train.py writes it, waiting for the next, until the last "
+        f"epoch's is measured or no process has trained the run for GRACE seconds (default {FOLLOW_GRACE:g})")
     add("--data-root", type=Path, help="folder holding the datasets (default: the one the run was trained from)")
     add("--download", action="store_true", help="download the dataset into --data-root if it is missing")
     add("--layers", action="store_true", help="also NC1 after every stage of the network (nc1_<stage> columns, "
@@ -71,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.representations and (args.representation_epochs or args.classes or args.bn_mode):
         parser.error("--representation-epochs, --classes and --bn-mode choose what --representations draws; "
                      "add --representations or drop them")
+    if args.representations and args.follow:
+        parser.error("--representations draws checkpoints that exist; drop --follow")
     if args.representations and (args.layers or args.test_collapse or args.adversarial):
         parser.error("--representations draws a figure instead of measuring: run --layers, --test-collapse and "
                      "--adversarial in a call of their own")
@@ -79,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     with distributed.process_group(config.resolve_device(args.device)) as device, contextlib.ExitStack() as held:
+        if args.follow:
+            return follow(args, device, held)
         run_dir, run_config, checkpoints, table = distributed.on_every_rank(_find_run, args, device)
         if args.representations:
             return distributed.on_rank_zero(draw_representations, dict(checkpoints), run_config, run_dir, args,
@@ -88,26 +105,70 @@ def main(args: argparse.Namespace) -> int:
             held.callback(board.close)
         todo = [(epoch, path) for epoch, path in checkpoints
                 if args.recompute or epoch not in table or _lacks(table[epoch], args)]
-        skipped = measure_checkpoints(todo, run_config, run_dir, table, args, device, board)
-        written = distributed.on_rank_zero(_report, run_config, run_dir, table, len(todo) - len(skipped),
-                                           args.plots_dir, args.format)
-        if board is not None and written:
-            runs.log_figures(board, written, max(table))
-        if skipped and distributed.is_main():
-            print(f"error: {len(skipped)} checkpoint(s) could not be measured (see the warnings above): "
-                  f"{', '.join(map(str, skipped))}; the others were", file=sys.stderr)
-    return 1 if skipped else 0
+        data = _load_data(run_config, args, device) if todo else None
+        skipped = measure_checkpoints(todo, run_config, run_dir, table, args, device, data, board)
+        return _finish(run_config, run_dir, table, len(todo) - len(skipped), skipped, args, board)
+
+
+def follow(args: argparse.Namespace, device: torch.device, held: contextlib.ExitStack) -> int:
+    """Measure the run's checkpoints as train.py writes them (see the module's --follow), then report.
+
+    Each round first asks whether a process holds the training lock, then reads config.json and lists
+    the checkpoints: a trainer found gone has finished its files by then, so the listing holds all it
+    wrote. A run is done when the checkpoint of its last epoch is measured (or failed to be);
+    config.json is read every round, since a run extended with a larger --epochs rewrites it. Until
+    train.py has written config.json, it waits while a trainer holds the lock (loading its data), or
+    for the grace period."""
+    if distributed.world_size() > 1:
+        raise UserError("--follow measures in one process; run validate_nc.py --follow without torchrun")
+    run_dir = config.default_run_dir(config.resolve_config(args), args)
+    table, board, tried, skipped, data, idle_since = None, None, set(), [], None, None
+    while True:
+        trainer = runs.training_process(run_dir)
+        idle_since = None if trainer else idle_since or time.monotonic()
+        idle = idle_since is not None and time.monotonic() - idle_since >= args.follow
+        run_config = runs.read_config(run_dir)
+        if run_config is None:
+            if idle:
+                raise UserError(f"{run_dir} has no config.json, and no train.py has held its lock for {args.follow:g} "
+                                "s; start train.py with this --run-dir (or pass the folder it trains)")
+            time.sleep(FOLLOW_POLL)
+            continue
+        if table is None:
+            table = {row["epoch"]: row for row in runs.read_nc_metrics(run_dir)}
+            board = held.enter_context(contextlib.closing(runs.tensorboard_writer(run_dir))) if args.tensorboard \
+                else None
+        todo = [(epoch, path) for epoch, path in runs.checkpoint_files(run_dir) if epoch not in tried
+                and (args.recompute or epoch not in table or _lacks(table[epoch], args))]
+        if todo:
+            data = data or _load_data(run_config, args, device)
+            skipped += measure_checkpoints(todo, run_config, run_dir, table, args, device, data, board)
+            tried.update(epoch for epoch, _ in todo)
+            continue  # more may have landed meanwhile
+        last = run_config["epochs"]
+        if last in tried or last in table:
+            print(f"followed {run_dir} to its last epoch, {last}", file=sys.stderr)
+            break
+        if idle:
+            print(f"no process has trained {run_dir} for {args.follow:g} s; it stopped before its last epoch "
+                  f"({last}), and its checkpoints through epoch {max(table, default=0)} are measured: run train.py "
+                  "again to continue it, with validate_nc.py --follow beside it", file=sys.stderr)
+            break
+        time.sleep(FOLLOW_POLL)
+    return _finish(run_config, run_dir, table, len(tried) - len(skipped), skipped, args, board)
 
 
 def measure_checkpoints(todo: list[tuple[int, Path]], run_config: dict, run_dir: Path, table: dict,
-                        args: argparse.Namespace, device: torch.device, board=None) -> list[Path]:
-    """Measure each checkpoint and add its row to nc_metrics.csv (merged with the rows on disk, which
-    another process may be adding too) and to `table`; returns the checkpoints that could not be measured:
-    unreadable, of another run, or with weights or features that are not finite. Each is reported on
-    one line and gets no row."""
+                        args: argparse.Namespace, device: torch.device, data: tuple | None,
+                        board=None) -> list[Path]:
+    """Measure each checkpoint on `data` (the run's training subset and test split, as `_load_data`
+    returns them) and add its row to nc_metrics.csv (merged with the rows on disk, which another process
+    may be adding too) and to `table`; returns the checkpoints that could not be measured: unreadable,
+    of another run, or with weights or features that are not finite. Each is reported on one line and
+    gets no row."""
     if not todo:
         return []
-    train, test, _ = _load_data(run_config, args, device)
+    train, test, _ = data
     skipped = []
     progress = tqdm(todo, unit="checkpoint", desc=run_dir.name, dynamic_ncols=True, disable=not distributed.is_main())
     for epoch, path in progress:
@@ -123,6 +184,19 @@ def measure_checkpoints(todo: list[tuple[int, Path]], run_config: dict, run_dir:
             runs.log_scalars(board, "collapse", row)
         progress.set_postfix(epoch=epoch, nc1=f"{row['nc1']:.3g}", test_acc=f"{row['test_acc']:.2%}")
     return skipped
+
+
+def _finish(run_config: dict, run_dir: Path, table: dict, measured: int, skipped: list[Path],
+            args: argparse.Namespace, board) -> int:
+    """The figures and the TPT table (see `_report`), the checkpoints that could not be measured named;
+    the exit status: 1 if there were any."""
+    written = distributed.on_rank_zero(_report, run_config, run_dir, table, measured, args.plots_dir, args.format)
+    if board is not None and written:
+        runs.log_figures(board, written, max(table))
+    if skipped and distributed.is_main():
+        print(f"error: {len(skipped)} checkpoint(s) could not be measured (see the warnings above): "
+              f"{', '.join(map(str, skipped))}; the others were", file=sys.stderr)
+    return 1 if skipped else 0
 
 
 def draw_representations(checkpoints: dict[int, Path], run_config: dict, run_dir: Path,

@@ -17,6 +17,7 @@ import torch.nn as nn
 import config
 import datasets
 import engine
+import losses
 import train
 
 # Flags left out take these values; --quick is the test suite's tiny run. 100 images per class is
@@ -83,6 +84,25 @@ def fixed_batches(split: engine.Split, settings: dict, batch_size: int) -> Batch
     """The split in stored order, normalised once (float32, channels_last, on its device), in batches."""
     norm = settings["normalization"]
     return list(datasets.batches(*split, batch_size, norm["mean"], norm["std"]))
+
+
+def bare_train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: losses.LossFn, batches: Batches,
+                     precision: str) -> None:
+    """The batches' training steps and nothing else."""
+    model.train()  # a bare eval of the model may have left it in eval mode
+    for x, y in batches:
+        train_step(model, optimizer, loss_fn, x, y, precision)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: losses.LossFn, x: torch.Tensor,
+               y: torch.Tensor, precision: str) -> None:
+    """Forward (under the run's autocast), loss, backward, optimizer step."""
+    with engine.autocast(x.device, precision):
+        logits = model(x)
+    loss = loss_fn(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
 
 
 @torch.inference_mode()

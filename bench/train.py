@@ -77,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
         seconds = common.interleaved_seconds({
             "train_epoch": lambda: _repo_train_epoch(repo, repo_optimizer, loss_fn, work, next(epochs), sink),
             "evaluate": lambda: engine.evaluate(repo, loss_fn, work.test, settings, EVAL_BATCH_SIZE),
-            "bare train": lambda: _bare_train_epoch(bare, bare_optimizer, loss_fn, train_batches, precision),
+            "bare train": lambda: common.bare_train_epoch(bare, bare_optimizer, loss_fn, train_batches, precision),
             "bare eval": lambda: common.forward_pass(bare, test_batches, precision),
             "DataLoader": lambda: _loader_train_epoch(loaded, loaded_optimizer, loss_fn, loader, precision),
         }, args.repeats, not args.quick, device)
@@ -103,13 +103,6 @@ def _repo_train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_f
         return engine.train_epoch(model, optimizer, loss_fn, work.train, work.settings, epoch, bar.update)
 
 
-def _bare_train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: losses.LossFn,
-                      batches: common.Batches, precision: str) -> None:
-    model.train()  # the bare eval of the previous round left it in eval mode
-    for x, y in batches:
-        _step(model, optimizer, loss_fn, x, y, precision)
-
-
 def _loader_train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: losses.LossFn,
                         loader: DataLoader, precision: str) -> None:
     model.train()
@@ -117,17 +110,7 @@ def _loader_train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss
     for x, y in loader:
         # Handed over in the model's memory format, so that the difference is the pipeline's alone.
         x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
-        _step(model, optimizer, loss_fn, x, y.to(device, non_blocking=True), precision)
-
-
-def _step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: losses.LossFn, x: torch.Tensor,
-          y: torch.Tensor, precision: str) -> None:
-    with engine.autocast(x.device, precision):
-        logits = model(x)
-    loss = loss_fn(logits, y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+        common.train_step(model, optimizer, loss_fn, x, y.to(device, non_blocking=True), precision)
 
 
 def _torchvision_loader(split: engine.Split, settings: dict, workers: int, device: torch.device) -> DataLoader:

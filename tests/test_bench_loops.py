@@ -21,6 +21,16 @@ def test_train_bench_prints_the_epoch_ratios(capsys):
     assert re.search(rf"DataLoader\(ToTensor, Normalize\), 0 workers {SECONDS} \({RATIO} bare train\)", line), line
 
 
+def test_epoch_bench_prints_train_py_against_the_bare_step(capsys):
+    line = _summary(_load("epoch"), capsys)
+    assert line.startswith("train.py epoch (synthetic, resnet18 width 4, 100 train + 500 test images, batch 128, "
+                           "fp32, eager (torch.compile takes ~45 s per graph on a CPU; --compile), medians of 2 bare "
+                           "epochs and of 2 + 1 of train.py's 4, cpu, 1 thread(s)): ")
+    assert re.search(rf"{SECONDS} without a checkpoint \({RATIO}\), {SECONDS} with its evaluation and files "
+                     rf"\({RATIO}\) vs the bare step {SECONDS}; over the protocol's 350 epochs with 50 checkpoints "
+                     rf"{SECONDS} \({RATIO}, target <= 1\.20x\)$", line), line
+
+
 def test_validate_bench_prints_the_checkpoint_ratio(capsys):
     line = _summary(_load("validate"), capsys)
     assert line.startswith("checkpoint measurement (synthetic, resnet18 width 4, 100 train + 500 test images, "

@@ -1,10 +1,12 @@
 """Reliability and safety: a run killed at any moment resumes to the run it would have been, files are
 never half-written, checkpoints cannot run code, and every user error is one line and a non-zero exit."""
+import copy
 import errno
 import os
 import pickle
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -80,6 +82,64 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         runs.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "config": {}, "epoch": 2})
     assert runs.load_checkpoint(path)["epoch"] == 1
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_background_writes_leave_the_training_thread_and_run_in_order_one_at_a_time(tmp_path):
+    released, written = threading.Event(), []
+
+    def write(name: str, wait_for: threading.Event | None = None) -> None:
+        assert wait_for is None or wait_for.wait(timeout=60)  # a writer in the training thread would hang here
+        assert len(written) == len(list(tmp_path.iterdir()))  # the previous job's file is complete
+        runs.write_text(tmp_path / name, name)
+        written.append(name)
+
+    with runs.background_writer() as writer:
+        writer.submit(write, "first", released)
+        released.set()  # reached only because submit returned before the job ended
+        writer.submit(write, "second")
+    assert written == ["first", "second"]
+    assert (tmp_path / "second").read_text() == "second"
+
+
+def test_a_failed_background_write_is_raised_at_the_next_hand_over_and_what_follows_is_not_written(tmp_path):
+    def full_disk() -> None:
+        raise UserError("could not write last.pt: No space left on device")
+
+    writer = runs.BackgroundWriter()
+    writer.submit(full_disk)
+    with pytest.raises(UserError, match="No space left"):
+        writer.submit(runs.write_text, tmp_path / "next", "next")
+    assert not (tmp_path / "next").exists()
+    writer.wait()  # the error was reported once
+
+
+def test_the_state_handed_to_the_writer_is_a_copy_that_the_next_epoch_cannot_change(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [2, 4])
+
+    def step() -> None:
+        model(torch.randn(8, 3)).square().mean().backward()
+        optimizer.step()
+        scheduler.step()
+
+    step()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    before = copy.deepcopy(state)
+    copied = train._host_copy(state)
+    step()  # the weights, running statistics and momentum change in place
+    assert not torch.equal(state["model"]["0.weight"], before["model"]["0.weight"])
+    assert all(torch.equal(copied["model"][key], before["model"][key]) for key in before["model"])
+    assert torch.equal(copied["optimizer"]["state"][0]["momentum_buffer"],
+                       before["optimizer"]["state"][0]["momentum_buffer"])
+    assert copied["model"]._metadata == before["model"]._metadata  # what load_state_dict reads versions from
+    runs.save_checkpoint(tmp_path / "last.pt", {**copied, "config": {}})
+    loaded = runs.load_checkpoint(tmp_path / "last.pt")
+    scheduler.load_state_dict(loaded["scheduler"])
+    assert scheduler.get_last_lr() == pytest.approx([0.1]) and scheduler.milestones[3] == 0  # still a Counter
+    model.load_state_dict(loaded["model"])
+    assert all(torch.equal(value, before["model"][key]) for key, value in model.state_dict().items())
 
 
 class Payload:
