@@ -138,6 +138,16 @@ def plot_run(run_dir: Path, out_dir: Path, suffix: str = ".png") -> list[Path]:
     return written
 
 
+def run_figure_names(run_dir: Path, suffix: str = ".png") -> list[str]:
+    """The names of the files `plot_run` writes for the run's nc_metrics.csv as it is now."""
+    measured = runs.read_nc_metrics(run_dir)
+    names = list(NC_FIGURES)
+    if any(row.get("deepfool_robustness") is not None for row in measured):
+        names.append(ROBUSTNESS_FIGURE[0])
+    names += ["panel.png", CURVES_FILE] + ([LAYERS_FILE] if runs.stage_columns(measured) else [])
+    return [Path(name).stem + suffix for name in names]
+
+
 def plot_runs(run_dirs: list[Path], out_dir: Path, group_by: list[str] = (), suffix: str = ".png") -> list[Path]:
     """Figures 2-7 (and 8 when measured) with the runs (or groups of runs) overlaid, one file per figure
     in `out_dir`."""
@@ -241,6 +251,13 @@ def plot_representations(table: Path, out_path: Path | None = None) -> Path:
                      "(darker: larger weight of the first class of the pair)")
         fig.legend(loc="outside lower center", ncols=3)
         return _save(fig, Path(out_path) if out_path else Path(table).with_suffix(".png"))
+
+
+def default_plots_dir(run_config: dict, run_dir: Path) -> Path:
+    """Where validate_nc.py draws a run: <DATASET>_plots/ for the paper-default run, <DATASET>_plots/<run
+    name>/ for any other."""
+    base = Path(f"{run_config['dataset']}_plots")
+    return base if Path(run_dir).name == config.paper_run_name(run_config["dataset"]) else base / Path(run_dir).name
 
 
 def tpt_table(run_dir: Path) -> str:
