@@ -17,9 +17,10 @@ import pytest
 
 import config
 import runs
+import studies
+import sweep
 import train
 from errors import run_cli
-import sweep
 from sweep_helpers import same_weights, sweep_in, table_rows, working_directory
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -79,6 +80,7 @@ def test_an_array_ends_with_the_tables_and_bits_of_the_same_study_run_locally(lo
 def test_a_run_requeued_until_its_requeues_run_out_says_so_and_continued_ends_as_an_uninterrupted_run(local, tmp_path):
     flags = ["--name", "r", *FLAGS, "--seed", "0", *SLURM]
     code, output = sweep_in(tmp_path, *flags)
+    assert code == 0
     job = re.search(r"submitted Slurm job (\d+): 1 runs", output).group(1)
     run = tmp_path / run_folder(0)
     log = tmp_path / "studies/r/logs" / f"{run.name}.log"
@@ -89,6 +91,8 @@ def test_a_run_requeued_until_its_requeues_run_out_says_so_and_continued_ends_as
         subprocess.run(["scancel", "--signal=USR2", job], check=True)
         if attempt < REQUEUES:
             wait_for_state(job, "PENDING", tmp_path)  # requeued by submitit, held back about two minutes
+            _wait(lambda: table_rows(tmp_path / "studies/r/runs.csv")[0]["reason"].startswith("stopped by Slurm")
+                  or None, job, "the table to say it was requeued", tmp_path)
             subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
     wait_until_gone(job, tmp_path)
     [row] = table_rows(tmp_path / "studies/r/runs.csv")
