@@ -123,6 +123,20 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         "the CPU each process normalises with its own share of the batch)")
 
 
+def add_measurement_arguments(parser: argparse.ArgumentParser) -> None:
+    """validate_nc.py's measurements beyond Figures 2-7 (sweep.py passes them on to every run's validate_nc.py)."""
+    add = parser.add_argument
+    add("--layers", action="store_true", help="also NC1 after every stage of the network (nc1_<stage> columns, "
+        "layerwise_nc1.png), from the same forward pass")
+    add("--test-collapse", action="store_true", help="also the collapse of the test features around their own "
+        "class means (nc1_test and the other feature metrics with a _test suffix), drawn beside the train "
+        "curves of Figures 2-6; from the test pass that runs anyway")
+    add("--adversarial", action="store_true", help="also the paper's Figure 8: DeepFool's robustness on a fixed "
+        "sample of test images (deepfool_* columns, fig8_adversarial_robustness.png); a separate pass")
+    add("--adversarial-samples", type=positive_int, default=100, metavar="N",
+        help="test images DeepFool attacks at every checkpoint, drawn with the run's seed (default 100)")
+
+
 def resolve_config(args: argparse.Namespace) -> dict:
     """Every setting of the run, from the flags and the defaults (data-derived settings come later)."""
     dataset = args.dataset

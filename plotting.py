@@ -180,6 +180,16 @@ def plot_run(run_dir: Path, out_dir: Path, suffix: str = ".png") -> list[Path]:
     return written
 
 
+def run_figure_names(run_dir: Path, suffix: str = ".png") -> list[str]:
+    """The names of the files `plot_run` writes for the run's nc_metrics.csv as it is now."""
+    measured = runs.read_nc_metrics(run_dir)
+    names = list(NC_FIGURES)
+    if any(row.get("deepfool_robustness") is not None for row in measured):
+        names.append(ROBUSTNESS_FIGURE[0])
+    names += ["panel.png", CURVES_FILE] + ([LAYERS_FILE] if runs.stage_columns(measured) else [])
+    return [Path(name).stem + suffix for name in names]
+
+
 def plot_runs(run_dirs: list[Path], out_dir: Path, group_by: list[str] = (), suffix: str = ".png") -> list[Path]:
     """Figures 2-7 (and 8 when measured) with the runs (or groups of runs) overlaid, one file per figure
     in `out_dir`."""
@@ -372,6 +382,13 @@ def write_table1(rows: list[dict], out: Path, group_by: list[str] = ()) -> list[
     runs.write_text(paths[0], table1_markdown(rows, group_by))
     runs.write_csv(paths[1], [{key: _csv_value(row[key]) for key in row} for row in rows], table1_columns(group_by))
     return paths
+
+
+def default_plots_dir(run_config: dict, run_dir: Path) -> Path:
+    """Where validate_nc.py draws a run: <DATASET>_plots/ for the paper-default run, <DATASET>_plots/<run
+    name>/ for any other."""
+    base = Path(f"{run_config['dataset']}_plots")
+    return base if Path(run_dir).name == config.paper_run_name(run_config["dataset"]) else base / Path(run_dir).name
 
 
 def tpt_table(run_dir: Path) -> str:

@@ -223,6 +223,14 @@ def stage_columns(measured: list[dict]) -> list[str]:
     return [key for key in columns if key.startswith("nc1_") and key != "nc1_test"]
 
 
+def lacks_measurements(row: dict, layers: bool, test_collapse: bool, adversarial: bool) -> bool:
+    """Whether a row of nc_metrics.csv lacks a measurement of validate_nc.py's --layers, --test-collapse or
+    --adversarial that is asked for."""
+    present = {key for key, value in row.items() if value is not None}
+    return ((test_collapse and "nc1_test" not in present) or (adversarial and "deepfool_robustness" not in present)
+            or (layers and not stage_columns([row])))
+
+
 def tpt_row(measured: list[dict]) -> dict | None:
     """The row of nc_metrics.csv (in epoch order) where the TPT begins: the first with `train_acc`
     exactly 1, or None."""

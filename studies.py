@@ -3,8 +3,10 @@
 A study is the product of the values given to the flags that select a run: `--loss ce mse --seed 0 1` is
 four runs. Each run lives in the folder train.py itself chooses for its flags, so it is an ordinary run
 (drawn, resumed and extended as any other), and its job is two subprocesses: `python train.py <flags>`,
-then `python validate_nc.py --run-dir <its folder>`. A run that is done is never started again; a partial
-one resumes from its last.pt, which train.py does by itself. A study's folder, studies/<name>/, holds:
+then `python validate_nc.py --run-dir <its folder>` (with the study's measurement flags: --layers,
+--test-collapse, --adversarial). A run that is done is never started again; a partial one resumes from its
+last.pt, which train.py does by itself; one trained but not completely measured or drawn gets validate_nc.py
+alone. A study's folder, studies/<name>/, holds:
 
     study.json      the grid as given (the command line) and expanded (every run's folder and commands)
     runs.csv        one row per run: its varied settings, status, folder, TPT onset, final numbers, reason
@@ -12,14 +14,19 @@ one resumes from its last.pt, which train.py does by itself. A study's folder, s
     outcomes.json   how each run's last job ended (a run's folder shows whether it is done, not why it stopped)
     logs/<run>.log  the output of each job of that run, every attempt appended after a dated header line
 
-A run's status is `done` when it has trained the requested epochs and every analysis checkpoint on disk
-has its row in nc_metrics.csv; else `failed` when its last job exited with an error (the reason is that
-job's last `error:` line), `busy` when another process was training it (train.py's lock refused the job),
-and `pending` otherwise: not run yet, partial, or interrupted. The tables are rebuilt from the run folders
-and outcomes.json under the study's lock each time a job ends, and written atomically.
+A run's status is `done` when its folder holds all its job makes: log.csv reaches the requested epochs,
+every analysis checkpoint on disk has its row in nc_metrics.csv with the measurements the study asks for,
+and summary.json and every figure validate_nc.py draws are there. Otherwise it is `failed` when its last job
+exited with an error (the reason is that job's last `error:` line), `busy` when another process held the
+run's training lock (tried without waiting, so no log is read to decide it), and `pending`: not run yet,
+partial, interrupted, requeued by Slurm, or stopped when its Slurm requeues ran out (the reason says so,
+with the command that continues it). The tables are rebuilt from the run folders and outcomes.json under
+the study's lock each time a job ends, and written atomically.
 """
 import argparse
+import dataclasses
 import datetime
+import fcntl
 import itertools
 import json
 import os
@@ -36,6 +43,7 @@ import numpy as np
 import submitit
 
 import config
+import plotting
 import runs
 from errors import ArgumentParser, UserError
 from nc_metrics import STATS_KEYS
@@ -46,7 +54,7 @@ STUDIES = Path("studies")
 STUDY_FILE, OUTCOMES_FILE, RUNS_TABLE, MARKDOWN_TABLE, LOCK = (
     "study.json", "outcomes.json", "runs.csv", "table.md", ".tables.lock")
 STATUSES = ("done", "failed", "busy", "pending")
-BUSY_MESSAGE = "is being trained by"  # train.py's refusal when another process holds the run's lock
+MEASUREMENT_FLAGS = ("--layers", "--test-collapse", "--adversarial")  # validate_nc.py's, passed on by a study
 FINAL_COLUMNS = ["tpt_epoch", "tpt_test_acc", "last_epoch", "last_test_acc", *STATS_KEYS,
                  "ncc_mismatch_train", "ncc_mismatch_test"]
 # tqdm redraws its bars several times a second, which in a log file is megabytes per long run.
@@ -78,11 +86,13 @@ class Study:
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     """train.py's selection flags, each taking one or more values (--run-dir excepted: every run gets the
     folder train.py chooses; boolean flags and --lr-milestones take their one value), --lr-grid, and
-    train.py's other flags, which every run receives unchanged."""
+    train.py's other flags, which every run receives unchanged, and validate_nc.py's measurement flags,
+    which every run's validate_nc.py receives."""
     config.add_selection_arguments(_Flags(parser, several=True))
     parser.add_argument("--lr-grid", action="store_true", help="instead of --lr, the paper's 25 learning rates, "
                         "log-spaced on [1e-4, 0.25]; table.md then picks the best per group, as the paper did")
     config.add_training_arguments(parser)
+    config.add_measurement_arguments(parser)
 
 
 def plan(args: argparse.Namespace, name: str, argv: list[str]) -> Study:
@@ -97,9 +107,12 @@ def plan(args: argparse.Namespace, name: str, argv: list[str]) -> Study:
     varied = [dest for dest, values in grid.items() if len(values) > 1]
     # --download is sweep.py's, done once before any job starts; the jobs only read the data.
     fixed = {dest: getattr(args, dest) for dest in training} | {"download": False}
+    measure = [flag for flag in MEASUREMENT_FLAGS if getattr(args, flag[2:].replace("-", "_"))]
+    if args.adversarial:
+        measure += ["--adversarial-samples", str(args.adversarial_samples)]
     planned: dict[str, Run] = {}
     for values in itertools.product(*grid.values()):
-        run = _run(parser, {**selection, **training}, {**dict(zip(grid, values)), **fixed}, varied)
+        run = _run(parser, {**selection, **training}, {**dict(zip(grid, values)), **fixed}, varied, measure)
         earlier = planned.setdefault(run.run_dir, run)  # the same run twice (a value repeated) runs once
         if earlier.train != run.train:
             raise UserError(f"two runs of the grid would share the folder {run.run_dir}: {shlex.join(earlier.train)} "
@@ -114,63 +127,91 @@ def lr_grid() -> list[float]:
 
 
 def run_state(run: Run) -> str:
-    """`new` (no last.pt yet), `done` (trained to its epochs, every analysis checkpoint measured) or `partial`."""
+    """What the run's folder holds: `new` (no last.pt yet), `partial` (log.csv short of the run's epochs),
+    `trained` (trained, but a checkpoint or a measurement the study asks for is not in nc_metrics.csv, or
+    summary.json or a figure is missing: validate_nc.py alone completes it) or `done`. A summary.json that
+    is not a run's summary is a UserError."""
     run_dir = Path(run.run_dir)
     if not (run_dir / "last.pt").exists():
         return "new"
-    return "done" if _finished(run_dir, run.epochs) else "partial"
+    log = runs.read_log(run_dir)
+    if not log or log[-1]["epoch"] != run.epochs:
+        return "partial"
+    return "done" if _measured(run) and _drawn(run_dir) else "trained"
 
 
-def start(study: Study) -> None:
-    """Create the study's folder with its study.json and tables, or check that the folder holds this grid's
-    runs (a study folder belongs to one grid, as a run folder belongs to one run)."""
-    path = study.folder / STUDY_FILE
-    old = _read_json(path)
+def check(study: Study) -> None:
+    """Refuse, in one line, a study folder that holds another grid's study, or a study.json or outcomes.json
+    that sweep.py did not write; reads only."""
+    old = _read_study_file(study.folder / STUDY_FILE)
     if old is not None and [run["run_dir"] for run in old["runs"]] != [run.run_dir for run in study.runs]:
         raise UserError(f"{study.folder} holds another study ({len(old['runs'])} runs, made by: python sweep.py "
                         f"{shlex.join(old['argv'])}); choose another --name, or repeat that command")
+    _read_outcomes(study.folder)
+
+
+def start(study: Study) -> None:
+    """Create the study's folder with its study.json and tables, after `check`ing what the folder holds (a
+    study folder belongs to one grid, as a run folder belongs to one run)."""
+    check(study)
     study.folder.mkdir(parents=True, exist_ok=True)
     study_json = {"name": study.name, "argv": study.argv, "grid": study.grid, "varied": study.varied,
                   "runs": [asdict(run) for run in study.runs]}
-    runs.write_text(path, json.dumps(study_json, indent=2) + "\n")
+    runs.write_text(study.folder / STUDY_FILE, json.dumps(study_json, indent=2) + "\n")
     refresh_tables(study.folder)
 
 
-def commands(run: Run) -> list[list[str]]:
-    """The two commands of a run's job, as the job starts them."""
-    return [[sys.executable, str(TRAIN), *run.train], [sys.executable, str(VALIDATE), *run.validate]]
+def commands(run: Run, state: str = "new") -> list[list[str]]:
+    """The commands of a run's job in `state`, as the job starts them: train.py, then validate_nc.py; for a
+    run trained already, validate_nc.py alone."""
+    validate = [sys.executable, str(VALIDATE), *run.validate]
+    return [validate] if state == "trained" else [[sys.executable, str(TRAIN), *run.train], validate]
 
 
 @dataclass(frozen=True)
 class Job:
     """A study's job for one run: train.py, then (if it succeeded) validate_nc.py, as subprocesses of this
     Python, their output appended to the run's log; then the outcome is recorded and the tables rewritten.
-    A run found done already is left as it is.
+    A run found done already is left as it is; one found trained gets validate_nc.py alone.
 
     Picklable, for submitit to send to a cluster, and a submitit checkpointable: when Slurm pre-empts the
     job or its time runs out, submitit requeues `checkpoint`'s submission, this job again, and train.py
-    resumes the run from its last.pt. With `threads`, each subprocess gets that many OpenMP/MKL threads
-    (OMP_NUM_THREADS and MKL_NUM_THREADS, which torch reads when it starts)."""
+    resumes the run from its last.pt; the outcome says so, and says when submitit's requeues ran out. With
+    `threads`, each subprocess gets that many OpenMP/MKL threads (OMP_NUM_THREADS and MKL_NUM_THREADS,
+    which torch reads when it starts)."""
     study_dir: str
     threads: int | None = None
 
     def __call__(self, run: Run) -> dict:
         began = time.perf_counter()
-        if run_state(run) == "done":  # e.g. submitted twice: the other job finished it
+        state = run_state(run)
+        if state == "done":  # e.g. submitted twice: the other job finished it
             print(f"skipped  {run.run_dir} (done)", flush=True)
             return {"run_dir": run.run_dir, "status": "done", "reason": "", "seconds": 0.0}
         print(f"start    {run.run_dir}", flush=True)
         log_path = Path(self.study_dir) / "logs" / f"{Path(run.run_dir).name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "a") as log:
+        with open(log_path, "a+") as log:
+            _new_line(log)
             log.write(f"=== {datetime.datetime.now().isoformat(timespec='seconds')}: job of process {os.getpid()} "
                       f"on {socket.gethostname()}\n")
-            outcome = None
-            for command in commands(run):
-                outcome = _step(command, log, self._environment())
-                if outcome is not None:
-                    break
-        outcome = {**(outcome or {"status": "done", "reason": ""}), "seconds": round(time.perf_counter() - began, 1)}
+            try:
+                outcome = _steps(run, state, log, self._environment())
+            except submitit.core.utils.UncompletedJobError as err:  # raised by submitit's signal handler
+                argv = _read_study_file(Path(self.study_dir) / STUDY_FILE)["argv"]
+                self._end(run, {"status": "pending", "reason": f"its Slurm requeues ran out (submitit: {err}); "
+                                f"continue it with: python sweep.py {shlex.join(argv)} (a longer --time needs fewer "
+                                "requeues)"}, began)
+                raise
+            except SystemExit:  # submitit's exit once it has requeued the job
+                self._end(run, {"status": "pending", "reason": "stopped by Slurm (pre-empted or at its time limit) "
+                                "and requeued: it resumes from last.pt when Slurm starts it again"}, began)
+                raise
+        return self._end(run, outcome or {"status": "done", "reason": ""}, began)
+
+    def _end(self, run: Run, outcome: dict, began: float) -> dict:
+        """Record the job's outcome, rewrite the tables and say how it ended."""
+        outcome = {**outcome, "seconds": round(time.perf_counter() - began, 1)}
         record(Path(self.study_dir), run.run_dir, outcome)
         reason = f": {outcome['reason']}" if outcome["reason"] else ""
         print(f"{outcome['status']:<8} {run.run_dir} in {outcome['seconds']:.1f} s{reason}", flush=True)
@@ -191,7 +232,7 @@ def record(study_dir: Path, run_dir: str, outcome: dict) -> None:
     """Keep how a run's job ended and rewrite the study's tables, under the study's lock: jobs of one study
     end at once in threads, in several sweeps, or on several machines of a cluster."""
     with runs.locked(Path(study_dir) / LOCK):
-        outcomes = _read_json(Path(study_dir) / OUTCOMES_FILE) or {}
+        outcomes = _read_outcomes(Path(study_dir))
         outcomes[run_dir] = outcome
         runs.write_text(Path(study_dir) / OUTCOMES_FILE, json.dumps(outcomes, indent=2) + "\n")
         _write_tables(Path(study_dir), outcomes)
@@ -200,12 +241,12 @@ def record(study_dir: Path, run_dir: str, outcome: dict) -> None:
 def refresh_tables(study_dir: Path) -> list[dict]:
     """Rewrite runs.csv and table.md from the run folders as they are now; return the rows."""
     with runs.locked(Path(study_dir) / LOCK):
-        return _write_tables(Path(study_dir), _read_json(Path(study_dir) / OUTCOMES_FILE) or {})
+        return _write_tables(Path(study_dir), _read_outcomes(Path(study_dir)))
 
 
 def read_study(study_dir: Path) -> dict:
     """A study's study.json: its command line, grid, varied settings and runs."""
-    study = _read_json(Path(study_dir) / STUDY_FILE)
+    study = _read_study_file(Path(study_dir) / STUDY_FILE)
     if study is None:
         raise UserError(f"{study_dir} is not a study folder (no {STUDY_FILE}); make one with: python sweep.py "
                         "--name NAME ...")
@@ -271,11 +312,12 @@ def _values(value, action: argparse.Action) -> list:
 
 
 def _run(parser: argparse.ArgumentParser, actions: dict[str, argparse.Action], values: dict,
-         varied: list[str]) -> Run:
+         varied: list[str], measure: list[str]) -> Run:
     """The run of one combination: train.py's arguments for it, and the folder train.py will choose for
     them, found by parsing and resolving those arguments exactly as train.py does. A setting the run does
     not use (--focal-gamma with ce, --momentum with adam) is left out of its command: `--loss ce focal
-    --focal-gamma 1 3` is one ce run and two focal runs."""
+    --focal-gamma 1 3` is one ce run and two focal runs. Its validate_nc.py gets the folder, the device and
+    the study's measurement flags, `measure`."""
     argv = []
     for dest, value in values.items():
         if value != parser.get_default(dest):
@@ -285,10 +327,10 @@ def _run(parser: argparse.ArgumentParser, actions: dict[str, argparse.Action], v
     unused = [dest for dest, value in values.items()
               if value is not None and dest in settings and settings[dest] is None]
     if unused:
-        return _run(parser, actions, {**values, **dict.fromkeys(unused)}, varied)
+        return _run(parser, actions, {**values, **dict.fromkeys(unused)}, varied, measure)
     run_dir = str(config.default_run_dir(settings, args))
     device = ["--device", args.device] if args.device != parser.get_default("device") else []
-    return Run(run_dir, {key: values[key] for key in varied}, argv, ["--run-dir", run_dir, *device],
+    return Run(run_dir, {key: values[key] for key in varied}, argv, ["--run-dir", run_dir, *device, *measure],
                settings["epochs"])
 
 
@@ -303,31 +345,102 @@ def _flag(action: argparse.Action, value) -> list[str]:
                     for item in (value if isinstance(value, list) else [value]))]
 
 
-def _finished(run_dir: Path, epochs: int) -> bool:
-    """Whether the run has trained `epochs` epochs and every analysis checkpoint on disk has been measured."""
-    summary = _read_json(run_dir / "summary.json", quiet=True)
-    if not summary or summary.get("epochs_done") != epochs:
+def _measured(run: Run) -> bool:
+    """Whether every analysis checkpoint of the run on disk has its row in nc_metrics.csv, with the
+    measurements the study asks of validate_nc.py."""
+    run_dir = Path(run.run_dir)
+    checkpoints = [epoch for epoch, _ in runs.checkpoint_files(run_dir)]
+    rows = {row["epoch"]: row for row in runs.read_nc_metrics(run_dir)}
+    asked = [flag in run.validate for flag in MEASUREMENT_FLAGS]
+    return bool(checkpoints) and all(epoch in rows and not runs.lacks_measurements(rows[epoch], *asked)
+                                     for epoch in checkpoints)
+
+
+def _drawn(run_dir: Path) -> bool:
+    """Whether the run's summary.json, its figures and its TPT table are where validate_nc.py writes them."""
+    path = run_dir / "summary.json"
+    summary = _read_json(path)
+    if summary is None:
         return False
-    checkpoints = {epoch for epoch, _ in runs.checkpoint_files(run_dir)}
-    return bool(checkpoints) and checkpoints <= {row["epoch"] for row in runs.read_nc_metrics(run_dir)}
+    if not isinstance(summary, dict):
+        raise UserError(f"{path} is not a run's summary (a JSON object); delete it, and the study's validate_nc.py "
+                        "writes it again")
+    settings = runs.read_config(run_dir, required=("dataset",))
+    if settings is None:
+        return False
+    plots_dir = plotting.default_plots_dir(settings, run_dir)
+    return all((plots_dir / name).is_file() for name in [*plotting.run_figure_names(run_dir), "tpt_table.md"])
 
 
-def _step(command: list[str], log, environment: dict[str, str]) -> dict | None:
-    """Run one command of a job with its output appended to `log`; None if it succeeded, else the job's
-    outcome: busy (another process trains the run), pending (stopped by a signal or Ctrl-C: resumable) or
-    failed, with the command's last `error:` line as the reason."""
-    log.write(f"$ {shlex.join(command)}\n")
+def _steps(run: Run, state: str, log, environment: dict[str, str]) -> dict | None:
+    """Run the job's commands one after the other, their output appended to `log`; None if they all
+    succeeded, else the outcome of the one that did not. A run whose training lock another process holds,
+    before train.py starts or when train.py is refused, is busy: decided by the lock, not by the log, which
+    another process may be writing into too."""
+    run_dir = Path(run.run_dir)
+    for command in commands(run, state):
+        training, script = command[1] == str(TRAIN), Path(command[1]).name
+        held, before = _training_lock(run_dir) if training else (False, "")
+        if held:
+            return _busy(run_dir, before)
+        _new_line(log)
+        log.write(f"$ {shlex.join(command)}\n")
+        log.flush()
+        start = os.fstat(log.fileno()).st_size
+        code, pid = _step(command, log, environment)
+        if code == 0:
+            continue
+        if code < 0 or code == 130:
+            stopped = signal.Signals(-code).name if code < 0 else "SIGINT"
+            return {"status": "pending", "reason": f"{script} was stopped ({stopped}); run the study again to continue"}
+        if training and code == 2:
+            held, after = _training_lock(run_dir)
+            if held or (after != before and f"process {pid} " not in after):  # or taken and let go meanwhile
+                return _busy(run_dir, after)
+        return {"status": "failed", "reason": _reason(Path(log.name), start, f"{script} exited with status {code}")}
+    return None
+
+
+def _step(command: list[str], log, environment: dict[str, str]) -> tuple[int, int]:
+    """Run one command with its output appended to `log`: its exit status and process id. Whatever stops
+    this process meanwhile (Ctrl-C, submitit's requeue) stops the command too."""
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+    try:
+        return process.wait(), process.pid
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+
+
+def _new_line(log) -> None:
+    """End the log's last line if it is open (a progress bar stopped mid-line), so the next line begins a line."""
     log.flush()
-    start = os.fstat(log.fileno()).st_size
-    code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=environment).returncode
-    if code == 0:
-        return None
-    script = Path(command[1]).name
-    if code < 0 or code == 130:
-        stopped = signal.Signals(-code).name if code < 0 else "SIGINT"
-        return {"status": "pending", "reason": f"{script} was stopped ({stopped}); run the study again to continue"}
-    reason = _reason(Path(log.name), start, f"{script} exited with status {code}")
-    return {"status": "busy" if code == 2 and BUSY_MESSAGE in reason else "failed", "reason": reason}
+    size = os.fstat(log.fileno()).st_size
+    if size and os.pread(log.fileno(), 1, size - 1) != b"\n":
+        log.write("\n")
+
+
+def _training_lock(run_dir: Path) -> tuple[bool, str]:
+    """Whether another process holds the run folder's training lock (tried without waiting and let go at
+    once), and what the lock file says: train.py's "process N on HOST" of its holder, or of its last one."""
+    try:
+        handle = os.open(run_dir / runs.TRAIN_LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False, ""  # none: never trained here (a symlink train.py refuses by itself)
+    with os.fdopen(handle) as lock:
+        text = lock.read().strip()
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True, text
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return False, text
+
+
+def _busy(run_dir: Path, holder: str) -> dict:
+    return {"status": "busy", "reason": f"{run_dir} is being trained by {holder or 'another process'}; run the "
+                                        "study again once it is done"}
 
 
 def _reason(path: Path, start: int, exit_status: str) -> str:
@@ -344,11 +457,14 @@ def _reason(path: Path, start: int, exit_status: str) -> str:
 
 
 def _write_tables(study_dir: Path, outcomes: dict) -> list[dict]:
-    """runs.csv and table.md of the study, from its study.json, the run folders and the recorded outcomes."""
-    study = _read_json(study_dir / STUDY_FILE)
+    """runs.csv and table.md of the study, from its study.json, the run folders and the recorded outcomes;
+    the columns of further measurements (validate_nc.py --layers, --test-collapse, --adversarial) after the
+    usual ones."""
+    study = _read_study_file(study_dir / STUDY_FILE)
     varied = study["varied"]
     rows = [_row(Run(**run), varied, outcomes.get(run["run_dir"])) for run in study["runs"]]
     columns = [*varied, "status", "run_dir", *FINAL_COLUMNS]
+    columns += list(dict.fromkeys(key for row in rows for key in row if key not in {*columns, "reason"}))
     choices = []
     if "lr" in varied:
         choices = select_lr(rows, varied)
@@ -363,8 +479,8 @@ def _write_tables(study_dir: Path, outcomes: dict) -> list[dict]:
 
 
 def _row(run: Run, varied: list[str], outcome: dict | None) -> dict:
-    """A run's row: its varied settings, status and folder; the TPT onset and last checkpoint's numbers
-    when it is done, else the reason its last job gave."""
+    """A run's row: its varied settings, status and folder; the TPT onset and the last checkpoint's numbers
+    (those of further measurements too) when it is done, else the reason its last job gave."""
     row = {**{key: run.settings[key] for key in varied}, "run_dir": run.run_dir}
     if run_state(run) != "done":
         status = outcome["status"] if outcome and outcome["status"] in ("failed", "busy") else "pending"
@@ -373,7 +489,8 @@ def _row(run: Run, varied: list[str], outcome: dict | None) -> dict:
     onset, last = runs.tpt_row(measured), measured[-1]
     return {**row, "status": "done", "tpt_epoch": onset and onset["epoch"], "tpt_test_acc": onset and onset["test_acc"],
             "last_epoch": last["epoch"], "last_test_acc": last["test_acc"],
-            **{key: last[key] for key in FINAL_COLUMNS[4:]}, "reason": ""}
+            **{key: last[key] for key in FINAL_COLUMNS[4:]},
+            **{key: value for key, value in last.items() if key not in runs.NC_COLUMNS}, "reason": ""}
 
 
 def _markdown(study: dict, rows: list[dict], columns: list[str], choices: list[dict]) -> str:
@@ -410,14 +527,46 @@ def _cell(column: str, value) -> str:
     return str(value).replace("|", "\\|")
 
 
-def _read_json(path: Path, quiet: bool = False) -> dict | None:
-    """A JSON file's contents, None if it does not exist (or, `quiet`, cannot be read: a run folder's
-    summary.json being rewritten counts as not done); otherwise an unreadable file is a UserError."""
+def _read_study_file(path: Path) -> dict | None:
+    """A study.json as sweep.py writes it, None if there is none; any other content is a UserError."""
+    study = _read_json(path)
+    if study is None or _is_study(study):
+        return study
+    raise UserError(f"{path} is not a study.json written by sweep.py; restore it, or delete it and run the study's "
+                    "sweep.py command again, which writes it anew")
+
+
+def _is_study(study) -> bool:
+    """Whether a study.json's contents have the shape sweep.py gives them."""
+    fields = {field.name for field in dataclasses.fields(Run)}
+    return (isinstance(study, dict) and isinstance(study.get("name"), str) and isinstance(study.get("grid"), dict)
+            and all(isinstance(study.get(key), list) for key in ("argv", "varied", "runs"))
+            and all(isinstance(word, str) for word in study["argv"] + study["varied"])
+            and all(isinstance(run, dict) and set(run) == fields and isinstance(run["run_dir"], str)
+                    and isinstance(run["settings"], dict) and set(study["varied"]) <= set(run["settings"])
+                    and isinstance(run["train"], list) and isinstance(run["validate"], list)
+                    and isinstance(run["epochs"], int) for run in study["runs"]))
+
+
+def _read_outcomes(study_dir: Path) -> dict:
+    """A study's outcomes.json (how each run's last job ended), {} if there is none; any other content than
+    sweep.py writes is a UserError."""
+    path = Path(study_dir) / OUTCOMES_FILE
+    outcomes = _read_json(path)
+    if outcomes is None:
+        return {}
+    if isinstance(outcomes, dict) and all(isinstance(outcome, dict) and isinstance(outcome.get("status"), str)
+                                          and isinstance(outcome.get("reason"), str) for outcome in outcomes.values()):
+        return outcomes
+    raise UserError(f"{path} is not an outcomes.json written by sweep.py; delete it (it only records how each run's "
+                    "last job ended) and run the study's sweep.py command again")
+
+
+def _read_json(path: Path):
+    """A JSON file's contents, None if it does not exist; an unreadable file is a UserError."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:
-        if quiet:
-            return None
         raise UserError(f"{path} is corrupt ({err}); restore or delete it") from None

@@ -10,13 +10,16 @@ Every flag of train.py that selects a run takes one or more values, and the stud
 others (--epochs, --device, --deterministic, ...) go to every run unchanged, except --download, which
 sweep.py does itself, once per dataset, before any job starts. Each run is the ordinary run of its flags,
 in the folder train.py chooses; its job runs `python train.py ...`, then `python validate_nc.py --run-dir
-<folder>`. studies/NAME/ receives study.json, runs.csv, table.md and a log per
-run (see studies.py). The same command run again skips the runs that are done and resumes the others,
-so it completes a study after a crash or a pre-emption. A run that another process is training is
-reported busy and left to it. Exit status 1 if a run failed, 0 otherwise.
+<folder>` with the study's --layers, --test-collapse and --adversarial. studies/NAME/ receives study.json,
+runs.csv, table.md and a log per run (see studies.py). The same command run again skips the runs that are
+done and resumes the others, so it completes a study after a crash, a pre-emption or Slurm requeues that
+ran out. A run that another process is training is reported busy and left to it. Exit status 1 if a run
+failed, 0 otherwise.
 """
 import argparse
 import collections
+import contextlib
+import io
 import os
 import re
 import shlex
@@ -33,6 +36,10 @@ import studies
 from errors import ArgumentParser, UserError, run_cli
 
 SLURM_FOLDER = "slurm"  # in the study's folder: submitit's pickles and its own logs of each job
+# Slurm sends a job its --signal "up to 60 seconds earlier than specified" (sbatch(1)). submitit asks for
+# 90 s; a tenth of --time (at most those 90 s) leaves a job of --time 2 at least 48 s, and no shorter
+# limit leaves a job any time for sure.
+SIGNAL_JITTER_S, MAX_SIGNAL_LEAD_S, MIN_TIME = 60, 90, 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,8 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--gpus-per-job", type=_count, default=1, metavar="N", help="slurm: GPUs per job (default 1; 0 for CPU nodes)")
     add("--cpus-per-job", type=config.positive_int, default=4, metavar="N",
         help="slurm: CPU cores per job, and its OpenMP/MKL threads (default 4)")
-    add("--time", type=config.positive_int, default=240, metavar="MINUTES", help="slurm: time limit of each job "
-        "(default 240); a run that needs longer is requeued and continues from its last.pt")
+    add("--time", type=_minutes, default=240, metavar="MINUTES", help="slurm: time limit of each job (default "
+        f"240, at least {MIN_TIME}); a run that needs longer is requeued and continues from its last.pt: Slurm "
+        f"signals the job a tenth of --time (at most {MAX_SIGNAL_LEAD_S} s) before its limit, and submitit requeues "
+        "it, 3 times at most")
     add("--max-parallel", type=config.positive_int, default=256, metavar="N",
         help="slurm: at most N jobs of the array at once (default 256)")
     add("--sbatch", type=_sbatch_option, nargs="+", default=[], metavar="KEY=VALUE",
@@ -69,6 +78,7 @@ def main(args: argparse.Namespace) -> int:
     todo = [run for run in study.runs if states[run.run_dir] != "done"]
     threads = _threads_per_job(args)
     if args.dry_run:
+        studies.check(study)
         _print_plan(study, states, todo, args, threads)
         return 0
     began = time.perf_counter()
@@ -113,7 +123,8 @@ def _submit(study: studies.Study, todo: list[studies.Run], args: argparse.Namesp
     try:
         executor = submitit.SlurmExecutor(folder=study.folder / SLURM_FOLDER / "%j")
         executor.update_parameters(**_slurm_parameters(study, args))
-        jobs = executor.map_array(studies.Job(str(study.folder), threads), todo)
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes a refusing sbatch's output there
+            jobs = executor.map_array(studies.Job(str(study.folder), threads), todo)
     except (RuntimeError, OSError) as err:  # submitit's: no srun or sbatch here, or sbatch refused the job
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"could not submit to Slurm ({reason}); --dry-run shows the submission without a "
@@ -129,8 +140,8 @@ def _slurm_parameters(study: studies.Study, args: argparse.Namespace) -> dict:
     """submitit.SlurmExecutor's parameters (sbatch's names) for the study's jobs. The jobs start in this
     folder, where the runs' folders are, and import the repo's modules to unpickle their job."""
     repo = shlex.quote(str(studies.REPO))
-    parameters = {"job_name": f"study-{study.name}", "time": args.time, "cpus_per_task": args.cpus_per_job,
-                  "array_parallelism": args.max_parallel,
+    parameters = {"job_name": f"study-{study.name}", "time": args.time, "signal_delay_s": signal_lead(args.time),
+                  "cpus_per_task": args.cpus_per_job, "array_parallelism": args.max_parallel,
                   "setup": [f"cd {shlex.quote(os.getcwd())}", f"export PYTHONPATH={repo}${{PYTHONPATH:+:$PYTHONPATH}}"]}
     if args.partition:
         parameters["partition"] = args.partition
@@ -139,6 +150,12 @@ def _slurm_parameters(study: studies.Study, args: argparse.Namespace) -> dict:
     if args.sbatch:
         parameters["additional_parameters"] = dict(args.sbatch)
     return parameters
+
+
+def signal_lead(minutes: int) -> int:
+    """Seconds before a job's time limit at which Slurm is to send it the signal that submitit requeues it on:
+    a tenth of the limit, at most submitit's default. Slurm may send it up to SIGNAL_JITTER_S earlier."""
+    return min(MAX_SIGNAL_LEAD_S, 6 * minutes)
 
 
 def _threads_per_job(args: argparse.Namespace) -> int | None:
@@ -170,13 +187,23 @@ def _print_plan(study: studies.Study, states: dict[str, str], todo: list[studies
           f"{len(todo)} jobs, array {array}; a job pre-empted or out of time is requeued and resumes its run")
     print("  sbatch parameters: " + ", ".join(f"{key}={value}" for key, value in parameters.items()))
     for index, run in enumerate(todo):
-        print(f"  job {index}: " + " && ".join(shlex.join(command) for command in studies.commands(run)))
+        job = studies.commands(run, states[run.run_dir])
+        print(f"  job {index}: " + " && ".join(shlex.join(command) for command in job))
 
 
 def _study_name(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", text):
         raise argparse.ArgumentTypeError(f"'{text}' cannot name a folder: use letters, digits, '.', '_' and '-'")
     return text
+
+
+def _minutes(text: str) -> int:
+    minutes = config.positive_int(text)
+    if minutes < MIN_TIME:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_TIME} minutes: Slurm may send the requeue signal "
+                                         f"up to {SIGNAL_JITTER_S} s earlier than asked, which could leave a "
+                                         f"{minutes}-minute job no time to train")
+    return minutes
 
 
 def _count(text: str) -> int:

@@ -62,15 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"epoch's is measured or no process has trained the run for GRACE seconds (default {FOLLOW_GRACE:g})")
     add("--data-root", type=Path, help="folder holding the datasets (default: the one the run was trained from)")
     add("--download", action="store_true", help="download the dataset into --data-root if it is missing")
-    add("--layers", action="store_true", help="also NC1 after every stage of the network (nc1_<stage> columns, "
-        "layerwise_nc1.png), from the same forward pass")
-    add("--test-collapse", action="store_true", help="also the collapse of the test features around their own "
-        "class means (nc1_test and the other feature metrics with a _test suffix), drawn beside the train "
-        "curves of Figures 2-6; from the test pass that runs anyway")
-    add("--adversarial", action="store_true", help="also the paper's Figure 8: DeepFool's robustness on a fixed "
-        "sample of test images (deepfool_* columns, fig8_adversarial_robustness.png); a separate pass")
-    add("--adversarial-samples", type=config.positive_int, default=100, metavar="N",
-        help="test images DeepFool attacks at every checkpoint, drawn with the run's seed (default 100)")
+    config.add_measurement_arguments(parser)
     add("--representations", action="store_true", help="instead of the metrics, draw the Mixup representation "
         "figure of Fisher, Meng & Papyan (2024): features of mixed training pairs of three classes in the "
         "plane of their classifiers' simplex")
@@ -104,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
         if board is not None:
             held.callback(board.close)
         todo = [(epoch, path) for epoch, path in checkpoints
-                if args.recompute or epoch not in table or _lacks(table[epoch], args)]
+                if args.recompute or epoch not in table or runs.lacks_measurements(table[epoch], args.layers, args.test_collapse, args.adversarial)]
         data = _load_data(run_config, args, device) if todo else None
         skipped = measure_checkpoints(todo, run_config, run_dir, table, args, device, data, board)
         return _finish(run_config, run_dir, table, len(todo) - len(skipped), skipped, args, board)
@@ -139,7 +131,7 @@ def follow(args: argparse.Namespace, device: torch.device, held: contextlib.Exit
             board = held.enter_context(contextlib.closing(runs.tensorboard_writer(run_dir))) if args.tensorboard \
                 else None
         todo = [(epoch, path) for epoch, path in runs.checkpoint_files(run_dir) if epoch not in tried
-                and (args.recompute or epoch not in table or _lacks(table[epoch], args))]
+                and (args.recompute or epoch not in table or runs.lacks_measurements(table[epoch], args.layers, args.test_collapse, args.adversarial))]
         if todo:
             data = data or _load_data(run_config, args, device)
             skipped += measure_checkpoints(todo, run_config, run_dir, table, args, device, data, board)
@@ -210,7 +202,7 @@ def draw_representations(checkpoints: dict[int, Path], run_config: dict, run_dir
     root = args.data_root or Path(run_config["data_root"])
     train, _, _ = datasets.load_run_data(run_config["dataset"], root, run_config["samples_per_class"],
                                          run_config["seed"], args.download, device)
-    plots_dir = args.plots_dir or default_plots_dir(run_config, run_dir)
+    plots_dir = args.plots_dir or plotting.default_plots_dir(run_config, run_dir)
     for epoch in epochs:
         state = runs.load_checkpoint(checkpoints[epoch], device)
         model = engine.build_model(state["config"], device)
@@ -222,12 +214,6 @@ def draw_representations(checkpoints: dict[int, Path], run_config: dict, run_dir
         runs.write_csv(table, rows, engine.REPRESENTATION_COLUMNS)
         print(plotting.plot_representations(table, table.with_suffix(f".{args.format}")))
     return 0
-
-
-def default_plots_dir(run_config: dict, run_dir: Path) -> Path:
-    """<DATASET>_plots/ for the paper-default run, <DATASET>_plots/<run name>/ for any other."""
-    base = Path(f"{run_config['dataset']}_plots")
-    return base if run_dir.name == config.paper_run_name(run_config["dataset"]) else base / run_dir.name
 
 
 def _find_run(args: argparse.Namespace, device: torch.device) -> tuple[Path, dict, list[tuple[int, Path]], dict]:
@@ -281,21 +267,14 @@ def _measure(path: Path, run_config: dict, train: engine.Split, test: engine.Spl
     return measured
 
 
-def _lacks(row: dict, args: argparse.Namespace) -> bool:
-    """Whether a row of the table lacks a measurement asked for, and so is measured again."""
-    present = {key for key, value in row.items() if value is not None}
-    return ((args.test_collapse and "nc1_test" not in present)
-            or (args.adversarial and "deepfool_robustness" not in present)
-            or (args.layers and not runs.stage_columns([row])))
-
-
 def _report(run_config: dict, run_dir: Path, table: dict, measured: int, plots_dir: Path | None,
             figure_format: str) -> list[Path]:
-    """The figures and the TPT table of a run with measurements, and a line saying what was done; the
-    figures written."""
+    """summary.json, the figures and the TPT table of a run with measurements, and a line saying what was
+    done; the figures written."""
     if not table:
         return []
-    plots_dir = plots_dir or default_plots_dir(run_config, run_dir)
+    runs.write_summary(run_dir)  # also where it was lost: a study counts a run done once it is there
+    plots_dir = plots_dir or plotting.default_plots_dir(run_config, run_dir)
     written = plotting.plot_run(run_dir, plots_dir, f".{figure_format}")
     summary = plotting.tpt_table(run_dir)
     runs.write_text(plots_dir / "tpt_table.md", summary)

@@ -1,21 +1,19 @@
 """sweep.py end to end on the CPU: a study's folder and tables, skipping what is done, a killed study
-resumed to the same bits, failed and busy runs, the Slurm submission without a cluster, the learning-rate
-grid and its choice, and the grouped figures."""
-import contextlib
-import csv
-import io
+resumed to the same bits, failed and busy runs, "done" as what a run folder holds (and repaired), study
+files of the wrong shape, the measurement flags, the Slurm submission without a cluster (test_slurm.py
+submits to a real one), the learning-rate grid and its choice, and the grouped figures."""
 import json
 import os
+import shutil
 import signal
-import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import submitit
 import torch
 
 import config
@@ -25,6 +23,7 @@ import studies
 import sweep
 import train
 from errors import run_cli
+from sweep_helpers import sweep_in, table_rows, weights, working_directory
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--width", "4", "--samples-per-class", "20", "--epochs", "2", "--num-checkpoints", "2", "--device", "cpu",
@@ -51,38 +50,10 @@ def study(tmp_path_factory, one_thread):
     return folder, code, output
 
 
-def sweep_in(folder: Path, *flags: str) -> tuple[int, str]:
-    """sweep.py's main in this process with `folder` as the working directory (its jobs are subprocesses,
-    as always): its exit status and what it printed."""
-    printed = io.StringIO()
-    with working_directory(folder), contextlib.redirect_stdout(printed):
-        code = sweep.main(sweep.parse_args(list(flags)))
-    return code, printed.getvalue()
-
-
-@contextlib.contextmanager
-def working_directory(folder: Path):
-    previous = os.getcwd()
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
 def run_folder(loss: str, seed: int, *flags: str) -> Path:
     """The folder `python train.py TINY --loss LOSS --seed SEED FLAGS` uses, as train.py computes it."""
     args = train.parse_args([*TINY, "--loss", loss, "--seed", str(seed), *flags])
     return config.default_run_dir(config.resolve_config(args), args)
-
-
-def table_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)["model"]
 
 
 def test_a_study_writes_its_tables_and_each_run_is_the_run_train_py_alone_makes(study):
@@ -168,14 +139,32 @@ def test_a_failing_run_is_recorded_with_its_reason_and_the_others_still_run(tmp_
     assert "training diverged in epoch 1" in (tmp_path / "studies/diverging/table.md").read_text()
 
 
-def test_a_run_that_another_process_trains_is_reported_busy_and_left_alone(study):
+def test_a_run_that_another_process_trains_is_busy_whatever_lands_in_its_log(study):
+    """As when two sweeps of one study run at once: the other's job holds the run's training lock and its
+    progress bar keeps writing into the run's log, around any line this sweep's job would write there."""
     folder, _, _ = study
+    log = folder / "studies/busy/logs" / f"{run_folder('ce', 7).name}.log"
+    log.parent.mkdir(parents=True)
+    stop = threading.Event()
+
+    def progress_bar():
+        with open(log, "a") as bar:
+            while not stop.is_set():
+                bar.write("\rsynthetic-resnet18-ce-seed7:  40%|####      | 2/5 [00:01<00:01]")
+                bar.flush()
+                time.sleep(0.001)
+    writer = threading.Thread(target=progress_bar)
     with working_directory(folder), runs.training_lock(run_folder("ce", 7)):
-        code, output = sweep_in(folder, "--name", "busy", *TINY, "--seed", "7")
+        writer.start()
+        try:
+            code, output = sweep_in(folder, "--name", "busy", *TINY, "--seed", "7")
+        finally:
+            stop.set()
+            writer.join()
         assert not (run_folder("ce", 7) / "log.csv").exists()
     assert code == 0 and "0 done, 0 failed, 1 busy" in output
     [row] = table_rows(folder / "studies/busy/runs.csv")
-    assert row["status"] == "busy" and f"is being trained by process {os.getpid()}" in row["reason"]
+    assert row["status"] == "busy" and f"is being trained by process {os.getpid()} on " in row["reason"]
 
 
 def test_a_slurm_dry_run_shows_the_submission_and_writes_nothing(tmp_path):
@@ -191,71 +180,119 @@ def test_a_slurm_dry_run_shows_the_submission_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_slurm_submission_is_one_array_of_checkpointable_jobs(tmp_path, monkeypatch):
-    """Through submitit's own SlurmExecutor, with stand-ins for Slurm's commands that keep the job script."""
-    bin_dir = _stand_in_slurm(tmp_path / "bin")
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    (tmp_path / "work").mkdir()
-    code, output = sweep_in(tmp_path / "work", "--name", "grid", *TINY, *GRID, "--executor", "slurm",
-                            "--partition", "gpu", "--time", "30", "--max-parallel", "2", "--sbatch", "account=nc")
-    assert code == 0 and "submitted Slurm job 4242: 4 runs, at most 2 at a time" in output
-    script = (bin_dir / "submitted.sh").read_text()
-    for line in ("#SBATCH --array=0-3%2", "#SBATCH --partition=gpu", "#SBATCH --time=30", "#SBATCH --gpus-per-node=1",
-                 "#SBATCH --cpus-per-task=4", "#SBATCH --signal=USR2@90", "#SBATCH --account=nc",
-                 f"cd {tmp_path / 'work'}", f"export PYTHONPATH={REPO}"):
-        assert line in script
-    for index, (loss, seed) in enumerate(SETTINGS):
-        pickle = tmp_path / f"work/studies/grid/slurm/4242_{index}/4242_{index}_submitted.pkl"
-        submission = submitit.helpers.DelayedSubmission.load(pickle)
-        job, [run] = submission.function, submission.args
-        assert isinstance(job, studies.Job) and job.study_dir == "studies/grid" and job.threads == 4
-        assert run.run_dir == str(run_folder(loss, seed))
-        requeued = job.checkpoint(run)  # what submitit submits again after a pre-emption or time-out
-        assert requeued.function == job and requeued.args == (run,)
-    assert [row["status"] for row in table_rows(tmp_path / "work/studies/grid/runs.csv")] == ["pending"] * 4
+def test_the_requeue_signal_comes_a_tenth_of_the_limit_early_and_no_jitter_can_take_a_jobs_whole_time(tmp_path):
+    """Slurm sends --signal up to 60 s earlier than asked (sbatch(1)): every accepted --time keeps time to
+    train; --time 1 is refused (test_bad_values...)."""
+    assert all(0 < sweep.signal_lead(minutes) <= 90 and sweep.signal_lead(minutes) + 60 < 60 * minutes
+               for minutes in range(2, 10_000))
+    assert [sweep.signal_lead(minutes) for minutes in (2, 10, 15, 240)] == [12, 60, 90, 90]
+    code, output = sweep_in(tmp_path, "--name", "short", *TINY, "--executor", "slurm", "--time", "2", "--dry-run")
+    assert code == 0 and "time=2, signal_delay_s=12" in output
 
 
-def test_a_submitted_job_runs_under_submitit_and_a_requeue_resumes_it(study, tmp_path, monkeypatch):
-    """The job submitit would start on a node, run here by submitit's own runner: pre-empted (SIGUSR2) while
-    training, it asks Slurm to requeue it; started again, it resumes and ends with the uninterrupted run's bits."""
-    reference, _, _ = study
-    bin_dir = _stand_in_slurm(tmp_path / "bin")
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    (tmp_path / "work").mkdir()
-    assert sweep_in(tmp_path / "work", "--name", "one", *TINY, "--executor", "slurm", "--time", "30",
-                    "--cpus-per-job", "1")[0] == 0  # one thread, as the reference run had
-    node = {**os.environ, "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1",
-            "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
-            "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-u", "-m", "submitit.core._submit", "studies/one/slurm/%j"]
-    run = tmp_path / "work" / run_folder("ce", 0)
-    job = subprocess.Popen(command, cwd=tmp_path / "work", env=node, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (run / "last.pt").exists():
-        assert job.poll() is None, "the job ended before its run had begun"
-        time.sleep(0.02)
-    job.send_signal(signal.SIGUSR2)
-    assert job.wait() != 0
-    assert (bin_dir / "scontrol.args").read_text().split() == ["requeue", "4242"]
-    assert not (run / "nc_metrics.csv").exists()
-    assert subprocess.run(command, cwd=tmp_path / "work", env=node, capture_output=True).returncode == 0
-    [row] = table_rows(tmp_path / "work/studies/one/runs.csv")
-    assert row["status"] == "done"
-    log = (tmp_path / "work/studies/one/logs" / f"{run.name}.log").read_text()
-    assert log.count("=== ") == 2 and "resuming after epoch 1" in log
-    mine, theirs = weights(run / "last.pt"), weights(reference / run_folder("ce", 0) / "last.pt")
-    assert all(torch.equal(mine[key], theirs[key]) for key in theirs)
+def test_without_slurm_a_submission_is_one_line_after_the_study_is_recorded(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch, no srun
+    with working_directory(tmp_path):
+        code = run_cli(sweep.main, lambda: sweep.parse_args(["--name", "grid", *TINY, "--executor", "slurm"]))
+    assert code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: could not submit to Slurm (") and "--dry-run shows the submission" in line
+    assert [row["status"] for row in table_rows(tmp_path / "studies/grid/runs.csv")] == ["pending"]
 
 
-def _stand_in_slurm(bin_dir: Path) -> Path:
-    """sbatch (keeps the job script, answers as Slurm does), srun (submitit only looks for it) and scontrol
-    (keeps its arguments)."""
-    bin_dir.mkdir()
-    scripts = {"sbatch": f'cp "$1" {bin_dir}/submitted.sh\necho "Submitted batch job 4242"',
-               "srun": "exit 0", "scontrol": f'echo "$@" > {bin_dir}/scontrol.args'}
-    for name, body in scripts.items():
-        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
-        (bin_dir / name).chmod(stat.S_IRWXU)
-    return bin_dir
+def copy_of(study_folder: Path, tmp_path: Path) -> Path:
+    """A copy of the folder a study ran in: its runs, their figures and the study's folder."""
+    return shutil.copytree(study_folder, tmp_path / "copy", symlinks=True)
+
+
+def job_commands(log: Path) -> list[str]:
+    """The scripts the last job of a run's study log ran, in order."""
+    last = log.read_text().rsplit("\n=== ", 1)[-1]
+    return [Path(line.split()[2]).name for line in last.splitlines() if line.startswith("$ ")]
+
+
+def test_done_is_what_the_run_folder_holds_and_a_partial_finish_is_completed_by_validate_nc_alone(study, tmp_path):
+    """Killed while validate_nc.py drew its figures, or with summary.json lost, a run is not done, and the
+    same command completes it by running validate_nc.py only; then it is done and skipped."""
+    folder = copy_of(study[0], tmp_path)
+    command = ["--name", "grid", *TINY, *GRID, "--parallel", "2"]
+    drawn, summarised = folder / run_folder("ce", 0), folder / run_folder("ce", 1)
+    plots = folder / "synthetic_plots" / drawn.name
+    figures = sorted(path.name for path in plots.iterdir())
+    assert len(figures) == 9 and "tpt_table.md" in figures
+    for name in figures[1:]:
+        (plots / name).unlink()  # as if killed after the first figure
+    (summarised / "summary.json").unlink()
+    trained = {path: path.stat().st_mtime_ns for path in folder.glob("runs/*/*.pt")}
+    with working_directory(folder):
+        assert [studies.run_state(run) for run in studies.plan(sweep.parse_args(command), "grid", command).runs] == [
+            "trained", "trained", "done", "done"]
+
+    code, output = sweep_in(folder, *command)
+    assert code == 0 and "2 done, 0 failed, 0 busy, 0 interrupted, 2 skipped" in output
+    for run in (drawn, summarised):
+        assert job_commands(folder / "studies/grid/logs" / f"{run.name}.log") == ["validate_nc.py"]
+    assert sorted(path.name for path in plots.iterdir()) == figures
+    assert json.loads((summarised / "summary.json").read_text()) == json.loads(
+        (study[0] / run_folder("ce", 1) / "summary.json").read_text())
+    assert {path: path.stat().st_mtime_ns for path in folder.glob("runs/*/*.pt")} == trained
+    assert [row["status"] for row in table_rows(folder / "studies/grid/runs.csv")] == ["done"] * 4
+    code, output = sweep_in(folder, *command)
+    assert [line.split()[0] for line in output.splitlines()] == ["skipped"] * 4 + ["study"]
+
+
+@pytest.mark.parametrize("path, text, message", [
+    ("studies/grid/outcomes.json", "[1, 2]", "studies/grid/outcomes.json is not an outcomes.json written by sweep.py"),
+    ("studies/grid/study.json", "[]", "studies/grid/study.json is not a study.json written by sweep.py"),
+    ("studies/grid/study.json", "{}", "studies/grid/study.json is not a study.json written by sweep.py"),
+    (f"{run_folder('mse', 1)}/summary.json", "[1]", f"{run_folder('mse', 1)}/summary.json is not a run's summary"),
+])
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_a_study_file_of_the_wrong_shape_is_one_line_and_nothing_is_written(study, tmp_path, capsys, path, text,
+                                                                          message, dry_run):
+    folder = copy_of(study[0], tmp_path)
+    (folder / path).write_text(text)
+    before = snapshot(folder)
+    with working_directory(folder):
+        code = run_cli(sweep.main, lambda: sweep.parse_args(["--name", "grid", *TINY, *GRID, *dry_run]))
+    assert code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {message}")
+    assert snapshot(folder) == before
+
+
+def snapshot(folder: Path) -> dict[Path, tuple[int, bytes]]:
+    """Every file under `folder` with its modification time and contents."""
+    return {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in folder.rglob("*") if path.is_file()}
+
+
+def test_the_measurement_flags_reach_each_runs_validate_nc_and_the_tables_carry_their_columns(study, tmp_path):
+    """A done run asked for --layers, --test-collapse and --adversarial again lacks them: validate_nc.py alone
+    measures them, the study's tables hold the last checkpoint's values, and the figures it draws are the
+    ones the study counts on."""
+    folder = copy_of(study[0], tmp_path)
+    shutil.rmtree(folder / "studies")
+    command = ["--name", "measured", *TINY, "--layers", "--test-collapse", "--adversarial",
+               "--adversarial-samples", "5"]
+    code, output = sweep_in(folder, *command, "--executor", "slurm", "--dry-run")
+    assert f"  trained  {run_folder('ce', 0)}" in output
+    assert (f"validate_nc.py --run-dir {run_folder('ce', 0)} --device cpu --layers --test-collapse --adversarial "
+            "--adversarial-samples 5") in output and "train.py" not in output.split("  job 0: ")[1]
+
+    code, output = sweep_in(folder, *command)
+    assert code == 0 and "1 done" in output
+    run = folder / run_folder("ce", 0)
+    assert job_commands(folder / "studies/measured/logs" / f"{run.name}.log") == ["validate_nc.py"]
+    [row] = table_rows(folder / "studies/measured/runs.csv")
+    last = table_rows(run / "nc_metrics.csv")[-1]
+    extra = [column for column in last if column not in runs.NC_COLUMNS]
+    assert {"nc1_test", "nc1_layer1", "nc1_layer4", "deepfool_robustness", "deepfool_steps"} <= set(extra)
+    assert list(row)[-len(extra) - 1:-1] == extra and all(row[column] == last[column] for column in extra)
+    assert " | deepfool_robustness | " in (folder / "studies/measured/table.md").read_text()
+    plots = sorted(path.name for path in (folder / "synthetic_plots" / run.name).iterdir())
+    with working_directory(folder):
+        assert plots == sorted([*plotting.run_figure_names(run_folder("ce", 0)), "tpt_table.md"])
+    assert {"fig8_adversarial_robustness.png", "layerwise_nc1.png"} <= set(plots)
 
 
 def test_the_grouped_mean_and_band_are_those_of_the_runs_own_tables(study):
@@ -295,6 +332,7 @@ def test_every_flag_of_train_py_but_run_dir_is_a_flag_of_a_study():
     (["--seed", "0", "-1"], "error: argument --seed: must lie in 0 .. 2**32 - 1"),
     (["--lr", "0.1", "--lr-grid"], "error: give --lr or --lr-grid, not both"),
     (["--lr-milestones", "5"], "error: --lr-milestones 5 is beyond the last epoch (2)"),
+    (["--executor", "slurm", "--time", "1"], "error: argument --time: must be at least 2 minutes"),
     (["--lr", "0.1234567", "0.1234568"],  # folder names keep 6 digits of a learning rate
      "error: two runs of the grid would share the folder runs/synthetic-resnet18-ce-seed0-w4-spc20-lr0.123457"),
 ])
@@ -353,16 +391,22 @@ def test_an_lr_grid_table_marks_the_chosen_learning_rate_of_each_group(tmp_path)
         (run_dir / "checkpoints").mkdir(parents=True)
         (run_dir / "last.pt").touch()
         (run_dir / "checkpoints" / "epoch_0002.pt").touch()
-        (run_dir / "summary.json").write_text(json.dumps({"epochs_done": 2}))
+        runs.write_config(run_dir, {"dataset": "synthetic"})
+        runs.write_log(run_dir, [{column: 0.5 for column in runs.LOG_COLUMNS} | {"epoch": epoch} for epoch in (1, 2)])
         row = {column: 0.5 for column in runs.NC_COLUMNS} | {"epoch": 2, "train_acc": 1.0, "test_acc": accuracy}
-        runs.write_csv(run_dir / "nc_metrics.csv", [row], runs.NC_COLUMNS)
+        runs.merge_nc_metrics(run_dir, [row])  # and summary.json
+        plots = tmp_path / "synthetic_plots" / run_dir.name
+        plots.mkdir(parents=True)
+        for name in [*plotting.run_figure_names(run_dir), "tpt_table.md"]:
+            (plots / name).touch()
         entries.append({"run_dir": str(run_dir), "settings": {"lr": lr, "seed": seed}, "train": [], "validate": [],
                         "epochs": 2})
     study_dir = tmp_path / "studies" / "lr"
     study_dir.mkdir(parents=True)
     (study_dir / "study.json").write_text(json.dumps({"name": "lr", "argv": ["--lr", "0.1", "0.01"], "grid": {},
                                                       "varied": ["lr", "seed"], "runs": entries}))
-    studies.refresh_tables(study_dir)
+    with working_directory(tmp_path):  # where the figures are
+        studies.refresh_tables(study_dir)
     rows = table_rows(study_dir / "runs.csv")
     assert [row["selected"] for row in rows] == ["False", "False", "True", "True"]
     assert [row["tpt_epoch"] for row in rows] == ["2"] * 4
