@@ -135,7 +135,7 @@ def draw_representations(checkpoints: dict[int, Path], run_config: dict, run_dir
     classes = _representation_classes(args.classes, run_config)
     root = args.data_root or Path(run_config["data_root"])
     train, _, _ = datasets.load_run_data(run_config["dataset"], root, run_config["samples_per_class"],
-                                         run_config["seed"], args.download, device)
+                                         run_config["seed"], args.download, device, *_imbalance(run_config))
     plots_dir = args.plots_dir or default_plots_dir(run_config, run_dir)
     for epoch in epochs:
         state = runs.load_checkpoint(checkpoints[epoch], device)
@@ -174,7 +174,13 @@ def _load_data(run_config: dict, args: argparse.Namespace,
     if args.download:
         distributed.on_rank_zero(datasets.fetch, run_config["dataset"], root)
     return distributed.on_every_rank(datasets.load_run_data, run_config["dataset"], root,
-                                     run_config["samples_per_class"], run_config["seed"], args.download, device)
+                                     run_config["samples_per_class"], run_config["seed"], args.download, device,
+                                     *_imbalance(run_config))
+
+
+def _imbalance(run_config: dict) -> tuple[float, str | None]:
+    """The run's imbalance ratio and profile (a run written before --imbalance existed is balanced)."""
+    return run_config.get("imbalance", 1.0), run_config.get("imbalance_profile")
 
 
 def _measure(path: Path, run_config: dict, train: engine.Split, test: engine.Split, args: argparse.Namespace,
