@@ -87,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
         if board is not None:
             held.callback(board.close)
         todo = [(epoch, path) for epoch, path in checkpoints
-                if args.recompute or epoch not in table or _lacks(table[epoch], args)]
+                if args.recompute or epoch not in table or _lacks(table[epoch], args, run_config)]
         skipped = measure_checkpoints(todo, run_config, run_dir, table, args, device, board)
         written = distributed.on_rank_zero(_report, run_config, run_dir, table, len(todo) - len(skipped),
                                            args.plots_dir, args.format)
@@ -213,10 +213,12 @@ def _measure(path: Path, run_config: dict, train: engine.Split, test: engine.Spl
     return measured
 
 
-def _lacks(row: dict, args: argparse.Namespace) -> bool:
-    """Whether a row of the table lacks a measurement asked for, and so is measured again."""
+def _lacks(row: dict, args: argparse.Namespace, run_config: dict) -> bool:
+    """Whether a row of the table lacks a measurement asked for (or, of an imbalanced run, its Minority
+    Collapse columns), and so is measured again."""
     present = {key for key, value in row.items() if value is not None}
     return ((args.test_collapse and "nc1_test" not in present)
+            or (_imbalance(run_config)[0] > 1 and "minority_cosine" not in present)
             or (args.adversarial and "deepfool_robustness" not in present)
             or (args.layers and not runs.stage_columns([row])))
 
