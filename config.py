@@ -219,7 +219,7 @@ def default_run_dir(config: dict, args: argparse.Namespace) -> Path:
 
 def result_differences(old: dict, new: dict) -> list[str]:
     """The result-changing settings on which two configs differ, as 'key: old -> new'."""
-    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" if key != "normalization" else
+    return [f"{key}: {_setting(old, key)!r} -> {_setting(new, key)!r}" if key != "normalization" else
             "normalization: the statistics of another training subset"
             for key in RESULT_KEYS if _setting(old, key) != _setting(new, key)]
 
