@@ -156,7 +156,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
         default_milestones(config["epochs"])
     config["samples_per_class"] = args.samples_per_class
     config["imbalance"] = defaults["imbalance"] if args.imbalance is None else args.imbalance
-    config["imbalance_profile"] = _chosen(args.imbalance_profile, defaults["imbalance_profile"], config["imbalance"] > 1)
+    config["imbalance_profile"] = _chosen(args.imbalance_profile, defaults["imbalance_profile"],
+                                          config["imbalance"] > 1)
     config["seed"] = args.seed
     return config
 

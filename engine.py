@@ -306,7 +306,8 @@ def _minority_collapse(weight: torch.Tensor, per_class: torch.Tensor) -> dict[st
     and the majority classes from the per-class (correct, images) counts of the test split, and each
     classifier row's norm ||w_c|| (`weight_norm_<c>`)."""
     classes = len(weight)
-    groups = {"minority": list(datasets.minority_classes(classes)), "majority": list(datasets.majority_classes(classes))}
+    groups = {"minority": list(datasets.minority_classes(classes)),
+              "majority": list(datasets.majority_classes(classes))}
     correct, images = per_class
     accuracies = {f"test_acc_{name}": (correct[members].sum() / images[members].sum()).item()
                   for name, members in groups.items()}

@@ -19,6 +19,24 @@ mu_c - mu_G (its rows are the "means" below); W the C x d weight of the last lin
     ncc_mismatch         the fraction of samples where the classifier's argmax_c (w_c . h + b_c)
                          differs from the nearest class mean argmin_c ||h - mu_c||.             (Figure 7)
 
+Which mean and which Sigma_W. The paper's classes are balanced, and there mu_G, the mean of all features,
+is also the mean of the class means, and Sigma_W, the average over samples, is also the average of the
+per-class covariances. On an imbalanced training set (train.py --imbalance) the two readings part, and
+the class-balanced one is taken, as the imbalanced-collapse literature does (e.g. Thrampoulidis et al.
+2022), so that a class weighs the same in every quantity whatever its size: FeatureStats with
+`balancing_weights` (N / (C N_c) per sample of class c) makes
+    mu_G     = (1/C) sum_c mu_c                                     the centre of M~ and of Sigma_B, hence
+                                                                    of nc1, the *_means metrics and self_duality;
+    Sigma_W  = (1/C) sum_c (1/N_c) sum_{i: y_i = c} (h_i - mu_c)(h_i - mu_c)^T          in nc1.
+ncc_mismatch uses the class means alone, and the *_weights metrics the classifier alone, in both cases.
+A balanced run is measured with unit weights, the plain sample averages above; its balancing weights
+would be exactly 1, so the two readings agree there to the last bit. Beside these, for imbalanced runs:
+
+    minority_cosine      Avg over minority classes c != c' of cos(w_c, w_c'), the minority being the
+                         last floor(C/2) classes (datasets.minority_classes): Fang, He, Long & Su
+                         (2021)'s measure of Minority Collapse, 1 when those rows share one direction.
+    majority_cosine      the same over the first ceil(C/2) classes.
+
 Everything is accumulated and computed in float64. `FeatureStats` gathers the class statistics in one
 streaming pass with memory O(C d + d^2) whatever the number of samples; `metrics_from_stats` turns them
 into every metric but `ncc_mismatch`, which needs the features themselves and is computed batch by
@@ -36,13 +54,16 @@ FEATURE_KEYS = ("nc1", "equinorm_means", "equiangular_means", "maxangle_means", 
 
 
 class FeatureStats:
-    """Streaming float64 class statistics of features: counts, class means and within-class scatter.
+    """Streaming float64 class statistics of features: counts, class means and within-class scatter, each
+    sample of class c counting `class_weights[c]` times (default 1) in the global mean and Sigma_W. The
+    weights are fixed before the pass (`balancing_weights` of the training labels), so the class-balanced
+    statistics take one pass and no per-class d x d matrix.
 
     Each class's sums are accumulated around a shift, the first sample seen of that class, so nearly
     collapsed features far from the origin lose no precision to cancellation (and features identical
     within their class give a within-class covariance of exactly zero).
-    Memory is O(C d + d^2) whatever the number of samples. Two accumulators can be merged (or their
-    tensors summed across processes once `rebase` has given them the same shift).
+    Memory is O(C d + d^2) whatever the number of samples. Two accumulators of the same class weights can
+    be merged (or their tensors summed across processes once `rebase` has given them the same shift).
     """
 
     def __init__(self, num_classes: int, dim: int, device: torch.device | str | None = None,

@@ -100,6 +100,8 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_ece", "seconds"]
 NC_COLUMNS = ["epoch", "train_acc", "train_loss", "test_acc", "test_loss", "test_ece", *STATS_KEYS,
               "ncc_mismatch_train", "ncc_mismatch_test"]
+# What an imbalanced run's rows add (train.py --imbalance), then its classifier row norms weight_norm_<c>.
+IMBALANCE_COLUMNS = ["minority_cosine", "majority_cosine", "test_acc_minority", "test_acc_majority"]
 # log.csv leaves the test columns empty on epochs --eval-every skips.
 _MAY_BE_EMPTY = {"log.csv": {"test_loss", "test_acc", "test_ece"}, "nc_metrics.csv": set()}
 # What a run's config.json must hold for the scripts to rebuild its network and data.

@@ -7,7 +7,8 @@ then `python validate_nc.py --run-dir <its folder>`. A run that is done is never
 one resumes from its last.pt, which train.py does by itself. A study's folder, studies/<name>/, holds:
 
     study.json      the grid as given (the command line) and expanded (every run's folder and commands)
-    runs.csv        one row per run: its varied settings, status, folder, TPT onset, final numbers, reason
+    runs.csv        one row per run: its varied settings, status, folder, TPT onset, final numbers (an
+                    imbalanced run's Minority Collapse columns too), reason
     table.md        the same, readable; for a learning-rate grid, the paper's choice of learning rate
     outcomes.json   how each run's last job ended (a run's folder shows whether it is done, not why it stopped)
     logs/<run>.log  the output of each job of that run, every attempt appended after a dated header line
@@ -348,7 +349,8 @@ def _write_tables(study_dir: Path, outcomes: dict) -> list[dict]:
     study = _read_json(study_dir / STUDY_FILE)
     varied = study["varied"]
     rows = [_row(Run(**run), varied, outcomes.get(run["run_dir"])) for run in study["runs"]]
-    columns = [*varied, "status", "run_dir", *FINAL_COLUMNS]
+    columns = [*varied, "status", "run_dir", *FINAL_COLUMNS,
+               *(column for column in runs.IMBALANCE_COLUMNS if any(row.get(column) is not None for row in rows))]
     choices = []
     if "lr" in varied:
         choices = select_lr(rows, varied)
@@ -373,7 +375,8 @@ def _row(run: Run, varied: list[str], outcome: dict | None) -> dict:
     onset, last = runs.tpt_row(measured), measured[-1]
     return {**row, "status": "done", "tpt_epoch": onset and onset["epoch"], "tpt_test_acc": onset and onset["test_acc"],
             "last_epoch": last["epoch"], "last_test_acc": last["test_acc"],
-            **{key: last[key] for key in FINAL_COLUMNS[4:]}, "reason": ""}
+            **{key: last[key] for key in FINAL_COLUMNS[4:]},
+            **{key: last[key] for key in runs.IMBALANCE_COLUMNS if key in last}, "reason": ""}
 
 
 def _markdown(study: dict, rows: list[dict], columns: list[str], choices: list[dict]) -> str:
@@ -403,7 +406,7 @@ def _cell(column: str, value) -> str:
         return "**best lr**" if value else ""
     if column == "run_dir":
         return f"`{value}`"
-    if column in ("tpt_test_acc", "last_test_acc", "test_error"):
+    if column in ("tpt_test_acc", "last_test_acc", "test_error", "test_acc_minority", "test_acc_majority"):
         return f"{100 * value:.2f}%"
     if isinstance(value, float):
         return f"{value:.4g}"

@@ -109,7 +109,8 @@ def test_a_run_written_before_the_flag_is_the_balanced_run():
     older = {key: value for key, value in settings.items() if not key.startswith("imbalance")}
     assert config.result_differences(older, settings) == []
     imbalanced = config.resolve_config(train.parse_args(["--imbalance", "10"]))
-    assert config.result_differences(older, imbalanced) == ["imbalance: 1.0 -> 10.0", "imbalance_profile: None -> 'step'"]
+    assert config.result_differences(older, imbalanced) == ["imbalance: 1.0 -> 10.0",
+                                                            "imbalance_profile: None -> 'step'"]
 
 
 def test_a_study_varies_the_ratio_and_leaves_the_profile_out_of_the_balanced_run():
@@ -130,7 +131,8 @@ def imbalanced_problem(seed: int = 0):
     means = 5 * torch.randn(4, 6, dtype=torch.float64, generator=generator) + 30
     labels = torch.cat([torch.full((count,), label) for label, count in enumerate(counts)])
     labels = labels[torch.randperm(len(labels), generator=generator)]
-    features = means[labels] + torch.randn(len(labels), 6, dtype=torch.float64, generator=generator) * (1 + labels[:, None])
+    noise = torch.randn(len(labels), 6, dtype=torch.float64, generator=generator)
+    features = means[labels] + noise * (1 + labels[:, None])  # each class its own spread
     return features, labels
 
 
