@@ -20,6 +20,7 @@ import train
 import validate_nc
 from errors import UserError
 from nc_metrics import FeatureStats, balancing_weights, group_cosines, mean_pair_cosine, metrics_from_stats
+from test_distributed import torchrun
 from test_nc_metrics import simplex_etf
 
 TINY = ("--dataset", "synthetic", "--width", "4", "--epochs", "3", "--num-checkpoints", "3",
@@ -279,3 +280,21 @@ def test_a_balanced_run_measured_class_balanced_gives_the_same_bits(imbalanced_r
                                        batch_size=64, layers=True, test_collapse=True)
     assert "minority_cosine" not in plain
     assert {key: weighted[key] for key in plain} == plain
+
+
+def test_class_balanced_validation_under_torchrun_equals_one_process(imbalanced_run, tmp_path):
+    """110 training and 500 test images in batches of 48: shards of 2 and 1 batches, and of 6 and 5."""
+    alone = shutil.copytree(imbalanced_run, tmp_path / "alone")
+    shared = shutil.copytree(imbalanced_run, tmp_path / "shared")
+    (shared / "nc_metrics.csv").unlink()
+    assert validate_nc.main(validate_nc.parse_args(["--run-dir", str(alone), "--device", "cpu", "--recompute",
+                                                    "--eval-batch-size", "48", "--plots-dir", str(tmp_path)])) == 0
+    done = torchrun("validate_nc.py", "--run-dir", str(shared), "--device", "cpu", "--eval-batch-size", "48",
+                    "--plots-dir", str(tmp_path / "shared_plots"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    expected, got = runs.read_nc_metrics(alone), runs.read_nc_metrics(shared)
+    assert [row["epoch"] for row in got] == [1, 2, 3] and set(got[0]) == set(expected[0])
+    for mine, theirs in zip(got, expected):
+        for column in theirs:
+            assert mine[column] == pytest.approx(theirs[column], rel=1e-9, abs=1e-300), column
+    assert (tmp_path / "shared_plots" / "minority_collapse.png").is_file()
