@@ -237,7 +237,8 @@ def mixup_representations(model: nn.Module, train: Split, config: dict, classes:
         members.append(found[torch.randperm(len(found), generator=generator)[:per_class]])
     count = min(len(found) for found in members)
     if count < 2:
-        raise ValueError(f"classes {classes} need at least 2 training images each")
+        raise UserError(f"the Mixup representations need at least 2 training images of each class, and the run "
+                        f"keeps {count} of one of classes {classes}; choose others with --classes")
     firsts, seconds, kinds = [], [], []
     for label, found in zip(classes, members):
         firsts.append(found[:count])

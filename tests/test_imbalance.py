@@ -298,3 +298,18 @@ def test_class_balanced_validation_under_torchrun_equals_one_process(imbalanced_
         for column in theirs:
             assert mine[column] == pytest.approx(theirs[column], rel=1e-9, abs=1e-300), column
     assert (tmp_path / "shared_plots" / "minority_collapse.png").is_file()
+
+
+def test_an_imbalanced_run_extends_and_trains_with_any_loss_and_mixup(imbalanced_run, tmp_path):
+    run_dir = shutil.copytree(imbalanced_run, tmp_path / "run")
+    assert train.main(train.parse_args([*TINY, "--imbalance", "10", "--run-dir", str(run_dir), "--epochs", "4"])) == 0
+    assert [row["epoch"] for row in runs.read_log(run_dir)] == [1, 2, 3, 4]
+    assert runs.read_config(run_dir)["class_counts"] == [20] * 5 + [2] * 5
+    mixed = tmp_path / "mixed"
+    assert train.main(train.parse_args([*TINY, "--imbalance", "20", "--imbalance-profile", "exp", "--loss", "mse",
+                                        "--mixup-alpha", "1", "--mixup-same-class", "--epochs", "1",
+                                        "--run-dir", str(mixed)])) == 0
+    assert runs.read_config(mixed)["class_counts"] == datasets.imbalanced_counts(10, 20, 20, "exp")
+    with pytest.raises(UserError, match="keeps 1 of one of classes"):
+        validate_nc.main(validate_nc.parse_args(["--run-dir", str(mixed), "--device", "cpu", "--representations",
+                                                 "--classes", "0", "8", "9", "--plots-dir", str(tmp_path)]))
