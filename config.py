@@ -87,7 +87,8 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
         help="multiply the learning rate by --lr-gamma after these epochs (default: epochs/3 and 2*epochs/3)")
     add("--lr-gamma", type=positive_float, help="learning-rate factor at each milestone (default 0.1)")
     add("--samples-per-class", type=positive_int, metavar="K",
-        help="train on a seeded class-balanced subset of K images per class (default: the largest balanced subset)")
+        help="train on a seeded class-balanced subset of K images per class, or with --imbalance K of the largest "
+        "classes (default: the largest balanced subset)")
     add("--imbalance", type=imbalance_ratio, metavar="R", help="train on an imbalanced subset whose largest class has "
         "R times the samples of its smallest, the largest keeping K (see --imbalance-profile); the test set stays "
         "whole (default 1: balanced)")
