@@ -241,7 +241,7 @@ def plot_minority_collapse(run_dirs: list[Path], out_path: Path, group_by: list[
         simplex = -1 / (lines[0].configs[0].get("num_classes", 2) - 1)
         for ax in axes[0, :2]:
             ax.axhline(simplex, color="0.5", linewidth=1)
-            ax.text(0.98, simplex, "simplex ETF, $-1/(C-1)$", transform=ax.get_yaxis_transform(), ha="right",
+            ax.text(0.02, simplex, "simplex ETF, $-1/(C-1)$", transform=ax.get_yaxis_transform(), ha="left",
                     va="bottom", color="0.4", fontsize=9)
         for row, floor in ((axes[0, :2], -1.0), (axes[1], 0.0)):  # one scale for what a reader compares
             low, high = zip(*(ax.get_ylim() for ax in row))
