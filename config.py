@@ -28,7 +28,8 @@ ADAPTIVE_LR = 1e-3  # Adam and AdamW diverge at the SGD rates above
 PROTOCOL = {"model": "resnet18", "width": 64, "epochs": 350, "batch_size": 128, "momentum": 0.9,
             "weight_decay": 5e-4, "lr_gamma": 0.1, "num_checkpoints": 50, "optimizer": "sgd",
             "loss": "ce", "target_scale": 1.0, "label_smoothing": 0.1, "focal_gamma": 3.0,
-            "mixup_alpha": 0.0, "mixup_same_class": False, "augment": False, "precision": "fp32", "eval_every": 1}
+            "mixup_alpha": 0.0, "mixup_same_class": False, "augment": False, "precision": "fp32", "eval_every": 1,
+            "imbalance": 1.0, "imbalance_profile": "step"}
 # The analysis epochs of the authors' code for 350 epochs, verbatim.
 AUTHORS_CHECKPOINTS = (*range(1, 15), 16, 17, 19, 20, 22, 24, 27, 29, 32, 35, 38, 42, 45, 50, 54, 59, 65, 71, 77,
                        85, 92, 101, 110, 121, 132, 144, 158, 172, 188, 206, 225, 245, 268, 293, 320, 350)
@@ -42,10 +43,12 @@ DATASET_DEFAULTS = {"CIFAR100": {"model": "resnet50"},
 RESULT_KEYS = ("dataset", "model", "width", "loss", "target_scale", "label_smoothing", "focal_gamma",
                "optimizer", "lr", "momentum", "weight_decay", "batch_size", "lr_milestones", "lr_gamma",
                "samples_per_class", "seed", "augment", "mixup_alpha", "mixup_same_class", "precision",
-               "normalization")
+               "normalization", "imbalance", "imbalance_profile")
+# Result-changing settings added after runs were first written, with the value every earlier run had.
+ADDED_SETTINGS = {"imbalance": 1.0}
 
 # How a non-default setting shows in the run folder's name.
-NAME_TAGS = (("width", "w"), ("samples_per_class", "spc"), ("optimizer", ""), ("lr", "lr"),
+NAME_TAGS = (("width", "w"), ("samples_per_class", "spc"), ("imbalance", "imb"), ("optimizer", ""), ("lr", "lr"),
              ("momentum", "mom"), ("weight_decay", "wd"), ("batch_size", "bs"), ("lr_milestones", "ms"),
              ("lr_gamma", "gamma"), ("target_scale", "kappa"), ("label_smoothing", "eps"),
              ("focal_gamma", "fgamma"), ("augment", "aug"), ("mixup_alpha", "mixup"),
@@ -53,7 +56,8 @@ NAME_TAGS = (("width", "w"), ("samples_per_class", "spc"), ("optimizer", ""), ("
 
 # The user-facing settings that tell runs apart in a figure, with the short names figures print
 # ("" prints the value alone). Derived values (normalisation statistics, class counts) never appear.
-SETTING_NAMES = {"dataset": "", "model": "", "width": "width", "samples_per_class": "spc", "epochs": "epochs",
+SETTING_NAMES = {"dataset": "", "model": "", "width": "width", "samples_per_class": "spc",
+                 "imbalance": "imbalance", "imbalance_profile": "profile", "epochs": "epochs",
                  "loss": "loss", "target_scale": "kappa", "label_smoothing": "eps", "focal_gamma": "focal gamma",
                  "optimizer": "", "lr": "lr", "momentum": "momentum", "weight_decay": "wd", "batch_size": "batch",
                  "lr_milestones": "milestones", "lr_gamma": "lr gamma", "augment": "augment",
@@ -83,7 +87,14 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
         help="multiply the learning rate by --lr-gamma after these epochs (default: epochs/3 and 2*epochs/3)")
     add("--lr-gamma", type=positive_float, help="learning-rate factor at each milestone (default 0.1)")
     add("--samples-per-class", type=positive_int, metavar="K",
-        help="train on a seeded class-balanced subset of K images per class (default: the largest balanced subset)")
+        help="train on a seeded class-balanced subset of K images per class, or with --imbalance K of the largest "
+        "classes (default: the largest balanced subset)")
+    add("--imbalance", type=imbalance_ratio, metavar="R", help="train on an imbalanced subset whose largest class has "
+        "R times the samples of its smallest, the largest keeping K (see --imbalance-profile); the test set stays "
+        "whole (default 1: balanced)")
+    add("--imbalance-profile", choices=datasets.IMBALANCE_PROFILES, help="with --imbalance: step (Fang et al. 2021, "
+        "default): the first ceil(C/2) classes keep K, the others ceil(K/R); exp (Cao et al. 2019): class c keeps "
+        "floor(K R^(-c/(C-1)))")
     add("--augment", action="store_true", default=None,
         help="random 4-pixel crops and horizontal flips on the device (off in the paper; NC is always measured on clean data)")
     add("--mixup-alpha", type=non_negative_float, metavar="ALPHA",
@@ -159,6 +170,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
     config["lr_milestones"] = _milestones(args.lr_milestones, config["epochs"]) if args.lr_milestones else \
         default_milestones(config["epochs"])
     config["samples_per_class"] = args.samples_per_class
+    config["imbalance"] = defaults["imbalance"] if args.imbalance is None else args.imbalance
+    config["imbalance_profile"] = _chosen(args.imbalance_profile, defaults["imbalance_profile"],
+                                          config["imbalance"] > 1)
     config["seed"] = args.seed
     return config
 
@@ -206,6 +220,8 @@ def run_name(config: dict, args: argparse.Namespace) -> str:
         value = config[key]
         if isinstance(value, bool):
             parts.append(tag)
+        elif key == "imbalance":
+            parts.append(f"{tag}{value:g}{config['imbalance_profile']}")
         elif isinstance(value, list):
             parts.append(tag + "_".join(map(str, value)))
         else:
@@ -219,9 +235,9 @@ def default_run_dir(config: dict, args: argparse.Namespace) -> Path:
 
 def result_differences(old: dict, new: dict) -> list[str]:
     """The result-changing settings on which two configs differ, as 'key: old -> new'."""
-    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" if key != "normalization" else
+    return [f"{key}: {_setting(old, key)!r} -> {_setting(new, key)!r}" if key != "normalization" else
             "normalization: the statistics of another training subset"
-            for key in RESULT_KEYS if old.get(key) != new.get(key)]
+            for key in RESULT_KEYS if _setting(old, key) != _setting(new, key)]
 
 
 def setting_text(key: str, value) -> str:
@@ -282,6 +298,11 @@ def _reference(run: dict, settings: dict) -> dict:
             "lr_milestones": default_milestones(run.get("epochs") or PROTOCOL["epochs"])}
 
 
+def _setting(run: dict, key: str):
+    """A setting of a run's config, or of a run written before the setting existed, the value it had."""
+    return run.get(key, ADDED_SETTINGS.get(key))
+
+
 def _milestones(given: list[int], epochs: int) -> list[int]:
     """The --lr-milestones as given, if they rise strictly and fall within the run."""
     if any(a >= b for a, b in zip(given, given[1:])):
@@ -334,6 +355,11 @@ def positive_float(text: str) -> float:
 
 def non_negative_float(text: str) -> float:
     return _checked(float(text), lambda v: 0 <= v < math.inf, "must be a finite number, not negative", text)
+
+
+def imbalance_ratio(text: str) -> float:
+    return _checked(float(text), lambda v: 1 <= v < math.inf, "must be a finite ratio of at least 1 (1 is balanced)",
+                    text)
 
 
 def fraction(text: str) -> float:

@@ -71,6 +71,7 @@ FULL_PER_CLASS: dict[str, int] = {"CIFAR10": 5000, "CIFAR100": 500, "MNIST": 542
                                   "SVHN": 4659, "STL10": 500, "synthetic": SYNTHETIC_TRAIN_PER_CLASS}
 
 CROP_PADDING = 4
+IMBALANCE_PROFILES = ("step", "exp")
 
 Split = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, C, H, W) and int64 labels (N,)
 
@@ -84,17 +85,18 @@ def canonical_name(name: str) -> str:
 
 
 def load_run_data(name: str, root: str | Path, samples_per_class: int | None, seed: int, download: bool,
-                  device: torch.device) -> tuple[Split, Split, int]:
-    """A run's data on `device`: the seeded class-balanced training subset, the whole test split, and
-    the number of training samples per class kept."""
+                  device: torch.device, imbalance: float = 1.0,
+                  profile: str | None = None) -> tuple[Split, Split, int]:
+    """A run's data on `device`: the seeded training subset (`subset_indices`), the whole test split (never
+    subsampled, so an imbalanced run is tested as a balanced one), and the samples kept of the largest class."""
     train_images, train_labels = load_split(name, root, True, download)
     absent = sorted(set(range(DATASETS[name].num_classes)) - set(train_labels.unique().tolist()))
     if absent:
         raise UserError(f"the {name} training split in {Path(root).absolute()} has no images of class(es) "
                         f"{', '.join(map(str, absent[:10]))}; every class needs some: restore the full copy (--download)")
-    keep = balanced_indices(train_labels, samples_per_class, seed)
+    keep = subset_indices(train_labels, samples_per_class, seed, imbalance, profile)
     test_images, test_labels = load_split(name, root, False, download)
-    per_class = len(keep) // len(train_labels.unique())
+    per_class = int(torch.bincount(train_labels[keep]).max())
     return ((train_images[keep].to(device), train_labels[keep].to(device)),
             (test_images.to(device), test_labels.to(device)), per_class)
 
@@ -141,23 +143,66 @@ def check_count(name: str, train: bool, count: int, root: str | Path) -> None:
                         f"the official {expected}; delete that copy and pass --download to fetch it again")
 
 
-def balanced_indices(labels: torch.Tensor, samples_per_class: int | None, seed: int) -> torch.Tensor:
-    """Sorted int64 indices of a seeded subset with `samples_per_class` samples of every class present;
-    None takes as many as the smallest class has."""
+def subset_indices(labels: torch.Tensor, samples_per_class: int | None, seed: int, imbalance: float = 1.0,
+                   profile: str | None = None) -> torch.Tensor:
+    """Sorted int64 indices of a seeded training subset with `imbalanced_counts` samples of each class: n =
+    `samples_per_class` (None: as many as the smallest class has) of every class when `imbalance` is 1.
+
+    Each class's samples are the first of one seeded permutation of its members, so for one seed the subsets
+    are nested: an imbalanced subset keeps the majority classes of the balanced one and a prefix of each of
+    its other classes."""
     cpu_labels = labels.cpu()
-    classes, counts = torch.unique(cpu_labels, return_counts=True)
-    most = int(counts.min())
+    classes, available = torch.unique(cpu_labels, return_counts=True)
+    most = int(available.min())
     per_class = most if samples_per_class is None else samples_per_class
     if per_class < 1:
         raise UserError(f"--samples-per-class must be at least 1, not {per_class}")
     if per_class > most:
         raise UserError(f"--samples-per-class {per_class} is more than the data has: at most {most} per class")
+    counts = imbalanced_counts(len(classes), per_class, imbalance, profile)
     generator = torch.Generator().manual_seed(seed)
     picks = []
-    for label in classes:
+    for label, count in zip(classes, counts):
         members = torch.nonzero(cpu_labels == label).squeeze(1)
-        picks.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+        picks.append(members[torch.randperm(len(members), generator=generator)[:count]])
     return torch.sort(torch.cat(picks)).values.to(labels.device)
+
+
+def imbalanced_counts(num_classes: int, per_class: int, imbalance: float = 1.0,
+                      profile: str | None = None) -> list[int]:
+    """Training samples to keep of each class c = 0 .. C-1, from n = `per_class` and the ratio R = `imbalance`:
+
+    step (Fang, He, Long & Su 2021): the first ceil(C/2) classes keep n, the other floor(C/2) keep ceil(n/R);
+    exp (Cao, Wei, Gaidon, Arechiga & Ma 2019): class c keeps floor(n * (1/R)^(c/(C-1))), computed as
+        their code computes it, so that n = 5000, R = 100 gives CIFAR-10-LT's 5000, 2997, ..., 83, 50.
+    R = 1 keeps n of every class in either profile. A class left with no sample is a UserError."""
+    if imbalance < 1:
+        raise UserError(f"--imbalance {imbalance:g} is below 1; it is the ratio of the largest class to the smallest "
+                        "(1 is balanced)")
+    if imbalance == 1:
+        return [per_class] * num_classes
+    if profile == "step":
+        majority = len(majority_classes(num_classes))
+        return [per_class] * majority + [math.ceil(per_class / imbalance)] * (num_classes - majority)
+    if profile == "exp":
+        counts = [math.floor(per_class * (1 / imbalance) ** (c / (num_classes - 1))) for c in range(num_classes)]
+        if counts[-1] < 1:
+            raise UserError(f"--imbalance {imbalance:g} with --imbalance-profile exp leaves class {num_classes - 1} "
+                            f"no sample of {per_class} (floor({per_class}/{imbalance:g}) = 0); lower --imbalance "
+                            "or raise --samples-per-class")
+        return counts
+    raise UserError(f"unknown imbalance profile {profile!r}; choose one of: {', '.join(IMBALANCE_PROFILES)}")
+
+
+def majority_classes(num_classes: int) -> range:
+    """The first ceil(C/2) classes: those `imbalanced_counts` keeps most of, in either profile."""
+    return range(math.ceil(num_classes / 2))
+
+
+def minority_classes(num_classes: int) -> range:
+    """The last floor(C/2) classes: those `imbalanced_counts` keeps fewest of (step: the minority; exp: the
+    floor(C/2) smallest classes, ties to the later class)."""
+    return range(math.ceil(num_classes / 2), num_classes)
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:

@@ -26,8 +26,9 @@ import losses
 import models
 import robustness
 from errors import UserError
-from nc_metrics import (FEATURE_KEYS, FeatureStats, calibration_bins, expected_calibration_error, metrics_from_stats,
-                        nc1, ncc_disagreements, plane_coordinates, simplex_plane)
+from nc_metrics import (FEATURE_KEYS, FeatureStats, balancing_weights, calibration_bins, group_cosines,
+                        expected_calibration_error, metrics_from_stats, nc1, ncc_disagreements, plane_coordinates,
+                        simplex_plane)
 
 Split = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, C, H, W) and int64 labels, on the device
 
@@ -124,6 +125,11 @@ def measure_collapse(model: nn.Module, loss_fn: losses.LossFn, train: Split, tes
     `test_collapse`, the test pass feeds its own `FeatureStats`, for the collapse of the test features
     around their own class means (STATS_KEYS that depend on the features, suffixed `_test`).
 
+    A run on an imbalanced training subset (config "imbalance" > 1) is measured class-balanced: every
+    FeatureStats weighs its classes equally (`balancing_weights` of the labels it sees), and the numbers of
+    Minority Collapse are added (`_minority_collapse`). A balanced run's statistics are the plain sample
+    averages, as in the paper.
+
     Under torchrun each process measures its shard of each split (`datasets.shard`: whole batches, so
     every feature comes from the same batch as in one process) and the sums are added across
     processes, the NCC mismatch of each shard counted against the global class means. Every sum is
@@ -132,9 +138,11 @@ def measure_collapse(model: nn.Module, loss_fn: losses.LossFn, train: Split, tes
     weight, bias = model.fc.weight, model.fc.bias
     device = train[0].device
     rank, world_size = distributed.rank(), distributed.world_size()
-    stats = FeatureStats(config["num_classes"], weight.shape[1], device=device)
-    stage_stats = _stage_stats(model, train, config) if layers else {}
-    test_stats = FeatureStats(config["num_classes"], weight.shape[1], device=device) if test_collapse else None
+    train_weights = _class_weights(train[1], config)
+    stats = FeatureStats(config["num_classes"], weight.shape[1], device=device, class_weights=train_weights)
+    stage_stats = _stage_stats(model, train, config, train_weights) if layers else {}
+    test_stats = FeatureStats(config["num_classes"], weight.shape[1], device=device,
+                              class_weights=_class_weights(test[1], config)) if test_collapse else None
     kept, train_totals = [], torch.zeros(2, dtype=torch.float64, device=device)
     broken = torch.zeros((), dtype=torch.float64, device=device)
     for stages, logits, y in _readouts(model, datasets.shard(train, batch_size, rank, world_size), config,
@@ -155,6 +163,7 @@ def measure_collapse(model: nn.Module, loss_fn: losses.LossFn, train: Split, tes
     del kept
     test_totals = torch.zeros(3, dtype=torch.float64, device=device)
     bins = torch.zeros(15, 3, dtype=torch.float64, device=device)
+    per_class = torch.zeros(2, config["num_classes"], dtype=torch.float64, device=device)  # correct, images
     for stages, logits, y in _readouts(model, datasets.shard(test, batch_size, rank, world_size), config,
                                        batch_size, False):
         features, broken = _zero_non_finite(stages[-1][1], broken)
@@ -163,17 +172,19 @@ def measure_collapse(model: nn.Module, loss_fn: losses.LossFn, train: Split, tes
         test_totals += torch.stack([loss_fn(logits, y) * len(y), losses.correct_count(logits, y),
                                     ncc_disagreements(features, weight, bias, means)]).to(torch.float64)
         bins += calibration_bins(logits, y)
+        per_class.index_add_(1, y, torch.stack([(logits.argmax(dim=1) == y).to(torch.float64),
+                                                torch.ones(len(y), dtype=torch.float64, device=device)]))
     if test_stats is not None:
         distributed.all_reduce_stats(test_stats)
     totals = distributed.all_reduce_sum(torch.cat([train_totals, ncc_train.double()[None], test_totals,
-                                                   broken[None], bins.flatten()]))
+                                                   broken[None], bins.flatten(), per_class.flatten()]))
     train_loss, train_correct, ncc_train_count, test_loss, test_correct, ncc_test, broken = totals[:7].tolist()
     if broken:
         raise UserError(f"the features of {broken:.0f} images are not finite (NaN or Inf): the network had diverged")
     n_train, n_test = len(train[1]), len(test[1])
     measured = {"train_acc": train_correct / n_train, "train_loss": train_loss / n_train,
                 "test_acc": test_correct / n_test, "test_loss": test_loss / n_test,
-                "test_ece": expected_calibration_error(totals[7:].view_as(bins)),
+                "test_ece": expected_calibration_error(totals[7:7 + bins.numel()].view_as(bins)),
                 **metrics_from_stats(stats, weight),
                 "ncc_mismatch_train": ncc_train_count / n_train, "ncc_mismatch_test": ncc_test / n_test}
     if test_stats is not None:
@@ -184,6 +195,8 @@ def measure_collapse(model: nn.Module, loss_fn: losses.LossFn, train: Split, tes
                                       accumulator.class_means() - accumulator.global_mean())
     if layers:
         measured[f"nc1_{model.stage_names[-1]}"] = measured["nc1"]  # the last stage is the penultimate layer
+    if train_weights is not None:
+        measured |= _minority_collapse(weight, totals[7 + bins.numel():].view_as(per_class))
     return measured
 
 
@@ -224,7 +237,8 @@ def mixup_representations(model: nn.Module, train: Split, config: dict, classes:
         members.append(found[torch.randperm(len(found), generator=generator)[:per_class]])
     count = min(len(found) for found in members)
     if count < 2:
-        raise ValueError(f"classes {classes} need at least 2 training images each")
+        raise UserError(f"the Mixup representations need at least 2 training images of each class, and the run "
+                        f"keeps {count} of one of classes {classes}; choose others with --classes")
     firsts, seconds, kinds = [], [], []
     for label, found in zip(classes, members):
         firsts.append(found[:count])
@@ -280,12 +294,36 @@ def _readouts(model: nn.Module, data: Split, config: dict, batch_size: int,
         yield stages, model.fc(stages[-1][1]), y
 
 
-def _stage_stats(model: nn.Module, train: Split, config: dict) -> dict[str, FeatureStats]:
+def _class_weights(labels: torch.Tensor, config: dict) -> torch.Tensor | None:
+    """The class weights of an imbalanced run's FeatureStats (each class counting equally, whatever its
+    size, as the imbalanced-collapse literature measures), None for a balanced run (the plain averages)."""
+    if config.get("imbalance", 1.0) == 1:
+        return None
+    return balancing_weights(torch.bincount(labels, minlength=config["num_classes"]))
+
+
+def _minority_collapse(weight: torch.Tensor, per_class: torch.Tensor) -> dict[str, float]:
+    """The numbers of Minority Collapse: `group_cosines` of the classifier, the test accuracy on the minority
+    and the majority classes from the per-class (correct, images) counts of the test split, and each
+    classifier row's norm ||w_c|| (`weight_norm_<c>`)."""
+    classes = len(weight)
+    groups = {"minority": list(datasets.minority_classes(classes)),
+              "majority": list(datasets.majority_classes(classes))}
+    correct, images = per_class
+    accuracies = {f"test_acc_{name}": (correct[members].sum() / images[members].sum()).item()
+                  for name, members in groups.items()}
+    norms = weight.detach().to(torch.float64).norm(dim=1).tolist()
+    return {**group_cosines(weight, groups["minority"], groups["majority"]), **accuracies,
+            **{f"weight_norm_{label}": norm for label, norm in enumerate(norms)}}
+
+
+def _stage_stats(model: nn.Module, train: Split, config: dict,
+                 class_weights: torch.Tensor | None) -> dict[str, FeatureStats]:
     """An empty FeatureStats per stage but the last (the penultimate features, which `stats` gathers
     anyway), sized by one image's readouts, so that every process has the same accumulators even with
     no batch of its own."""
     x = datasets.normalize(train[0][:1], *_normalization(config))
-    return {name: FeatureStats(config["num_classes"], readout.shape[1], device=x.device)
+    return {name: FeatureStats(config["num_classes"], readout.shape[1], device=x.device, class_weights=class_weights)
             for name, readout in model.stage_features(x)[:-1]}
 
 

@@ -19,6 +19,24 @@ mu_c - mu_G (its rows are the "means" below); W the C x d weight of the last lin
     ncc_mismatch         the fraction of samples where the classifier's argmax_c (w_c . h + b_c)
                          differs from the nearest class mean argmin_c ||h - mu_c||.             (Figure 7)
 
+Which mean and which Sigma_W. The paper's classes are balanced, and there mu_G, the mean of all features,
+is also the mean of the class means, and Sigma_W, the average over samples, is also the average of the
+per-class covariances. On an imbalanced training set (train.py --imbalance) the two readings part, and
+the class-balanced one is taken, as the imbalanced-collapse literature does (e.g. Thrampoulidis et al.
+2022), so that a class weighs the same in every quantity whatever its size: FeatureStats with
+`balancing_weights` (N / (C N_c) per sample of class c) makes
+    mu_G     = (1/C) sum_c mu_c                                     the centre of M~ and of Sigma_B, hence
+                                                                    of nc1, the *_means metrics and self_duality;
+    Sigma_W  = (1/C) sum_c (1/N_c) sum_{i: y_i = c} (h_i - mu_c)(h_i - mu_c)^T          in nc1.
+ncc_mismatch uses the class means alone, and the *_weights metrics the classifier alone, in both cases.
+A balanced run is measured with unit weights, the plain sample averages above; its balancing weights
+would be exactly 1, so the two readings agree there to the last bit. Beside these, for imbalanced runs:
+
+    minority_cosine      Avg over minority classes c != c' of cos(w_c, w_c'), the minority being the
+                         last floor(C/2) classes (datasets.minority_classes): Fang, He, Long & Su
+                         (2021)'s measure of Minority Collapse, 1 when those rows share one direction.
+    majority_cosine      the same over the first ceil(C/2) classes.
+
 Everything is accumulated and computed in float64. `FeatureStats` gathers the class statistics in one
 streaming pass with memory O(C d + d^2) whatever the number of samples; `metrics_from_stats` turns them
 into every metric but `ncc_mismatch`, which needs the features themselves and is computed batch by
@@ -36,16 +54,20 @@ FEATURE_KEYS = ("nc1", "equinorm_means", "equiangular_means", "maxangle_means", 
 
 
 class FeatureStats:
-    """Streaming float64 class statistics of features: counts, class means and within-class scatter.
+    """Streaming float64 class statistics of features: counts, class means and within-class scatter, each
+    sample of class c counting `class_weights[c]` times (default 1) in the global mean and Sigma_W. The
+    weights are fixed before the pass (`balancing_weights` of the training labels), so the class-balanced
+    statistics take one pass and no per-class d x d matrix.
 
     Each class's sums are accumulated around a shift, the first sample seen of that class, so nearly
     collapsed features far from the origin lose no precision to cancellation (and features identical
     within their class give a within-class covariance of exactly zero).
-    Memory is O(C d + d^2) whatever the number of samples. Two accumulators can be merged (or their
-    tensors summed across processes once `rebase` has given them the same shift).
+    Memory is O(C d + d^2) whatever the number of samples. Two accumulators of the same class weights can
+    be merged (or their tensors summed across processes once `rebase` has given them the same shift).
     """
 
-    def __init__(self, num_classes: int, dim: int, device: torch.device | str | None = None):
+    def __init__(self, num_classes: int, dim: int, device: torch.device | str | None = None,
+                 class_weights: torch.Tensor | None = None):
         if num_classes < 2:
             raise ValueError(f"need at least 2 classes, got num_classes={num_classes}")
         if dim < 1:
@@ -55,7 +77,10 @@ class FeatureStats:
         self.counts = torch.zeros(num_classes, **zeros)
         self.shift = torch.zeros(num_classes, dim, **zeros)
         self.sums = torch.zeros(num_classes, dim, **zeros)  # sum of (h - shift_c) per class
-        self.scatter = torch.zeros(dim, dim, **zeros)  # sum of (h - shift_y)(h - shift_y)^T
+        self.scatter = torch.zeros(dim, dim, **zeros)  # sum of weight_y (h - shift_y)(h - shift_y)^T
+        # Each sample of class c counts weights[c] times in the global mean and Sigma_W (ones: the plain
+        # sample averages, and multiplying by 1 leaves every bit of them as it was).
+        self.weights = torch.ones(num_classes, **zeros) if class_weights is None else class_weights.to(**zeros)
 
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Add a batch of features (B, d) with integer labels (B,) in [0, C)."""
@@ -71,13 +96,15 @@ class FeatureStats:
         centred = h - self.shift[labels]
         self.counts += torch.bincount(labels, minlength=self.num_classes).to(torch.float64)
         self.sums.index_add_(0, labels, centred)
-        self.scatter.addmm_(centred.T, centred)
+        self.scatter.addmm_(centred.T, centred * self.weights[labels, None])
 
     def merge(self, other: "FeatureStats") -> "FeatureStats":
         """Add the samples accumulated by `other` to this accumulator (in place) and return it."""
         if (other.num_classes, other.dim) != (self.num_classes, self.dim):
             raise ValueError(f"cannot merge statistics of {other.num_classes} classes x {other.dim} "
                              f"features into {self.num_classes} classes x {self.dim} features")
+        if not torch.equal(other.weights.to(self.weights.device), self.weights):
+            raise ValueError("cannot merge statistics accumulated with different class weights")
         unseen = self.counts == 0
         self.shift = torch.where(unseen[:, None], other.shift.to(self.shift.device), self.shift)
         sums, scatter = other._recentred(self.shift.to(other.shift.device))
@@ -102,21 +129,25 @@ class FeatureStats:
         return self.shift + self.sums / self.counts[:, None]
 
     def global_mean(self) -> torch.Tensor:
-        """The global mean mu_G of all features (the class means weighted by their counts), (d,)."""
-        return (self.counts @ self.class_means()) / self.counts.sum()
+        """The global mean mu_G: the class means weighted by their counts times the class weights, (d,); with
+        `balancing_weights`, the mean of the class means."""
+        weighted = self.weights * self.counts
+        return (weighted @ self.class_means()) / weighted.sum()
 
     def within_class_covariance(self) -> torch.Tensor:
-        """Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T, (d, d)."""
+        """Sigma_W = sum_i w_{y_i} (h_i - mu_{y_i})(h_i - mu_{y_i})^T / sum_i w_{y_i}, (d, d): with unit weights
+        (1/N) sum_i ..., with `balancing_weights` the average over classes of each class's covariance."""
         self._require_every_class()
-        deviation = self.sums / self.counts.sqrt()[:, None]  # sqrt(n_c) (mu_c - shift_c)
-        return (self.scatter - deviation.T @ deviation) / self.counts.sum()
+        # sqrt(w_c n_c) (mu_c - shift_c), per class
+        deviation = self.sums * self.weights.sqrt()[:, None] / self.counts.sqrt()[:, None]
+        return (self.scatter - deviation.T @ deviation) / (self.weights * self.counts).sum()
 
     def _recentred(self, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sums, scatter) accumulated around `shift` instead of `self.shift`: h - a = (h - b) - (a - b)."""
         delta = shift - self.shift
         sums = self.sums - self.counts[:, None] * delta
-        cross = delta.T @ self.sums
-        scatter = self.scatter - cross - cross.T + delta.T @ (self.counts[:, None] * delta)
+        cross = delta.T @ (self.weights[:, None] * self.sums)
+        scatter = self.scatter - cross - cross.T + delta.T @ ((self.weights * self.counts)[:, None] * delta)
         return sums, scatter
 
     def _require_every_class(self) -> None:
@@ -174,6 +205,31 @@ def nc1(within_covariance: torch.Tensor, centred_means: torch.Tensor) -> float:
     cutoff = singular[0] * max(centred_means.shape) * torch.finfo(singular.dtype).eps
     inverse = torch.where(singular[:rank] > cutoff, 1 / eigenvalues, torch.zeros_like(eigenvalues))
     return ((projected * inverse).sum() / classes).item()
+
+
+def balancing_weights(counts: torch.Tensor) -> torch.Tensor:
+    """Per-class sample weights N / (C N_c), float64, from the samples per class N_c (N in all): under them
+    every class counts equally in `FeatureStats`'s global mean and Sigma_W. They are exactly 1 when the
+    classes are balanced, so balanced statistics are the plain ones to the last bit."""
+    counts = counts.to(torch.float64)
+    if (counts <= 0).any():
+        raise ValueError(f"every class needs at least one sample, got counts {counts.tolist()}")
+    return counts.sum() / (len(counts) * counts)
+
+
+def group_cosines(weight: torch.Tensor, minority: list[int], majority: list[int]) -> dict[str, float]:
+    """Minority Collapse (Fang, He, Long & Su 2021) in the classifier (C, d): `minority_cosine` and
+    `majority_cosine`, the `mean_pair_cosine` of the rows of the minority and of the majority classes."""
+    w = weight.detach().to(torch.float64)
+    return {"minority_cosine": mean_pair_cosine(w[minority]), "majority_cosine": mean_pair_cosine(w[majority])}
+
+
+def mean_pair_cosine(vectors: torch.Tensor) -> float:
+    """The mean cosine between distinct rows of a (k, d) matrix: 1 when they all point one way, -1/(k - 1) at
+    least (a simplex); NaN for fewer than two rows."""
+    if len(vectors) < 2:
+        return float("nan")
+    return pair_cosines(vectors.to(torch.float64)).mean().item()
 
 
 def coefficient_of_variation(values: torch.Tensor) -> float:

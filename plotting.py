@@ -152,6 +152,22 @@ CURVE_PANELS = (
           table=LOG_TABLE),
 )
 CURVES_FILE = "training_curves.png"
+# Minority Collapse (Fang, He, Long & Su 2021), for runs on an imbalanced training subset; the sixth panel,
+# the classifier row norms against the class sizes, is drawn by `_draw_norms`.
+MINORITY_FILE = "minority_collapse.png"
+_COSINE = r"$\mathrm{Avg}_{c \neq c'}\ \cos(w_c, w_{c'})$"
+MINORITY_PANELS = (
+    Panel("Minority classes' classifiers", _COSINE, (Quantity("minority_cosine", CLASSIFIERS),),
+          log_y=False, table=NC_TABLE),
+    Panel("Majority classes' classifiers", _COSINE, (Quantity("majority_cosine", CLASSIFIERS),),
+          log_y=False, table=NC_TABLE),
+    Panel("Test accuracy, minority classes", "accuracy (fraction correct)", (Quantity("test_acc_minority", TEST),),
+          log_y=False, table=NC_TABLE),
+    Panel("Test accuracy, majority classes", "accuracy (fraction correct)", (Quantity("test_acc_majority", TEST),),
+          log_y=False, table=NC_TABLE),
+    Panel("Test accuracy, all classes", "accuracy (fraction correct)", (Quantity("test_acc", TEST),),
+          log_y=False, table=NC_TABLE),
+)
 
 
 # The paper's Table 1, per run. A grouped table has instead of `run_dir` the grouping keys and the
@@ -177,6 +193,8 @@ def plot_run(run_dir: Path, out_dir: Path, suffix: str = ".png") -> list[Path]:
     written.append(plot_curves([run_dir], out_dir / Path(CURVES_FILE).with_suffix(suffix)))
     if runs.stage_columns(runs.read_nc_metrics(run_dir)):
         written.append(plot_layers(run_dir, out_dir / Path(LAYERS_FILE).with_suffix(suffix)))
+    if _imbalanced([run_dir]):
+        written.append(plot_minority_collapse([run_dir], out_dir / Path(MINORITY_FILE).with_suffix(suffix)))
     return written
 
 
@@ -187,6 +205,8 @@ def run_figure_names(run_dir: Path, suffix: str = ".png") -> list[str]:
     if any(row.get("deepfool_robustness") is not None for row in measured):
         names.append(ROBUSTNESS_FIGURE[0])
     names += ["panel.png", CURVES_FILE] + ([LAYERS_FILE] if runs.stage_columns(measured) else [])
+    if any(row.get("minority_cosine") is not None for row in measured):
+        names.append(MINORITY_FILE)
     return [Path(name).stem + suffix for name in names]
 
 
@@ -205,6 +225,11 @@ def plot_curves(run_dirs: list[Path], out_path: Path, group_by: list[str] = ()) 
 def plot_panel(run_dirs: list[Path], out_path: Path, group_by: list[str] = ()) -> Path:
     """Figures 2-7 as one compact 2x3 panel (the same content as the single figures) at `out_path`."""
     return _save(panel_figure(run_dirs, group_by), out_path)
+
+
+def plot_minority_collapse(run_dirs: list[Path], out_path: Path, group_by: list[str] = ()) -> Path:
+    """The Minority Collapse figure of imbalanced runs (see `minority_figure`) at `out_path`."""
+    return _save(minority_figure(run_dirs, group_by), out_path)
 
 
 def plot_layers(run_dir: Path, out_path: Path) -> Path:
@@ -287,6 +312,31 @@ def layers_figure(run_dir: Path) -> plt.Figure:
             legend_below(fig, [Line2D([], [], color=TPT_COLOUR_ALONE, linewidth=2.5, marker="o", markersize=MARKER_SIZE,
                                       label=f"TPT onset (epoch {onset})")])
         title_above(fig, _describe(_load_lines([run_dir], NC_TABLE, [])))
+    return fig
+
+
+def minority_figure(run_dirs: list[Path], group_by: list[str] = ()) -> plt.Figure:
+    """Minority Collapse (Fang, He, Long & Su 2021): the mean cosine between the classifier rows
+    of the minority classes and of the majority classes (the grey line: a simplex's -1/(C-1)), and the test
+    accuracy on each and on all classes, against epochs with the TPT onset; and each classifier row's norm
+    against its class's training samples at each run's last measured checkpoint. Balanced runs, which have
+    no minority, show in the accuracy over all classes only."""
+    lines = _load_lines(run_dirs, NC_TABLE, group_by)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(2, 3, figsize=PANEL_SIZE, layout="constrained")
+        epoch_axes = [*axes[0, :2], *axes[1]]
+        styles = set().union(*(_draw(ax, panel, lines) for ax, panel in zip(epoch_axes, MINORITY_PANELS)))
+        simplex = -1 / (lines[0].configs[0].get("num_classes", 2) - 1)
+        for ax in axes[0, :2]:
+            ax.axhline(simplex, color="0.5", linewidth=1)
+            ax.text(0.02, simplex, "simplex ETF, $-1/(C-1)$", transform=ax.get_yaxis_transform(), ha="left",
+                    va="bottom", color="0.4", fontsize=9)
+        for row, floor in ((axes[0, :2], -1.0), (axes[1], 0.0)):  # one scale for what a reader compares
+            low, high = zip(*(ax.get_ylim() for ax in row))
+            for ax in row:
+                ax.set_ylim(max(min(low), floor), max(high))
+        _draw_norms(axes[0, 2], lines)
+        _finish(fig, lines, styles, {CLASSIFIERS: STYLE_NAMES[NC_TABLE][CLASSIFIERS], TEST: "test set"})
     return fig
 
 
@@ -489,6 +539,8 @@ def plot_study(study_dir: Path, out_dir: Path | None = None, suffix: str = ".png
     group_by = [key for key in study["varied"] if key != "seed"] or ["dataset"]  # one group: every seed
     written = [plot_panel(run_dirs, out_dir / f"panel{suffix}", group_by),
                plot_curves(run_dirs, out_dir / Path(CURVES_FILE).with_suffix(suffix), group_by)]
+    if _imbalanced(run_dirs):
+        written.append(plot_minority_collapse(run_dirs, out_dir / Path(MINORITY_FILE).with_suffix(suffix), group_by))
     if out_dir != study_dir:
         written.append(out_dir / studies.MARKDOWN_TABLE)
         runs.write_text(written[-1], (study_dir / studies.MARKDOWN_TABLE).read_text())
@@ -728,6 +780,29 @@ def _draw(ax: plt.Axes, panel: Panel, lines: list[_Line]) -> set[str]:
     ax.set_title(panel.title)
     ax.grid(True, which="major", alpha=0.3)
     return drawn
+
+
+def _draw_norms(ax: plt.Axes, lines: list[_Line]) -> None:
+    """Each classifier row's norm ||w_c|| (weight_norm_<c>) against its class's training samples (config.json's
+    class_counts), at each run's last measured checkpoint, in its line's colour."""
+    for line in lines:
+        for run, tables in zip(line.configs, line.tables):
+            last = tables[NC_TABLE][-1]
+            counts = run.get("class_counts") or []
+            norms = [last.get(f"weight_norm_{label}") for label in range(len(counts))]
+            if counts and None not in norms:
+                ax.plot(counts, norms, linestyle="none", marker="o", color=line.colour, alpha=0.7)
+    ax.set_xscale("log")
+    _plain_ticks(ax, log_y=False)
+    ax.set_xlabel(r"training samples of the class, $N_c$")
+    ax.set_ylabel(r"$\|w_c\|$")
+    ax.set_title("Classifier row norms, last checkpoint")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _imbalanced(run_dirs: list[Path]) -> bool:
+    """Whether some run's nc_metrics.csv has the Minority Collapse columns (an imbalanced run's)."""
+    return any(row.get("minority_cosine") is not None for run_dir in run_dirs for row in runs.read_nc_metrics(run_dir))
 
 
 def _present(panel: Panel, lines: list[_Line]) -> list[Quantity]:

@@ -104,6 +104,8 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_ece", "seconds"]
 NC_COLUMNS = ["epoch", "train_acc", "train_loss", "test_acc", "test_loss", "test_ece", *STATS_KEYS,
               "ncc_mismatch_train", "ncc_mismatch_test"]
+# What an imbalanced run's rows add (train.py --imbalance), then its classifier row norms weight_norm_<c>.
+IMBALANCE_COLUMNS = ["minority_cosine", "majority_cosine", "test_acc_minority", "test_acc_majority"]
 # log.csv leaves the test columns empty on epochs --eval-every skips.
 _MAY_BE_EMPTY = {"log.csv": {"test_loss", "test_acc", "test_ece"}, "nc_metrics.csv": set()}
 # What a run's config.json must hold for the scripts to rebuild its network and data.
@@ -223,12 +225,12 @@ def stage_columns(measured: list[dict]) -> list[str]:
     return [key for key in columns if key.startswith("nc1_") and key != "nc1_test"]
 
 
-def lacks_measurements(row: dict, layers: bool, test_collapse: bool, adversarial: bool) -> bool:
+def lacks_measurements(row: dict, layers: bool, test_collapse: bool, adversarial: bool, imbalanced: bool = False) -> bool:
     """Whether a row of nc_metrics.csv lacks a measurement of validate_nc.py's --layers, --test-collapse or
-    --adversarial that is asked for."""
+    --adversarial that is asked for, or, of an imbalanced run, its Minority Collapse columns."""
     present = {key for key, value in row.items() if value is not None}
     return ((test_collapse and "nc1_test" not in present) or (adversarial and "deepfool_robustness" not in present)
-            or (layers and not stage_columns([row])))
+            or (layers and not stage_columns([row])) or (imbalanced and "minority_cosine" not in present))
 
 
 def tpt_row(measured: list[dict]) -> dict | None:

@@ -9,7 +9,8 @@ last.pt, which train.py does by itself; one trained but not completely measured 
 alone. A study's folder, studies/<name>/, holds:
 
     study.json      the grid as given (the command line) and expanded (every run's folder and commands)
-    runs.csv        one row per run: its varied settings, status, folder, TPT onset, final numbers, reason
+    runs.csv        one row per run: its varied settings, status, folder, TPT onset, final numbers (an
+                    imbalanced run's Minority Collapse columns too), reason
     table.md        the same, readable; for a learning-rate grid, the paper's choice of learning rate
     outcomes.json   how each run's last job ended (a run's folder shows whether it is done, not why it stopped)
     logs/<run>.log  the output of each job of that run, every attempt appended after a dated header line
@@ -490,7 +491,8 @@ def _row(run: Run, varied: list[str], outcome: dict | None) -> dict:
     return {**row, "status": "done", "tpt_epoch": onset and onset["epoch"], "tpt_test_acc": onset and onset["test_acc"],
             "last_epoch": last["epoch"], "last_test_acc": last["test_acc"],
             **{key: last[key] for key in FINAL_COLUMNS[4:]},
-            **{key: value for key, value in last.items() if key not in runs.NC_COLUMNS}, "reason": ""}
+            **{key: value for key, value in last.items()
+               if key not in runs.NC_COLUMNS and not key.startswith("weight_norm_")}, "reason": ""}
 
 
 def _markdown(study: dict, rows: list[dict], columns: list[str], choices: list[dict]) -> str:
@@ -520,7 +522,7 @@ def _cell(column: str, value) -> str:
         return "**best lr**" if value else ""
     if column == "run_dir":
         return f"`{value}`"
-    if column in ("tpt_test_acc", "last_test_acc", "test_error"):
+    if column in ("tpt_test_acc", "last_test_acc", "test_error", "test_acc_minority", "test_acc_majority"):
         return f"{100 * value:.2f}%"
     if isinstance(value, float):
         return f"{value:.4g}"

@@ -98,12 +98,14 @@ def train_run(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def load_data(settings: dict, args: argparse.Namespace, device: torch.device) -> tuple[engine.Split, engine.Split]:
-    """The class-balanced training subset and the test split on the device; records in `settings`
-    the subset size and the normalisation (per-channel statistics of the training subset)."""
+    """The training subset and the test split on the device; records in `settings` the subset's size (of its
+    largest class, and of each class) and the normalisation (per-channel statistics of the training subset)."""
     train, test, per_class = datasets.load_run_data(settings["dataset"], args.data_root, settings["samples_per_class"],
-                                                    settings["seed"], args.download, device)
+                                                    settings["seed"], args.download, device, settings["imbalance"],
+                                                    settings["imbalance_profile"])
     mean, std = datasets.channel_stats(train[0])
     settings["samples_per_class"] = per_class
+    settings["class_counts"] = torch.bincount(train[1], minlength=settings["num_classes"]).tolist()
     settings["normalization"] = {"mean": mean, "std": std}
     settings["data_root"] = str(args.data_root)
     return train, test

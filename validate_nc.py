@@ -96,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
         if board is not None:
             held.callback(board.close)
         todo = [(epoch, path) for epoch, path in checkpoints
-                if args.recompute or epoch not in table or runs.lacks_measurements(table[epoch], args.layers, args.test_collapse, args.adversarial)]
+                if args.recompute or epoch not in table or _lacks(table[epoch], args, run_config)]
         data = _load_data(run_config, args, device) if todo else None
         skipped = measure_checkpoints(todo, run_config, run_dir, table, args, device, data, board)
         return _finish(run_config, run_dir, table, len(todo) - len(skipped), skipped, args, board)
@@ -131,7 +131,7 @@ def follow(args: argparse.Namespace, device: torch.device, held: contextlib.Exit
             board = held.enter_context(contextlib.closing(runs.tensorboard_writer(run_dir))) if args.tensorboard \
                 else None
         todo = [(epoch, path) for epoch, path in runs.checkpoint_files(run_dir) if epoch not in tried
-                and (args.recompute or epoch not in table or runs.lacks_measurements(table[epoch], args.layers, args.test_collapse, args.adversarial))]
+                and (args.recompute or epoch not in table or _lacks(table[epoch], args, run_config))]
         if todo:
             data = data or _load_data(run_config, args, device)
             skipped += measure_checkpoints(todo, run_config, run_dir, table, args, device, data, board)
@@ -201,7 +201,7 @@ def draw_representations(checkpoints: dict[int, Path], run_config: dict, run_dir
     classes = _representation_classes(args.classes, run_config)
     root = args.data_root or Path(run_config["data_root"])
     train, _, _ = datasets.load_run_data(run_config["dataset"], root, run_config["samples_per_class"],
-                                         run_config["seed"], args.download, device)
+                                         run_config["seed"], args.download, device, *_imbalance(run_config))
     plots_dir = args.plots_dir or plotting.default_plots_dir(run_config, run_dir)
     for epoch in epochs:
         state = runs.load_checkpoint(checkpoints[epoch], device)
@@ -234,7 +234,13 @@ def _load_data(run_config: dict, args: argparse.Namespace,
     if args.download:
         distributed.on_rank_zero(datasets.fetch, run_config["dataset"], root)
     return distributed.on_every_rank(datasets.load_run_data, run_config["dataset"], root,
-                                     run_config["samples_per_class"], run_config["seed"], args.download, device)
+                                     run_config["samples_per_class"], run_config["seed"], args.download, device,
+                                     *_imbalance(run_config))
+
+
+def _imbalance(run_config: dict) -> tuple[float, str | None]:
+    """The run's imbalance ratio and profile (a run written before --imbalance existed is balanced)."""
+    return run_config.get("imbalance", 1.0), run_config.get("imbalance_profile")
 
 
 def _measure(path: Path, run_config: dict, train: engine.Split, test: engine.Split, args: argparse.Namespace,
@@ -265,6 +271,13 @@ def _measure(path: Path, run_config: dict, train: engine.Split, test: engine.Spl
     if args.adversarial:
         measured |= engine.adversarial_robustness(model, test, state["config"], args.adversarial_samples)
     return measured
+
+
+def _lacks(row: dict, args: argparse.Namespace, run_config: dict) -> bool:
+    """Whether a row of the table lacks a measurement asked for (or, of an imbalanced run, its Minority
+    Collapse columns), and so is measured again."""
+    return runs.lacks_measurements(row, args.layers, args.test_collapse, args.adversarial,
+                                   imbalanced=_imbalance(run_config)[0] > 1)
 
 
 def _report(run_config: dict, run_dir: Path, table: dict, measured: int, plots_dir: Path | None,

@@ -194,31 +194,31 @@ def test_synthetic_is_deterministic_balanced_and_shaped():
     assert not torch.equal(test_images, images[:500])
 
 
-def test_balanced_indices_take_k_of_each_class():
+def test_subset_indices_take_k_of_each_class():
     labels = torch.tensor([0, 1, 2] * 6 + [1] * 4)
-    chosen = datasets.balanced_indices(labels, 4, seed=3)
+    chosen = datasets.subset_indices(labels, 4, seed=3)
     assert chosen.dtype == torch.int64
     assert torch.equal(chosen, torch.sort(chosen).values) and len(chosen.unique()) == 12
     assert torch.bincount(labels[chosen]).tolist() == [4, 4, 4]
-    assert torch.equal(chosen, datasets.balanced_indices(labels, 4, seed=3))
-    seeds_differ = [not torch.equal(chosen, datasets.balanced_indices(labels, 4, seed=s)) for s in range(4, 10)]
+    assert torch.equal(chosen, datasets.subset_indices(labels, 4, seed=3))
+    seeds_differ = [not torch.equal(chosen, datasets.subset_indices(labels, 4, seed=s)) for s in range(4, 10)]
     assert any(seeds_differ)
 
 
-def test_balanced_indices_default_to_the_smallest_class():
+def test_subset_indices_default_to_the_smallest_class():
     labels = torch.tensor([0] * 5 + [1] * 3 + [2] * 7)
-    chosen = datasets.balanced_indices(labels, None, seed=0)
+    chosen = datasets.subset_indices(labels, None, seed=0)
     assert torch.bincount(labels[chosen]).tolist() == [3, 3, 3]
     balanced = torch.arange(12) % 4
-    assert torch.equal(datasets.balanced_indices(balanced, None, seed=0), torch.arange(12))
+    assert torch.equal(datasets.subset_indices(balanced, None, seed=0), torch.arange(12))
 
 
-def test_balanced_indices_refuse_impossible_sizes():
+def test_subset_indices_refuse_impossible_sizes():
     labels = torch.tensor([0] * 5 + [1] * 6)
     with pytest.raises(UserError, match="--samples-per-class 6 is more than the data has: at most 5 per class"):
-        datasets.balanced_indices(labels, 6, seed=0)
+        datasets.subset_indices(labels, 6, seed=0)
     with pytest.raises(UserError, match="at least 1"):
-        datasets.balanced_indices(labels, 0, seed=0)
+        datasets.subset_indices(labels, 0, seed=0)
 
 
 def test_channel_stats_match_numpy():
