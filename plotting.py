@@ -793,7 +793,7 @@ def _draw_norms(ax: plt.Axes, lines: list[_Line]) -> None:
             if counts and None not in norms:
                 ax.plot(counts, norms, linestyle="none", marker="o", color=line.colour, alpha=0.7)
     ax.set_xscale("log")
-    _plain_ticks(ax, log_y=False)
+    readable_log_ticks(ax.xaxis)
     ax.set_xlabel(r"training samples of the class, $N_c$")
     ax.set_ylabel(r"$\|w_c\|$")
     ax.set_title("Classifier row norms, last checkpoint")

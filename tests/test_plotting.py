@@ -255,11 +255,19 @@ def write_representations(path: Path) -> Path:
 
 def write_study(root: Path, run_dirs: list[Path], varied: list[str]) -> Path:
     """studies/hand/ as sweep.py leaves it when every run is done: study.json naming the run folders, each
-    trained to its last epoch (last.pt, summary.json) with every checkpoint on disk measured."""
+    trained to its last epoch (last.pt, summary.json) with every checkpoint on disk measured and its figures
+    drawn (empty files, in the plots folder under `root`, which must be the working folder)."""
     settings = [json.loads((run / "config.json").read_text()) for run in run_dirs]
-    for run in run_dirs:
+    epochs = [runs.read_nc_metrics(run)[-1]["epoch"] for run in run_dirs]
+    for run, run_settings, last in zip(run_dirs, settings, epochs):
         (run / "last.pt").write_bytes(b"")
-        (run / "summary.json").write_text(json.dumps({"epochs_done": LAST_EPOCH}))
+        if not (run / "log.csv").exists():
+            runs.write_log(run, [{**dict.fromkeys(runs.LOG_COLUMNS, 0.5), "epoch": last}])
+        (run / "summary.json").write_text(json.dumps({"epochs_done": last}))
+        plots = root / plotting.default_plots_dir(run_settings, run)
+        plots.mkdir(parents=True, exist_ok=True)
+        for name in [*plotting.run_figure_names(run), "tpt_table.md"]:
+            (plots / name).write_bytes(b"")
         (run / "checkpoints").mkdir()
         for row in runs.read_nc_metrics(run):
             runs.checkpoint_path(run, row["epoch"]).write_bytes(b"")
@@ -268,7 +276,7 @@ def write_study(root: Path, run_dirs: list[Path], varied: list[str]) -> Path:
     study = {"name": "hand", "argv": ["--name", "hand"], "varied": varied,
              "grid": {key: list(dict.fromkeys(run[key] for run in settings)) for key in varied},
              "runs": [{"run_dir": str(run), "settings": {key: values[key] for key in varied}, "train": [],
-                       "validate": [], "epochs": LAST_EPOCH} for run, values in zip(run_dirs, settings)]}
+                       "validate": [], "epochs": last} for run, values, last in zip(run_dirs, settings, epochs)]}
     (folder / studies.STUDY_FILE).write_text(json.dumps(study))
     return folder
 
@@ -324,8 +332,9 @@ def test_a_legend_of_labels_wider_than_the_figure_is_wrapped_inside_it(tmp_path)
     assert_whole_legends("long paths", fig)
 
 
-def test_every_subcommand_writes_the_format_asked_for(tmp_path):
+def test_every_subcommand_writes_the_format_asked_for(tmp_path, monkeypatch):
     """Each subcommand with --format, each format in turn (they share one writer), and a file's suffix."""
+    monkeypatch.chdir(tmp_path)
     run = str(overlay_runs(tmp_path / "runs", 1)[0])
     study = str(write_study(tmp_path, [Path(run)], ["seed"]))
     table = write_representations(tmp_path / "mixup.csv")
@@ -368,6 +377,7 @@ def test_every_subcommand_writes_the_format_asked_for(tmp_path):
 ])
 def test_an_output_name_that_cannot_be_honoured_is_a_one_line_error_and_nothing_is_written(
         tmp_path, monkeypatch, capsys, command, message):
+    monkeypatch.chdir(tmp_path)
     run = overlay_runs(tmp_path, 1)[0]
     names = {"RUN": str(run), "STUDY": str(write_study(tmp_path, [run], ["seed"])),
              "CSV": str(write_representations(tmp_path / "mixup.csv"))}
@@ -524,7 +534,8 @@ def test_table_1_grouped_gives_the_mean_over_seeds_with_their_range(tmp_path, ca
     assert float(mse["last_test_acc_mean"]) == pytest.approx(0.625) and float(mse["change_min"]) == pytest.approx(0.10)
 
 
-def test_table_1_of_a_study_folder_is_that_of_its_finished_runs(tmp_path, capsys):
+def test_table_1_of_a_study_folder_is_that_of_its_finished_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     run_dirs = table_runs(tmp_path / "runs")[:3]
     study = write_study(tmp_path, run_dirs, ["seed"])
     assert plotting.main(plotting.parse_args(["table", str(study)])) == 0
