@@ -43,8 +43,8 @@ done
 dataset=(--dataset CIFAR10 --data-root "$data_root")
 if [ -n "$tiny" ]; then  # every step on the CPU: the synthetic data, a narrow network, a few epochs
   dataset=(--dataset synthetic)
-  extra+=(--width 4 --samples-per-class 20)
-  train_only=(--epochs 3 --num-checkpoints 3)
+  extra+=(--width 4 --samples-per-class 20 --epochs 3)
+  train_only=(--num-checkpoints 3)
   probe_epochs=2
 fi
 selection=("${dataset[@]}" --precision "$precision" "${extra[@]}")
