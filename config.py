@@ -5,11 +5,13 @@ epochs, dividing the learning rate by 10 after epochs 350/3 and 2*350/3, with no
 class-balanced training set, and pick each learning rate from 25 values log-spaced on [1e-4, 0.25].
 Every flag left out resolves to that protocol; `resolve_config` turns the flags into the run's
 complete settings (written to `config.json`), and `run_name` names its folder after what differs from
-the defaults, so runs never share a folder.
+the defaults, so runs never share a folder: runs of different lengths included. A run grows longer only
+when asked (train.py's `--extend-to E`), which config.json records in `extended_from`.
 """
 import argparse
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -38,8 +40,8 @@ AUTHORS_CHECKPOINTS = (*range(1, 15), 16, 17, 19, 20, 22, 24, 27, 29, 32, 35, 38
 DATASET_DEFAULTS = {"CIFAR100": {"model": "resnet50"},
                     "synthetic": {"epochs": 30, "width": 16, "num_checkpoints": 15}}
 
-# Settings that change what a run computes: a run folder belongs to one value of each (epochs may
-# grow, which continues the run). Anything else (device, data folder, checkpoint count) may change.
+# Settings that change what a run computes: a run folder belongs to one value of each (and to one
+# --epochs, which only --extend-to may grow). Anything else (device, data folder, checkpoint count) may change.
 RESULT_KEYS = ("dataset", "model", "width", "loss", "target_scale", "label_smoothing", "focal_gamma",
                "optimizer", "lr", "momentum", "weight_decay", "batch_size", "lr_milestones", "lr_gamma",
                "samples_per_class", "seed", "augment", "mixup_alpha", "mixup_same_class", "precision",
@@ -48,7 +50,7 @@ RESULT_KEYS = ("dataset", "model", "width", "loss", "target_scale", "label_smoot
 ADDED_SETTINGS = {"imbalance": 1.0}
 
 # How a non-default setting shows in the run folder's name.
-NAME_TAGS = (("width", "w"), ("samples_per_class", "spc"), ("imbalance", "imb"), ("optimizer", ""), ("lr", "lr"),
+NAME_TAGS = (("width", "w"), ("samples_per_class", "spc"), ("imbalance", "imb"), ("epochs", "ep"), ("optimizer", ""), ("lr", "lr"),
              ("momentum", "mom"), ("weight_decay", "wd"), ("batch_size", "bs"), ("lr_milestones", "ms"),
              ("lr_gamma", "gamma"), ("target_scale", "kappa"), ("label_smoothing", "eps"),
              ("focal_gamma", "fgamma"), ("augment", "aug"), ("mixup_alpha", "mixup"),
@@ -95,6 +97,8 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     add("--imbalance-profile", choices=datasets.IMBALANCE_PROFILES, help="with --imbalance: step (Fang et al. 2021, "
         "default): the first ceil(C/2) classes keep K, the others ceil(K/R); exp (Cao et al. 2019): class c keeps "
         "floor(K R^(-c/(C-1)))")
+    add("--epochs", type=positive_int, help="epochs to train (default 350; 30 on synthetic); another value is "
+        "another run, in its own folder (train.py --extend-to trains a run longer)")
     add("--augment", action="store_true", default=None,
         help="random 4-pixel crops and horizontal flips on the device (off in the paper; NC is always measured on clean data)")
     add("--mixup-alpha", type=non_negative_float, metavar="ALPHA",
@@ -113,8 +117,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """train.py's flags besides the selection flags: how long and how to train, where the data is, and
     on what (sweep.py passes them on to train.py unchanged)."""
     add = parser.add_argument
-    add("--epochs", type=positive_int, help="epochs to train (default 350; 30 on synthetic); a "
-        "larger value on an existing run continues it")
+    add("--extend-to", type=positive_int, metavar="E", help="train the run the other flags select on to epoch E, "
+        "at the learning rate its schedule ends with (its milestones stay); recorded in config.json's extended_from")
     add("--num-checkpoints", type=positive_int, help="analysis checkpoints, log-spaced in 1..epochs, "
         "the last epoch always included (default 50; 15 on synthetic)")
     add("--eval-every", type=positive_int, metavar="K", help="evaluate the test split every K epochs, and at "
@@ -263,11 +267,12 @@ def protocol_departures(run: dict) -> list[str]:
 def selection_flags(run: dict) -> list[str]:
     """The command-line flags that select a run (a config.json, or `resolve_config`'s settings): --dataset,
     then each setting that differs from its default, e.g. ["--dataset", "CIFAR10", "--width", "8"]."""
+    run = {**run, "epochs": planned_epochs(run)}  # an extended run is still selected by its first --epochs
     defaults = {**_reference(run, defaults_for(run["dataset"], None, None)), "seed": 0}
     flags = ["--dataset", run["dataset"]]
     for key in SETTING_NAMES:
         value = run.get(key)
-        if key in ("dataset", "epochs") or value is None or value == defaults.get(key):
+        if key == "dataset" or value is None or value == defaults.get(key):
             continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
@@ -275,6 +280,25 @@ def selection_flags(run: dict) -> list[str]:
         else:
             flags += [flag, *map(str, value if isinstance(value, list) else [value])]
     return flags
+
+
+def planned_epochs(run: dict) -> int:
+    """The --epochs a run was started with: its config's epochs, or the first length it had if --extend-to
+    has extended it since."""
+    return (run.get("extended_from") or [run.get("epochs")])[0]
+
+
+def settings_problems(run, keys: tuple[str, ...]) -> list[str]:
+    """What keeps `run` (a config.json's contents, or a checkpoint's config) from being a run's settings, as
+    far as `keys` go: each of them missing, or holding a value no command line gives (an unknown name, a
+    number of the wrong kind); an empty list if none."""
+    if not isinstance(run, dict):
+        return [f"a JSON {type(run).__name__} where the settings' object belongs"]
+    missing = [key for key in keys if key not in run]
+    invalid = [f"{key} = {run[key]!r}" for key in keys if key in run and not _VALID.get(key, _anything)(run[key])]
+    return ([f"settings missing: {', '.join(missing)}"] if missing else []) + \
+        ([f"invalid settings: {', '.join(invalid)}"] if invalid else [])
+
 
 def paper_run_name(dataset: str) -> str:
     """The folder name of the run with every default for this dataset."""
@@ -301,6 +325,34 @@ def _reference(run: dict, settings: dict) -> dict:
 def _setting(run: dict, key: str):
     """A setting of a run's config, or of a run written before the setting existed, the value it had."""
     return run.get(key, ADDED_SETTINGS.get(key))
+
+
+def _count(value) -> bool:
+    return type(value) is int and value > 0
+
+
+def _named(canonical) -> Callable[[object], bool]:
+    """Whether a value is a name as its flag's parser spells it (a dataset, model or loss)."""
+    def valid(value) -> bool:
+        try:
+            return isinstance(value, str) and canonical(value) == value
+        except ValueError:
+            return False
+    return valid
+
+
+def _anything(value) -> bool:
+    return True
+
+
+# What a run's settings may hold where a script reads them: every value a command line can give.
+_VALID = {"dataset": _named(datasets.canonical_name), "loss": _named(losses.canonical_loss),
+          "model": lambda value: isinstance(value, str) and models.is_model_name(value) and value == value.lower(),
+          "num_classes": _count, "in_channels": _count, "width": _count, "epochs": _count, "num_checkpoints": _count,
+          "samples_per_class": _count, "seed": lambda value: type(value) is int and 0 <= value < 2 ** 32,
+          "lr_milestones": lambda value: isinstance(value, list) and all(map(_count, value))
+          and all(a < b for a, b in zip(value, value[1:])),
+          "precision": lambda value: value in ("fp32", "bf16"), "data_root": lambda value: isinstance(value, str)}
 
 
 def _milestones(given: list[int], epochs: int) -> list[int]:

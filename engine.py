@@ -14,6 +14,7 @@ example with a partner from its own process's share, not from the whole global b
 import contextlib
 import copy
 import itertools
+import re
 from typing import Callable, Iterator
 
 import numpy as np
@@ -34,9 +35,18 @@ Split = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, C, H, W) and int64
 
 
 def build_model(config: dict, device: torch.device) -> nn.Module:
-    """The run's network (from the registry, as config.json describes it) on the device, channels-last."""
-    model = models.get_model(config["model"], config["num_classes"], config["in_channels"], config["width"])
-    return model.to(device, memory_format=torch.channels_last)
+    """The run's network (from the registry, as config.json describes it) on the device, channels-last; a
+    UserError if it does not fit in memory."""
+    try:
+        model = models.get_model(config["model"], config["num_classes"], config["in_channels"], config["width"])
+        return model.to(device, memory_format=torch.channels_last)
+    except RuntimeError as err:  # torch.OutOfMemoryError on CUDA; "can't allocate memory" on the CPU
+        if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
+            raise
+        asked = re.search(r"allocate (\d+) bytes", str(err))
+        size = f" (one of its tensors needs {int(asked[1]) / 2 ** 30:,.0f} GiB)" if asked else ""
+        raise UserError(f"a {config['model']} of width {config['width']} does not fit in memory{size}; choose a "
+                        "smaller --width") from None
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: losses.LossFn, data: Split,

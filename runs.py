@@ -9,16 +9,19 @@ A run folder holds everything about one training run:
     nc_metrics.csv         the collapse metrics of every analysis checkpoint (validate_nc.py)
     summary.json           a glance at both tables: epochs done, the TPT onset, the last numbers
 
-Every file is written to a temporary file in the same folder and renamed into place, so a kill
-never leaves a half-written file where a complete one is expected. A run folder has one writer of its
-training files: train.py holds an OS lock on `.train.lock` for the whole run (the kernel releases it
-when the process ends, however it ends), and only the holder removes temporary files left by dead
-writers. It writes each epoch's files on a background thread (`BackgroundWriter`) while the next epoch
-trains, one epoch's files at a time; `training_process` tells another process (validate_nc.py --follow)
-whether a trainer holds the lock. Table updates that read before they write (nc_metrics.csv,
-summary.json) hold `.tables.lock` for the moment of the update, so processes measuring the same run
-never lose each other's rows. The tables are read row by row: a row that does not parse completely
-(a cut or edited file) is left out with a warning naming the file and line.
+Every file is written to a temporary file in the same folder, <name>.<process id>.<random>.tmp, created
+anew (never an existing file, never through a symbolic link), and renamed into place, so a kill never
+leaves a half-written file where a complete one is expected and a link planted in the folder is replaced,
+not written through. Checkpoints are zip archives whose every record carries a CRC-32; each is checked
+before a checkpoint is used, so changed bytes are reported as corrupt instead of read as weights. A run
+folder has one writer of its training files: train.py holds an OS lock on `.train.lock` for the whole run
+(the kernel releases it when the process ends, however it ends), and only the holder removes temporary
+files left by dead writers, only those named as this module names them. It writes each epoch's files on
+a background thread (`BackgroundWriter`) while the next epoch trains, one epoch's files at a time;
+`training_process` tells another process (validate_nc.py --follow) whether a trainer holds the lock. Table updates that read before
+they write (nc_metrics.csv, summary.json) hold `.tables.lock` for the moment of the update, so processes
+measuring the same run never lose each other's rows. The tables are read row by row: a row that does not
+parse completely (a cut or edited file) is left out with a warning naming the file and line.
 
 The terminal phase of training (TPT) begins at the first analysis checkpoint whose network, in eval
 mode and strict float32, classifies every clean training sample correctly: `train_acc` == 1 in
@@ -27,52 +30,61 @@ inputs under Mixup), which is not the paper's training error.
 """
 import contextlib
 import csv
+import errno
 import fcntl
 import io
 import json
 import os
 import pickle
 import re
+import secrets
 import shutil
 import socket
 import sys
 import threading
+import zipfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
+import config
 from errors import UserError
 from nc_metrics import STATS_KEYS
 
 TMP_SUFFIX = ".tmp"
 TRAIN_LOCK, TABLES_LOCK = ".train.lock", ".tables.lock"
 WRITER_THREAD = "run-files-writer"
+# The files this module writes into a run folder; a temporary file of one of them (or of a checkpoint) is
+# named <name>.<process id>.<random hex>.tmp (<name>.<process id>.tmp before the random part was added).
+RUN_FILES = ("config.json", "log.csv", "last.pt", "summary.json", "nc_metrics.csv")
+_TEMPORARY = re.compile(r"(?P<name>.+)\.(?P<pid>\d+)(\.[0-9a-f]{16})?" + re.escape(TMP_SUFFIX))
+_CHECKPOINT = re.compile(r"epoch_\d+\.pt")
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it onto `path`, on failure remove it."""
+    """Yield a temporary path beside `path`, a name no other writer uses; on success rename it onto
+    `path` (which replaces a symbolic link there rather than writing through it), on failure remove it."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(8)}{TMP_SUFFIX}")
     try:
         yield tmp
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write {path}: {err.strerror or err}; free some space or fix the "
-                        "folder's permissions, then run the same command again") from err
+        _discard(tmp)
+        raise UserError(f"could not write {path}: {_os_reason(err)}") from err
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    with atomic_path(path) as tmp, open(_create(tmp), "w") as handle:
+        handle.write(text)
 
 
 def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str]) -> None:
@@ -110,7 +122,7 @@ IMBALANCE_COLUMNS = ["minority_cosine", "majority_cosine", "test_acc_minority", 
 _MAY_BE_EMPTY = {"log.csv": {"test_loss", "test_acc", "test_ece"}, "nc_metrics.csv": set()}
 # What a run's config.json must hold for the scripts to rebuild its network and data.
 CONFIG_KEYS = ("dataset", "num_classes", "in_channels", "model", "width", "epochs", "num_checkpoints", "loss",
-               "lr_milestones", "seed", "precision")
+               "lr_milestones", "seed", "precision", "samples_per_class", "data_root")
 
 
 def checkpoint_path(run_dir: Path, epoch: int) -> Path:
@@ -129,37 +141,59 @@ def checkpoint_files(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write a checkpoint (tensors and plain Python values only) atomically."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    """Write a checkpoint (tensors and plain Python values only) atomically: a zip archive in which torch
+    stores a CRC-32 of every record, which `load_checkpoint` checks."""
     with atomic_path(path) as tmp:
-        try:
-            torch.save(state, tmp)
-        except RuntimeError as err:  # how torch's zip writer reports a full disk
-            raise OSError(str(err).split("\n")[0]) from err
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        with open(_create(tmp), "wb") as handle:
+            try:
+                torch.save(state, handle)
+            except RuntimeError as err:  # torch's zip writer reports the OS's error as "enforce fail at ..."
+                if isinstance(err.__context__, OSError):
+                    raise err.__context__ from None
+                raise
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
-    """Load a checkpoint with `weights_only=True`: a file that would run code while loading is refused
-    before anything runs, and a truncated or foreign file gets a message naming it."""
+def load_checkpoint(path: Path, device: torch.device | str = "cpu", epoch: int | None = None) -> dict:
+    """Load a checkpoint written by `save_checkpoint`, once every record of its archive matches the CRC-32
+    stored at write time, with `weights_only=True` (a file that would run code while loading is refused
+    before anything runs); a corrupt, truncated or foreign file, one whose config is not a run's, or one
+    that holds another epoch than `epoch` (the one its name says), gets a message naming it."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        with open(path, "rb") as handle:  # one open file: what is checked is what is loaded
+            damage = _damage(handle)
+            if damage:
+                raise UserError(f"{path} is corrupt ({damage}: its bytes changed after it was written); restore "
+                                "it from a copy or delete it")
+            handle.seek(0)
+            state = torch.load(handle, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:
         culprit = re.search(r"GLOBAL ([\w.]+)", str(err))
         if culprit is None:
             raise UserError(f"{path} is corrupt or not a checkpoint written by train.py; delete it") from None
         raise UserError(f"{path} asks to run code while loading ({culprit.group(1)}) and was refused; "
                         "only load checkpoints written by train.py") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, UnicodeDecodeError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, UnicodeDecodeError, zipfile.BadZipFile,
+            NotImplementedError) as err:
         reason = str(err).split(". ")[0] if str(err) else type(err).__name__
         raise UserError(f"{path} is truncated or not a checkpoint ({reason}); delete it") from None
     if not isinstance(state, dict) or "model" not in state or not isinstance(state.get("config"), dict):
         raise UserError(f"{path} is not a checkpoint written by train.py (no model or config in it)")
+    problems = config.settings_problems(state["config"], CONFIG_KEYS)
+    if type(state.get("epoch")) is not int or state["epoch"] < 1:
+        problems.append(f"its epoch is {state.get('epoch')!r}")
+    if problems:
+        raise UserError(f"{path} is not a checkpoint written by train.py ({'; '.join(problems)}); delete it")
+    if epoch is not None and state["epoch"] != epoch:
+        raise UserError(f"{path} holds the checkpoint of epoch {state['epoch']}, not of epoch {epoch} as its name "
+                        "says; give it back its own name, or delete it")
     return state
 
 
 def read_config(run_dir: Path, required: tuple[str, ...] = CONFIG_KEYS) -> dict | None:
     """The run's config.json, or None if the folder has none; a file that is not a run's config (bad
-    JSON, binary, not an object, a `required` setting missing) is a UserError."""
+    JSON, binary, not an object, a `required` setting missing or holding a value no command line gives)
+    is a UserError."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a folder; pass --run-dir a new folder or a run's folder")
@@ -167,18 +201,17 @@ def read_config(run_dir: Path, required: tuple[str, ...] = CONFIG_KEYS) -> dict 
     if not path.exists():
         return None
     try:
-        config = json.loads(path.read_bytes())
+        settings = json.loads(path.read_bytes())
     except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise UserError(f"{path} is corrupt ({err}); restore it or start the run in a new --run-dir") from None
-    missing = [key for key in required if key not in config] if isinstance(config, dict) else ["all"]
-    if missing:
-        raise UserError(f"{path} is corrupt (settings missing: {', '.join(missing)}); restore it or start the run "
-                        "in a new --run-dir")
-    return config
+    problems = config.settings_problems(settings, required)
+    if problems:
+        raise UserError(f"{path} is corrupt ({'; '.join(problems)}); restore it or start the run in a new --run-dir")
+    return settings
 
 
-def write_config(run_dir: Path, config: dict) -> None:
-    write_text(Path(run_dir) / "config.json", json.dumps(config, indent=2) + "\n")
+def write_config(run_dir: Path, settings: dict) -> None:
+    write_text(Path(run_dir) / "config.json", json.dumps(settings, indent=2) + "\n")
 
 
 def read_log(run_dir: Path) -> list[dict]:
@@ -248,26 +281,29 @@ def training_lock(run_dir: Path) -> Iterator[None]:
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(run_dir / TRAIN_LOCK, "a+")
+        descriptor = _open_lock(run_dir / TRAIN_LOCK)
     except OSError as err:
-        raise UserError(f"cannot use {run_dir} as a run folder ({err.strerror or err}); pass --run-dir a folder "
-                        "you can write to") from None
-    with handle:
+        if created:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # if it is still empty
+        raise UserError(f"cannot use {run_dir} as a run folder ({_os_reason(err)})") from None
+    with open(descriptor, "r+b", buffering=0) as lock:  # unbuffered: a failed write is not tried again on close
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder = lock.read(200).decode(errors="replace").strip() or "another process"
             raise UserError(f"{run_dir} is being trained by {holder}; wait for it to finish (or stop it), or "
                             "pass another --run-dir") from None
-        handle.truncate(0)
-        handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
+        try:
+            lock.truncate(0)
+            lock.write(f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError as err:
+            _remove_if_new(run_dir, created)
+            raise UserError(f"cannot use {run_dir} as a run folder ({_os_reason(err)})") from None
         try:
             yield
         except BaseException:
-            if created and [path.name for path in run_dir.iterdir()] == [TRAIN_LOCK]:
-                shutil.rmtree(run_dir)  # a new run that failed before writing anything leaves no folder
+            _remove_if_new(run_dir, created)
             raise
 
 
@@ -278,16 +314,50 @@ def training_process(run_dir: Path) -> str | None:
     folder busy and stop, so callers (validate_nc.py --follow) look at most once a second, and at a
     run whose config.json is written: its trainer has the lock already or has ended."""
     try:
-        handle = open(Path(run_dir) / TRAIN_LOCK)
+        descriptor = os.open(Path(run_dir) / TRAIN_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
-    with handle:
+    except OSError as err:
+        raise UserError(f"cannot read {Path(run_dir) / TRAIN_LOCK} ({_os_reason(err)})") from None
+    with os.fdopen(descriptor) as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return handle.read().strip() or "another process"
         fcntl.flock(handle, fcntl.LOCK_UN)
     return None
+
+
+def usable_run_dir(run_dir: Path) -> Path:
+    """`run_dir`, once it can be a run folder: a name the file system takes, folders (or nothing yet) where
+    it, its parents and its checkpoints/ are, and no checkpoints/ that is a symbolic link leading out of
+    it (checkpoint writes and the clean-up of temporary files would land there)."""
+    run_dir = usable_folder(run_dir, "--run-dir")
+    checkpoints = run_dir / "checkpoints"
+    usable_folder(checkpoints, "--run-dir", " (or move that file away)")
+    try:
+        target = checkpoints.resolve() if checkpoints.is_symlink() else None
+        inside = target is None or target.is_relative_to(run_dir.resolve())
+    except (OSError, RuntimeError) as err:  # RuntimeError: a loop of symbolic links
+        raise UserError(f"cannot use {checkpoints} ({_os_reason(err)}); pass --run-dir another folder") from None
+    if not inside:
+        raise UserError(f"{checkpoints} is a symbolic link to {target}, outside the run folder, where checkpoints "
+                        "would be written and temporary files cleaned up; replace the link by a folder of its "
+                        "own, or pass --run-dir another folder")
+    return run_dir
+
+
+def usable_folder(folder: Path, flag: str, remedy: str = "") -> Path:
+    """`folder`, once it can be a folder to write into: a name the file system takes, and no file where
+    it or one of its parents should be; else a UserError saying to pass `flag` another folder."""
+    folder = Path(folder)
+    try:
+        blocked = next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
+    except OSError as err:  # a name too long, a loop of symbolic links
+        raise UserError(f"cannot use {folder} ({_os_reason(err)}); pass {flag} another folder") from None
+    if blocked is not None:
+        raise UserError(f"{blocked} is a file, not a folder; pass {flag} a new folder or a run's folder{remedy}")
+    return folder
 
 
 def tensorboard_writer(run_dir: Path):
@@ -320,10 +390,17 @@ def log_figures(writer, paths: list[Path], step: int) -> None:
 
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive OS lock (flock) on `path`, created if missing, waiting for any other holder."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    """Hold an exclusive OS lock (flock) on `path`, created if missing (not through a symbolic link),
+    waiting for any other holder; a UserError if it cannot be opened."""
+    try:
+        descriptor = _open_lock(path)
+    except OSError as err:
+        raise UserError(f"cannot lock {path} ({_os_reason(err)})") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(descriptor)
 
 
 class BackgroundWriter:
@@ -369,10 +446,12 @@ def background_writer() -> Iterator[BackgroundWriter]:
 
 
 def remove_leftovers(run_dir: Path) -> list[Path]:
-    """Delete the temporary files that dead processes left in the run folder; return them. Files of a
-    process still alive (a validate_nc.py writing its table) are its own to finish."""
-    leftovers = [path for path in [*Path(run_dir).glob(f"*{TMP_SUFFIX}"), *Path(run_dir).glob(f"checkpoints/*{TMP_SUFFIX}")]
-                 if not _writer_alive(path)]
+    """Delete the temporary files that dead writers left in the run folder and its checkpoints/; return
+    them. Only files named as `atomic_path` names them, after a file this module writes where they lie,
+    are touched; files of a process still alive (a validate_nc.py writing its table) are its own to finish."""
+    run_dir = Path(run_dir)
+    leftovers = [path for path in [*run_dir.glob(f"*{TMP_SUFFIX}"), *run_dir.glob(f"checkpoints/*{TMP_SUFFIX}")]
+                 if _left_by_dead_writer(path, run_dir)]
     for path in leftovers:
         path.unlink(missing_ok=True)
     return leftovers
@@ -432,15 +511,82 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _writer_alive(path: Path) -> bool:
-    """Whether the process whose id names the temporary file (name.<pid>.tmp) is running."""
-    pid = path.name.removesuffix(TMP_SUFFIX).rsplit(".", 1)[-1]
-    if not pid.isdigit() or int(pid) == os.getpid():
+def _left_by_dead_writer(path: Path, run_dir: Path) -> bool:
+    """Whether `path` is the temporary file of a run file (in `run_dir`) or of a checkpoint (in its
+    checkpoints/) whose writing process, named by the id in it, is no longer running."""
+    match = _TEMPORARY.fullmatch(path.name)
+    if match is None:
+        return False
+    ours = match["name"] in RUN_FILES if path.parent == run_dir else bool(_CHECKPOINT.fullmatch(match["name"]))
+    return ours and not _process_alive(int(match["pid"]))
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether another process of this id is running (this process's own id on a file means a process
+    before it left the file)."""
+    if pid == os.getpid():
         return False
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True  # another user's process
     return True
+
+
+def _remove_if_new(run_dir: Path, created: bool) -> None:
+    """A new run that failed before writing anything leaves no folder (called while holding its lock)."""
+    if created and [path.name for path in run_dir.iterdir()] == [TRAIN_LOCK]:
+        shutil.rmtree(run_dir)
+
+
+def _create(path: Path) -> int:
+    """A descriptor of a new file at `path`, open for writing: never an existing file, never through a
+    symbolic link."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+
+
+def _open_lock(path: Path) -> int:
+    """A descriptor of the lock file at `path`, created if missing, not through a symbolic link."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+
+
+def _discard(path: Path) -> None:
+    """Remove a temporary file if it is there; a failure here must not hide the error being reported."""
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _damage(handle: BinaryIO) -> str | None:
+    """What is wrong with the first record of a zip archive whose bytes or header do not match what was
+    stored when it was written (its CRC-32 above all), or None if every record matches; zipfile.BadZipFile
+    if the archive's own directory is broken."""
+    with zipfile.ZipFile(handle) as archive:
+        for record in archive.infolist():
+            try:
+                with archive.open(record) as stream:
+                    while stream.read(1 << 24):
+                        pass
+            except zipfile.BadZipFile as err:
+                return str(err)
+    return None
+
+
+def _os_reason(err: BaseException) -> str:
+    """The operating system's reason for a failed file operation, and what to do about it."""
+    if not isinstance(err, OSError):
+        return str(err)
+    reason = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{reason}; free some space, then run the same command again"
+    if err.errno == errno.EFBIG:
+        return f"{reason}; raise the file-size limit (ulimit -f), then run the same command again"
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{reason}; make the folder writable, or choose another one"
+    if err.errno == errno.ELOOP:
+        return f"{err.filename} is a symbolic link, which is never written through; remove it, then run the " \
+               "same command again"
+    if err.errno == errno.ENAMETOOLONG:
+        return f"{reason}; choose a shorter name"
+    return f"{reason}; move what is in the way, or choose another folder"

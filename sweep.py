@@ -7,7 +7,7 @@
     python sweep.py ... --dry-run         # the runs, their status and the submission; runs and writes nothing
 
 Every flag of train.py that selects a run takes one or more values, and the study is their product; the
-others (--epochs, --device, --deterministic, ...) go to every run unchanged, except --download, which
+others (--num-checkpoints, --device, --deterministic, ...) go to every run unchanged, except --download, which
 sweep.py does itself, once per dataset, before any job starts. Each run is the ordinary run of its flags,
 in the folder train.py chooses; its job runs `python train.py ...`, then `python validate_nc.py --run-dir
 <folder>` with the study's --layers, --test-collapse and --adversarial. studies/NAME/ receives study.json,

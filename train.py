@@ -4,9 +4,10 @@
     python train.py --dataset CIFAR100     # ResNet-50
     python train.py --dataset synthetic    # the offline quick start: about 35 s on 2 CPU cores
 
-The run folder (default runs/<DATASET>-<model>-<loss>-seed<seed>[-<non-default settings>]) receives
-config.json, log.csv, checkpoints/epoch_XXXX.pt at log-spaced epochs, and last.pt every epoch. Running
-the same command again continues from last.pt; with a larger --epochs it extends the run.
+The run folder (default runs/<DATASET>-<model>-<loss>-seed<seed>[-<non-default settings>], a non-default
+--epochs included) receives config.json, log.csv, checkpoints/epoch_XXXX.pt at log-spaced epochs, and
+last.pt every epoch. Running the same command again continues from last.pt; adding --extend-to E trains
+the run on to epoch E (keeping its learning-rate milestones), which config.json records.
 
     torchrun --nproc_per_node=K train.py ...   # DistributedDataParallel over K processes (GPUs)
 
@@ -62,11 +63,11 @@ def train_run(args: argparse.Namespace, device: torch.device) -> None:
     if args.download:
         distributed.on_rank_zero(datasets.fetch, args.dataset, args.data_root)  # once, then all read it
     settings = distributed.on_every_rank(config.resolve_config, args)
-    run_dir = distributed.on_every_rank(_usable_folder, config.default_run_dir(settings, args))
+    run_dir = distributed.on_every_rank(runs.usable_run_dir, config.default_run_dir(settings, args))
     with contextlib.ExitStack() as held:
         distributed.on_rank_zero(held.enter_context, runs.training_lock(run_dir))
         previous, last = distributed.on_every_rank(_previous_run, run_dir, device)
-        train, test = distributed.on_every_rank(_prepare, settings, previous, run_dir, args, device)
+        train, test = distributed.on_every_rank(_prepare, settings, previous, last is not None, run_dir, args, device)
         sync_bn = distributed.on_every_rank(_sync_bn, args.sync_bn, device)
         _set_determinism(args.deterministic, device)
 
@@ -78,6 +79,7 @@ def train_run(args: argparse.Namespace, device: torch.device) -> None:
         scheduler = make_scheduler(optimizer, settings)
         loss_fn = losses.loss_from_config(settings)
         start, log = distributed.on_every_rank(_resume, run_dir, last, model, optimizer, scheduler)
+        extension = _extension_note(last["config"]["epochs"], settings) if last else ""
         del last
         distributed.on_rank_zero(_start_folder, run_dir, settings)
         writer = held.enter_context(runs.background_writer())  # closed (its last write done) before the lock goes
@@ -92,7 +94,8 @@ def train_run(args: argparse.Namespace, device: torch.device) -> None:
         processes = f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
         _say(f"run {run_dir}: {settings['dataset']} ({len(train[1])} train / {len(test[1])} test images), "
              f"{settings['model']} width {settings['width']}, {settings['loss']}, {settings['precision']} on "
-             f"{device.type if processes else device}{processes}" + (f"; resuming after epoch {start}" if start else ""))
+             f"{device.type if processes else device}{processes}" + (f"; resuming after epoch {start}" if start else "")
+             + extension)
         train_for(settings, run_dir, step_model, model, optimizer, scheduler, loss_fn, train, test, start, log,
                   writer, board)
 
@@ -176,15 +179,6 @@ def train_for(settings: dict, run_dir: Path, step_model: nn.Module, model: nn.Mo
          f"Next, to measure collapse and the TPT onset: python validate_nc.py --run-dir {run_dir}")
 
 
-def _usable_folder(run_dir: Path) -> Path:
-    """`run_dir`, after checking that it and its checkpoints folder can be folders."""
-    for folder in (run_dir / "checkpoints", run_dir, *run_dir.parents):
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"{folder} is a file, not a folder; pass --run-dir a new folder or a run's folder"
-                            + (" (or move that file away)" if folder.name == "checkpoints" else ""))
-    return run_dir
-
-
 def _previous_run(run_dir: Path, device: torch.device) -> tuple[dict | None, dict | None]:
     """The settings of the run already in `run_dir` (from its last.pt, which is what a resume continues,
     checked against config.json) and its last.pt, or (None, None) for a new run."""
@@ -205,14 +199,15 @@ def _previous_run(run_dir: Path, device: torch.device) -> tuple[dict | None, dic
     return last["config"], last
 
 
-def _prepare(settings: dict, previous: dict | None, run_dir: Path, args: argparse.Namespace,
+def _prepare(settings: dict, previous: dict | None, trained: bool, run_dir: Path, args: argparse.Namespace,
              device: torch.device) -> tuple[engine.Split, engine.Split]:
-    """The run's data, once the settings are checked against the run already in the folder."""
-    if previous and args.lr_milestones is None:
-        settings["lr_milestones"] = previous["lr_milestones"]  # an extended run keeps its schedule
+    """The run's data, once the flags are checked against the run already in the folder (`trained` if it
+    has a last.pt; without one nothing was trained, and its config.json must agree with the flags), and
+    the epochs to train to settled."""
     train, test = load_data(settings, args, device)
     if previous:
-        _refuse_clash(previous, settings, run_dir)
+        _refuse_clash(previous, settings, run_dir, trained)
+    _settle_length(settings, previous if trained else None, run_dir, args.extend_to)
     _refuse_empty_shares(len(train[1]), settings["batch_size"])
     return train, test
 
@@ -318,26 +313,72 @@ def _resume(run_dir: Path, last: dict | None, model: torch.nn.Module, optimizer:
             raise UserError(f"{run_dir} has a log.csv but no last.pt to resume from; "
                             "start the run in a new --run-dir")
         return 0, []
+    epoch = last["epoch"]
+    kept = [row for row in log if row["epoch"] <= epoch]
+    if [row["epoch"] for row in kept] != list(range(1, epoch + 1)):
+        logged = kept[-1]["epoch"] if kept else 0
+        raise UserError(f"{run_dir / 'last.pt'} is of epoch {epoch}, but log.csv holds "
+                        + (f"epochs up to {logged} only" if logged < epoch else "not every epoch before it")
+                        + ": that last.pt is not the one this folder's training wrote. Put its own last.pt back, "
+                        "or start the run in a new --run-dir")
     try:
         model.load_state_dict(last["model"])
         optimizer.load_state_dict(last["optimizer"])
         scheduler.load_state_dict(last["scheduler"])
         _set_rng_states(last["rng"])
-        epoch = int(last["epoch"])
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{run_dir / 'last.pt'} does not fit this run's network and optimizer ({reason}); "
                         "start the run in a new --run-dir") from None
-    return epoch, [row for row in log if row["epoch"] <= epoch]
+    return epoch, kept
 
 
-def _refuse_clash(previous: dict, settings: dict, run_dir: Path) -> None:
+def _refuse_clash(previous: dict, settings: dict, run_dir: Path, trained: bool) -> None:
+    """Refuse flags that select another run than the one in the folder: a result-changing setting, or the
+    --epochs it was started with, that differs. Without a last.pt nothing was trained, but the folder's
+    config.json still names a run; the flags never silently adopt its settings."""
     differences = config.result_differences(previous, settings)
-    if settings["epochs"] < previous["epochs"]:
-        differences.append(f"epochs: {previous['epochs']} -> {settings['epochs']} (a run can only be extended)")
-    if differences:
-        raise UserError(f"{run_dir} holds a run with other settings ({'; '.join(differences)}); "
-                        "pass --run-dir to start a new run, or repeat the original flags to continue it")
+    planned = config.planned_epochs(previous)
+    if planned != settings["epochs"]:
+        differences.append(f"epochs: {planned!r} -> {settings['epochs']!r}")
+    if not differences:
+        return
+    if not trained:
+        raise UserError(f"{run_dir / 'config.json'} describes another run than the flags ({'; '.join(differences)}) "
+                        "and nothing has been trained there yet; delete that config.json to start this run "
+                        "there, or pass --run-dir another folder")
+    longer = " (add --extend-to E to train it on to epoch E)" if differences[-1].startswith("epochs") else ""
+    raise UserError(f"{run_dir} holds a run with other settings ({'; '.join(differences)}); pass --run-dir to "
+                    f"start a new run, or repeat the original flags to continue it{longer}")
+
+
+def _settle_length(settings: dict, trained: dict | None, run_dir: Path, extend_to: int | None) -> None:
+    """Set the epochs to train to: those of the run in the folder (`trained`, its last.pt's settings: its
+    --epochs and any extension since), or with --extend-to E a longer run, whose earlier lengths
+    `extended_from` lists."""
+    reached = trained["epochs"] if trained else settings["epochs"]
+    history = list(trained.get("extended_from", [])) if trained else []
+    if extend_to is not None and extend_to != reached:
+        if trained is None:
+            raise UserError(f"--extend-to trains a run on, but {run_dir} has none trained yet; start it with "
+                            f"--epochs {extend_to} instead, or drop --extend-to")
+        if extend_to < reached:
+            raise UserError(f"{run_dir} holds a run of {reached} epochs, which --extend-to {extend_to} would "
+                            "shorten; a run can only be extended")
+        history.append(reached)
+        reached = extend_to
+    settings["epochs"] = reached
+    if history:
+        settings["extended_from"] = history
+
+
+def _extension_note(epochs_before: int, settings: dict) -> str:
+    """The run line's announcement of an extension that begins now, or ""."""
+    if settings["epochs"] == epochs_before:
+        return ""
+    milestones = ", ".join(map(str, settings["lr_milestones"])) or "none"
+    return (f"; extending it from {epochs_before} to {settings['epochs']} epochs (--extend-to), with its "
+            f"learning-rate milestones kept ({milestones}), as config.json's extended_from records")
 
 
 def _refuse_empty_shares(count: int, batch_size: int) -> None:

@@ -23,6 +23,7 @@ and the figures: the numbers are those of one process up to float64 rounding.
 """
 import argparse
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -89,6 +90,8 @@ def main(args: argparse.Namespace) -> int:
         if args.follow:
             return follow(args, device, held)
         run_dir, run_config, checkpoints, table = distributed.on_every_rank(_find_run, args, device)
+        distributed.on_rank_zero(_refuse_unwritable, run_dir, args.plots_dir or plotting.default_plots_dir(run_config, run_dir),
+                                 not args.representations)
         if args.representations:
             return distributed.on_rank_zero(draw_representations, dict(checkpoints), run_config, run_dir, args,
                                             device) or 0
@@ -165,7 +168,7 @@ def measure_checkpoints(todo: list[tuple[int, Path]], run_config: dict, run_dir:
     progress = tqdm(todo, unit="checkpoint", desc=run_dir.name, dynamic_ncols=True, disable=not distributed.is_main())
     for epoch, path in progress:
         try:
-            row = {"epoch": epoch, **_measure(path, run_config, train, test, args, device)}
+            row = {"epoch": epoch, **_measure(epoch, path, run_config, train, test, args, device)}
         except UserError as err:
             if distributed.is_main():
                 tqdm.write(f"warning: {err}; skipped", file=sys.stderr)
@@ -204,7 +207,7 @@ def draw_representations(checkpoints: dict[int, Path], run_config: dict, run_dir
                                          run_config["seed"], args.download, device, *_imbalance(run_config))
     plots_dir = args.plots_dir or plotting.default_plots_dir(run_config, run_dir)
     for epoch in epochs:
-        state = runs.load_checkpoint(checkpoints[epoch], device)
+        state = runs.load_checkpoint(checkpoints[epoch], device, epoch)
         model = engine.build_model(state["config"], device)
         model.load_state_dict(state["model"])
         rows = engine.mixup_representations(model, train, state["config"], classes, REPRESENTATION_LAMBDAS,
@@ -219,7 +222,7 @@ def draw_representations(checkpoints: dict[int, Path], run_config: dict, run_dir
 def _find_run(args: argparse.Namespace, device: torch.device) -> tuple[Path, dict, list[tuple[int, Path]], dict]:
     """The run folder, its config, its checkpoints and the rows of its table, by epoch."""
     requested = config.resolve_config(args)
-    run_dir = config.default_run_dir(requested, args)
+    run_dir = runs.usable_run_dir(config.default_run_dir(requested, args))
     run_config = _run_config(run_dir, args, requested)
     checkpoints = runs.checkpoint_files(run_dir)
     if not checkpoints:
@@ -243,13 +246,14 @@ def _imbalance(run_config: dict) -> tuple[float, str | None]:
     return run_config.get("imbalance", 1.0), run_config.get("imbalance_profile")
 
 
-def _measure(path: Path, run_config: dict, train: engine.Split, test: engine.Split, args: argparse.Namespace,
-             device: torch.device) -> dict[str, float]:
-    """The numbers of one checkpoint; a UserError if it cannot be read, belongs to another run or holds
-    weights that are not finite (the same on every process under torchrun, which all skip it together)."""
+def _measure(epoch: int, path: Path, run_config: dict, train: engine.Split, test: engine.Split,
+             args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """The numbers of the checkpoint of `epoch`; a UserError if it cannot be read (or is corrupt), holds
+    another epoch, belongs to another run or holds weights that are not finite (the same on every process
+    under torchrun, which all skip it together)."""
     error = None
     try:
-        state = runs.load_checkpoint(path, device)
+        state = runs.load_checkpoint(path, device, epoch)
     except UserError as err:
         error = str(err)
     error = distributed.first_message(error)
@@ -271,6 +275,18 @@ def _measure(path: Path, run_config: dict, train: engine.Split, test: engine.Spl
     if args.adversarial:
         measured |= engine.adversarial_robustness(model, test, state["config"], args.adversarial_samples)
     return measured
+
+
+def _refuse_unwritable(run_dir: Path, plots_dir: Path, measuring: bool) -> None:
+    """Refuse, before anything is measured, a plots folder that cannot be one and (when measuring) a run
+    folder whose tables cannot be written: a read-only folder, something else where the lock file goes."""
+    runs.usable_folder(plots_dir, "--plots-dir")
+    if measuring:
+        with runs.locked(run_dir / runs.TABLES_LOCK):
+            pass
+        if not os.access(run_dir, os.W_OK):
+            raise UserError(f"{run_dir} is read-only, and nc_metrics.csv and summary.json are written there; make "
+                            "it writable, or measure a copy of it")
 
 
 def _lacks(row: dict, args: argparse.Namespace, run_config: dict) -> bool:

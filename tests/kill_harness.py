@@ -52,11 +52,17 @@ def files_written(*args, **kwargs):
             thread.join()
 
 
-def write_half(save, state, path, *args, **kwargs):
-    """Write the first half of the file torch.save would write, as a kill during the write leaves it."""
+def write_half(save, state, file, *args, **kwargs):
+    """Write the first half of the file torch.save would write (to a path or an open file), as a kill during
+    the write leaves it."""
     buffer = io.BytesIO()
     save(state, buffer)
-    Path(path).write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    half = buffer.getvalue()[:len(buffer.getvalue()) // 2]
+    if isinstance(file, (str, os.PathLike)):
+        Path(file).write_bytes(half)
+    else:
+        file.write(half)
+        file.flush()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,13 @@ def test_validate_bench_prints_the_checkpoint_ratio(capsys):
                      line), line
 
 
+def test_checkpoint_bench_prints_the_write_and_load_ratios(capsys):
+    line = _summary(_load("checkpoints"), capsys)
+    assert re.fullmatch(rf"last\.pt \(resnet18 width 4, [\d.]+ MiB, median of 1, cpu\): save_checkpoint {SECONDS} vs "
+                        rf"torch\.save and rename {SECONDS} \({RATIO}; torch\.save alone {SECONDS}, without its CRCs "
+                        rf"{SECONDS}\); load_checkpoint {SECONDS} vs torch\.load {SECONDS} \({RATIO}\)", line), line
+
+
 def _load(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"bench_{name}_script", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

@@ -134,9 +134,9 @@ def test_runs_move_between_one_process_and_torchrun_and_match_without_batch_norm
     started = torchrun("train.py", *TINY, *NO_BATCH_NORM, "--epochs", "2", "--num-checkpoints", "2",
                        "--run-dir", str(tmp_path / "ddp_first"), cwd=tmp_path)
     assert started.returncode == 0, started.stderr
-    train_here(tmp_path / "ddp_first", *NO_BATCH_NORM, "--epochs", "4", "--num-checkpoints", "4")
+    train_here(tmp_path / "ddp_first", *NO_BATCH_NORM, "--epochs", "2", "--extend-to", "4", "--num-checkpoints", "4")
     train_here(tmp_path / "ddp_second", *NO_BATCH_NORM, "--epochs", "2", "--num-checkpoints", "2")
-    resumed = torchrun("train.py", *TINY, *NO_BATCH_NORM, "--epochs", "4", "--num-checkpoints", "4",
+    resumed = torchrun("train.py", *TINY, *NO_BATCH_NORM, "--epochs", "2", "--extend-to", "4", "--num-checkpoints", "4",
                        "--run-dir", str(tmp_path / "ddp_second"), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.count("resuming after epoch 2") == 1

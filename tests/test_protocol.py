@@ -83,7 +83,9 @@ def test_run_names_record_what_differs_from_the_defaults():
         args = train.parse_args(list(flags))
         return config.default_run_dir(config.resolve_config(args), args).as_posix()
     assert name("--dataset", "cifar10") == "runs/CIFAR10-resnet18-ce-seed0"
-    assert name("--dataset", "CIFAR10", "--epochs", "500") == "runs/CIFAR10-resnet18-ce-seed0"
+    assert name("--dataset", "CIFAR10", "--epochs", "350") == "runs/CIFAR10-resnet18-ce-seed0"
+    assert name("--dataset", "CIFAR10", "--epochs", "500") == "runs/CIFAR10-resnet18-ce-seed0-ep500"
+    assert name("--dataset", "synthetic", "--epochs", "30") == "runs/synthetic-resnet18-ce-seed0"
     assert name("--dataset", "CIFAR10", "--lr", "0.1302501827396728") == "runs/CIFAR10-resnet18-ce-seed0"
     assert (name("--dataset", "CIFAR10", "--loss", "cross_entropy", "--seed", "3", "--width", "32",
                  "--samples-per-class", "50") == "runs/CIFAR10-resnet18-ce-seed3-w32-spc50")

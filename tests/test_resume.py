@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import config
 import runs
 import train
 from errors import UserError
@@ -71,15 +72,16 @@ def test_a_kill_while_writing_leaves_the_previous_file_readable(tmp_path):
 
 def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    runs.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "config": {}, "epoch": 1})
+    settings = {**config.resolve_config(train.parse_args(TINY)), "samples_per_class": 20, "data_root": "data"}
+    runs.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "config": settings, "epoch": 1})
 
     def disk_full(state, file):
-        Path(file).write_bytes(b"partial")
+        file.write(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(UserError, match="could not write .*last.pt: No space left on device; free some space"):
-        runs.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "config": {}, "epoch": 2})
+        runs.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "config": settings, "epoch": 2})
     assert runs.load_checkpoint(path)["epoch"] == 1
     assert list(tmp_path.iterdir()) == [path]
 
@@ -180,17 +182,17 @@ def test_checkpoints_hold_only_tensors_and_plain_types(tmp_path):
         _assert_plain(torch.load(path, weights_only=True))
 
 
-def test_a_config_clash_is_refused_and_a_longer_run_continues(tmp_path):
+def test_a_config_clash_is_refused_and_an_extended_run_continues(tmp_path):
     run_dir = tmp_path / "run"
     flags = [*TINY[:-1], "--epochs", "2", "--num-checkpoints", "2", "--run-dir", str(run_dir)]
     train.main(train.parse_args(flags))
     config_before = (run_dir / "config.json").read_text()
     with pytest.raises(UserError, match=r"other settings \(lr: 0\.0679 -> 0\.01\); pass --run-dir"):
         train.main(train.parse_args([*flags, "--lr", "0.01"]))
-    with pytest.raises(UserError, match="epochs: 2 -> 1 .a run can only be extended"):
+    with pytest.raises(UserError, match=r"epochs: 2 -> 1\); pass --run-dir"):
         train.main(train.parse_args([*flags, "--epochs", "1"]))
     assert (run_dir / "config.json").read_text() == config_before
-    train.main(train.parse_args([*flags, "--epochs", "3"]))
+    train.main(train.parse_args([*flags, "--extend-to", "3"]))
     assert [row["epoch"] for row in runs.read_log(run_dir)] == [1, 2, 3]
     assert runs.load_checkpoint(run_dir / "last.pt")["config"]["lr_milestones"] == [1]
 

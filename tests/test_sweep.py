@@ -323,7 +323,7 @@ def test_plotting_study_draws_the_grouped_panel_and_curves(study, tmp_path):
 def test_every_flag_of_train_py_but_run_dir_is_a_flag_of_a_study():
     assert set(vars(train.parse_args([]))) - {"run_dir"} <= set(vars(sweep.parse_args(["--name", "any"])))
     several = sweep.parse_args(["--name", "any", "--batch-size", "64", "128", "--augment", "--epochs", "3"])
-    assert several.batch_size == [64, 128] and several.augment is True and several.epochs == 3
+    assert several.batch_size == [64, 128] and several.augment is True and several.epochs == [3]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -334,7 +334,7 @@ def test_every_flag_of_train_py_but_run_dir_is_a_flag_of_a_study():
     (["--lr-milestones", "5"], "error: --lr-milestones 5 is beyond the last epoch (2)"),
     (["--executor", "slurm", "--time", "1"], "error: argument --time: must be at least 2 minutes"),
     (["--lr", "0.1234567", "0.1234568"],  # folder names keep 6 digits of a learning rate
-     "error: two runs of the grid would share the folder runs/synthetic-resnet18-ce-seed0-w4-spc20-lr0.123457"),
+     "error: two runs of the grid would share the folder runs/synthetic-resnet18-ce-seed0-w4-spc20-ep2-lr0.123457"),
 ])
 def test_bad_values_are_refused_in_one_line_before_anything_runs(tmp_path, capsys, flags, message):
     with working_directory(tmp_path):

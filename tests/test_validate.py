@@ -142,13 +142,13 @@ def test_the_same_flags_find_the_folder_train_wrote(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     flags = ["--dataset", "Synthetic", "--width", "4", "--samples-per-class", "20", "--device", "cpu"]
     train.main(train.parse_args([*flags, "--epochs", "1", "--num-checkpoints", "1"]))
-    assert validate_nc.main(validate_nc.parse_args([*flags, "--eval-batch-size", "64"])) == 0
-    run_dir = tmp_path / "runs" / "synthetic-resnet18-ce-seed0-w4-spc20"
+    assert validate_nc.main(validate_nc.parse_args([*flags, "--epochs", "1", "--eval-batch-size", "64"])) == 0
+    run_dir = tmp_path / "runs" / "synthetic-resnet18-ce-seed0-w4-spc20-ep1"
     assert [row["epoch"] for row in runs.read_nc_metrics(run_dir)] == [1]
     assert (tmp_path / "synthetic_plots" / run_dir.name / "fig6_nc1.png").is_file()
     train.main(train.parse_args([*flags, "--batch-size", "64", "--epochs", "1", "--num-checkpoints", "1"]))
-    assert validate_nc.main(validate_nc.parse_args([*flags, "--batch-size", "64"])) == 0  # the training batch
-    assert runs.read_nc_metrics(tmp_path / "runs" / "synthetic-resnet18-ce-seed0-w4-spc20-bs64")
+    assert validate_nc.main(validate_nc.parse_args([*flags, "--batch-size", "64", "--epochs", "1"])) == 0  # the training batch
+    assert runs.read_nc_metrics(tmp_path / "runs" / "synthetic-resnet18-ce-seed0-w4-spc20-ep1-bs64")
 
 
 def test_a_run_not_there_lists_the_runs_of_its_dataset_with_their_flags(tmp_path, monkeypatch):
@@ -159,13 +159,13 @@ def test_a_run_not_there_lists_the_runs_of_its_dataset_with_their_flags(tmp_path
         validate_nc.main(validate_nc.parse_args(["--dataset", "synthetic", "--device", "cpu"]))
     message = str(refused.value)
     assert message.startswith("no run folder at runs/synthetic-resnet18-ce-seed0; runs of synthetic there: "
-                               "runs/synthetic-resnet18-ce-seed0-w4-spc20 (--dataset synthetic --width 4 "
-                               "--samples-per-class 20)")
+                               "runs/synthetic-resnet18-ce-seed0-w4-spc20-ep1 (--dataset synthetic --width 4 "
+                               "--samples-per-class 20 --epochs 1)")
     assert message.endswith("train it with: python train.py --dataset synthetic")
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--epochs", "5"], "unrecognized arguments: --epochs 5"),
+    (["--num-checkpoints", "5"], "unrecognized arguments: --num-checkpoints 5"),
     (["--representation-epochs", "5"], "--representation-epochs, --classes and --bn-mode choose what"),
     (["--representations", "--layers"], "--representations draws a figure instead of measuring"),
 ])
