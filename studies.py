@@ -332,7 +332,7 @@ def _run(parser: argparse.ArgumentParser, actions: dict[str, argparse.Action], v
     run_dir = str(config.default_run_dir(settings, args))
     device = ["--device", args.device] if args.device != parser.get_default("device") else []
     return Run(run_dir, {key: values[key] for key in varied}, argv, ["--run-dir", run_dir, *device, *measure],
-               settings["epochs"])
+               args.extend_to or settings["epochs"])
 
 
 def _flag(action: argparse.Action, value) -> list[str]:

@@ -136,7 +136,8 @@ def test_the_state_handed_to_the_writer_is_a_copy_that_the_next_epoch_cannot_cha
     assert torch.equal(copied["optimizer"]["state"][0]["momentum_buffer"],
                        before["optimizer"]["state"][0]["momentum_buffer"])
     assert copied["model"]._metadata == before["model"]._metadata  # what load_state_dict reads versions from
-    runs.save_checkpoint(tmp_path / "last.pt", {**copied, "config": {}})
+    settings = {**config.resolve_config(train.parse_args([])), "samples_per_class": 100, "data_root": "data"}
+    runs.save_checkpoint(tmp_path / "last.pt", {**copied, "epoch": 1, "config": settings})
     loaded = runs.load_checkpoint(tmp_path / "last.pt")
     scheduler.load_state_dict(loaded["scheduler"])
     assert scheduler.get_last_lr() == pytest.approx([0.1]) and scheduler.milestones[3] == 0  # still a Counter
