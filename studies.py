@@ -38,7 +38,7 @@ import submitit
 import config
 import runs
 from errors import ArgumentParser, UserError
-from nc_metrics import STATS_KEYS
+from nc_metrics import OTHER_KEYS, PAPER_KEYS
 
 REPO = Path(__file__).resolve().parent
 TRAIN, VALIDATE = REPO / "train.py", REPO / "validate_nc.py"
@@ -47,8 +47,8 @@ STUDY_FILE, OUTCOMES_FILE, RUNS_TABLE, MARKDOWN_TABLE, LOCK = (
     "study.json", "outcomes.json", "runs.csv", "table.md", ".tables.lock")
 STATUSES = ("done", "failed", "busy", "pending")
 BUSY_MESSAGE = "is being trained by"  # train.py's refusal when another process holds the run's lock
-FINAL_COLUMNS = ["tpt_epoch", "tpt_test_acc", "last_epoch", "last_test_acc", *STATS_KEYS,
-                 "ncc_mismatch_train", "ncc_mismatch_test"]
+FINAL_COLUMNS = ["tpt_epoch", "tpt_test_acc", "last_epoch", "last_test_acc", *PAPER_KEYS,
+                 "ncc_mismatch_train", "ncc_mismatch_test", *OTHER_KEYS]
 # tqdm redraws its bars several times a second, which in a log file is megabytes per long run.
 JOB_ENVIRONMENT = {"TQDM_MININTERVAL": "10", "PYTHONUNBUFFERED": "1"}
 
@@ -373,7 +373,7 @@ def _row(run: Run, varied: list[str], outcome: dict | None) -> dict:
     onset, last = runs.tpt_row(measured), measured[-1]
     return {**row, "status": "done", "tpt_epoch": onset and onset["epoch"], "tpt_test_acc": onset and onset["test_acc"],
             "last_epoch": last["epoch"], "last_test_acc": last["test_acc"],
-            **{key: last[key] for key in FINAL_COLUMNS[4:]}, "reason": ""}
+            **{key: last.get(key) for key in FINAL_COLUMNS[4:]}, "reason": ""}
 
 
 def _markdown(study: dict, rows: list[dict], columns: list[str], choices: list[dict]) -> str:

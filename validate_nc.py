@@ -30,6 +30,7 @@ import losses
 import plotting
 import runs
 from errors import ArgumentParser, UserError, run_cli
+from nc_metrics import OTHER_KEYS
 
 REPRESENTATION_LAMBDAS = [step / 10 for step in range(11)]
 
@@ -210,7 +211,8 @@ def _measure(path: Path, run_config: dict, train: engine.Split, test: engine.Spl
 def _lacks(row: dict, args: argparse.Namespace) -> bool:
     """Whether a row of the table lacks a measurement asked for, and so is measured again."""
     present = {key for key, value in row.items() if value is not None}
-    return ((args.test_collapse and "nc1_test" not in present)
+    return (not present.issuperset(OTHER_KEYS)  # measured before the field's other measures existed
+            or (args.test_collapse and "nc1_test" not in present)
             or (args.adversarial and "deepfool_robustness" not in present)
             or (args.layers and not runs.stage_columns([row])))
 
