@@ -28,7 +28,8 @@ ADAPTIVE_LR = 1e-3  # Adam and AdamW diverge at the SGD rates above
 PROTOCOL = {"model": "resnet18", "width": 64, "epochs": 350, "batch_size": 128, "momentum": 0.9,
             "weight_decay": 5e-4, "lr_gamma": 0.1, "num_checkpoints": 50, "optimizer": "sgd",
             "loss": "ce", "target_scale": 1.0, "label_smoothing": 0.1, "focal_gamma": 3.0,
-            "mixup_alpha": 0.0, "mixup_same_class": False, "augment": False, "precision": "fp32", "eval_every": 1}
+            "mixup_alpha": 0.0, "mixup_same_class": False, "augment": False, "precision": "fp32", "eval_every": 1,
+            "classifier": "learned", "bias": True, "classifier_weight_decay": None}
 # The analysis epochs of the authors' code for 350 epochs, verbatim.
 AUTHORS_CHECKPOINTS = (*range(1, 15), 16, 17, 19, 20, 22, 24, 27, 29, 32, 35, 38, 42, 45, 50, 54, 59, 65, 71, 77,
                        85, 92, 101, 110, 121, 132, 144, 158, 172, 188, 206, 225, 245, 268, 293, 320, 350)
@@ -42,14 +43,17 @@ DATASET_DEFAULTS = {"CIFAR100": {"model": "resnet50"},
 RESULT_KEYS = ("dataset", "model", "width", "loss", "target_scale", "label_smoothing", "focal_gamma",
                "optimizer", "lr", "momentum", "weight_decay", "batch_size", "lr_milestones", "lr_gamma",
                "samples_per_class", "seed", "augment", "mixup_alpha", "mixup_same_class", "precision",
-               "normalization")
+               "normalization", "classifier", "bias", "classifier_weight_decay")
+# Result-changing settings added after runs were first written: what a config.json that lacks them meant.
+ADDED_SETTINGS = {"classifier": "learned", "bias": True, "classifier_weight_decay": None}
 
 # How a non-default setting shows in the run folder's name.
 NAME_TAGS = (("width", "w"), ("samples_per_class", "spc"), ("optimizer", ""), ("lr", "lr"),
              ("momentum", "mom"), ("weight_decay", "wd"), ("batch_size", "bs"), ("lr_milestones", "ms"),
              ("lr_gamma", "gamma"), ("target_scale", "kappa"), ("label_smoothing", "eps"),
              ("focal_gamma", "fgamma"), ("augment", "aug"), ("mixup_alpha", "mixup"),
-             ("mixup_same_class", "sameclass"), ("precision", ""))
+             ("mixup_same_class", "sameclass"), ("precision", ""), ("classifier", ""), ("bias", "nobias"),
+             ("classifier_weight_decay", "cwd"))
 
 # The user-facing settings that tell runs apart in a figure, with the short names figures print
 # ("" prints the value alone). Derived values (normalisation statistics, class counts) never appear.
@@ -57,7 +61,8 @@ SETTING_NAMES = {"dataset": "", "model": "", "width": "width", "samples_per_clas
                  "loss": "loss", "target_scale": "kappa", "label_smoothing": "eps", "focal_gamma": "focal gamma",
                  "optimizer": "", "lr": "lr", "momentum": "momentum", "weight_decay": "wd", "batch_size": "batch",
                  "lr_milestones": "milestones", "lr_gamma": "lr gamma", "augment": "augment",
-                 "mixup_alpha": "mixup", "mixup_same_class": "same-class mixup", "precision": "", "seed": "seed"}
+                 "mixup_alpha": "mixup", "mixup_same_class": "same-class mixup", "precision": "", "seed": "seed",
+                 "classifier": "", "bias": "bias", "classifier_weight_decay": "classifier wd"}
 
 
 def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +98,13 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     add("--precision", choices=("fp32", "bf16"), help="training precision: fp32 as the paper (default; on CUDA "
         "with PyTorch's defaults: TF32 convolutions, IEEE matmuls) or bf16 autocast (faster; see the README's "
         "evidence); measurement is always strict fp32")
+    add("--classifier", choices=("learned", "etf"), help="the last layer: learned (default, the paper's) or etf, "
+        "fixed to a simplex equiangular tight frame (C unit rows with pairwise cosines -1/(C-1), oriented at random "
+        "from --seed), not trained, without bias or weight decay (Zhu et al. 2021)")
+    add("--no-bias", dest="bias", action="store_false", default=None,
+        help="a learned last layer without bias (default: with bias, as the paper)")
+    add("--classifier-weight-decay", type=non_negative_float, metavar="X", help="weight decay of the learned "
+        "last layer, apart from --weight-decay on the rest (default: --weight-decay for all, as the paper)")
     add("--seed", type=seed, default=0, help="fixes initialisation, data order and subset: 0 to 2**32 - 1 "
         "(default 0)")
     add("--run-dir", type=Path, help="the run folder (default: runs/<DATASET>-<model>-<loss>-seed<seed>[-<non-default settings>])")
@@ -146,6 +158,11 @@ def resolve_config(args: argparse.Namespace) -> dict:
         default_milestones(config["epochs"])
     config["samples_per_class"] = args.samples_per_class
     config["seed"] = args.seed
+    config["classifier"] = args.classifier or defaults["classifier"]
+    learned = config["classifier"] == "learned"  # the fixed ETF has no bias and no weight decay to choose
+    config["bias"] = _chosen(args.bias, defaults["bias"], learned)
+    config["classifier_weight_decay"] = _chosen(args.classifier_weight_decay, defaults["classifier_weight_decay"],
+                                                learned)
     return config
 
 
@@ -186,10 +203,9 @@ def run_name(config: dict, args: argparse.Namespace) -> str:
     defaults = defaults_for(config["dataset"], config["model"], config["optimizer"])
     parts = [config["dataset"], config["model"], config["loss"], f"seed{config['seed']}"]
     for key, tag in NAME_TAGS:
-        given = getattr(args, key, None)
-        if given is None or given == defaults[key] or given is False:
+        given, value = getattr(args, key, None), config[key]
+        if given is None or given == defaults[key] or value is None:
             continue
-        value = config[key]
         if isinstance(value, bool):
             parts.append(tag)
         elif isinstance(value, list):
@@ -205,9 +221,12 @@ def default_run_dir(config: dict, args: argparse.Namespace) -> Path:
 
 def result_differences(old: dict, new: dict) -> list[str]:
     """The result-changing settings on which two configs differ, as 'key: old -> new'."""
-    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" if key != "normalization" else
+    def recorded(run: dict, key: str):
+        return run.get(key, ADDED_SETTINGS.get(key))
+
+    return [f"{key}: {recorded(old, key)!r} -> {recorded(new, key)!r}" if key != "normalization" else
             "normalization: the statistics of another training subset"
-            for key in RESULT_KEYS if old.get(key) != new.get(key)]
+            for key in RESULT_KEYS if recorded(old, key) != recorded(new, key)]
 
 
 def setting_text(key: str, value) -> str:
@@ -241,7 +260,7 @@ def selection_flags(run: dict) -> list[str]:
             continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
-            flags.append(flag)
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
         else:
             flags += [flag, *map(str, value if isinstance(value, list) else [value])]
     return flags
