@@ -1,7 +1,7 @@
 """Every figure of the repo, drawn from the tables of run folders (never from a model): the paper's
-Figures 2-7, the training curves and Table 1.
+Figures 2-7, the field's other measures (fig9_other_measures.png), the training curves and Table 1.
 
-    python plotting.py nc RUN_DIR [RUN_DIR ...] --out DIR          # fig2_equinorm.png ... fig7_ncc_mismatch.png
+    python plotting.py nc RUN_DIR [RUN_DIR ...] --out DIR          # fig2_equinorm.png ... fig7, fig9
     python plotting.py curves RUN_DIR [RUN_DIR ...] --out DIR      # training_curves.png
     python plotting.py panel RUN_DIR [RUN_DIR ...] --out FILE.png  # Figures 2-7 in one compact 2x3 panel
     python plotting.py panel RUN_DIR ... --group-by precision --out FILE.png   # mean and spread per group
@@ -115,6 +115,24 @@ ROBUSTNESS_FIGURE = ("fig8_adversarial_robustness.png", Panel(
     "Adversarial robustness (Figure 8)", r"DeepFool $\mathrm{Avg}_x\ \|r(x)\|_2\ /\ \|x\|_2$ (pixels in [0, 1])",
     (Quantity("deepfool_robustness", TEST),), log_y=False, table=NC_TABLE,
     names={TEST: "a fixed sample of test images, attacked away from the network's decision"}))
+# Figure 9: the field's other measures (nc_metrics.py), one panel each, drawn when the table has them.
+OTHER_FILE = "fig9_other_measures.png"
+OTHER_PANELS = (
+    Panel("Trace ratio (Tirer et al. 2023)", r"$\mathrm{Tr}(\Sigma_W)\ /\ \mathrm{Tr}(\Sigma_B)$",
+          (Quantity("nc1_trace_ratio"), Quantity("nc1_trace_ratio_test", TEST)), log_y=True, table=NC_TABLE),
+    Panel("CDNV (Galanti et al. 2022)", r"$\mathrm{Avg}_{c < c'}\ (V_c + V_{c'})\ /\ (2\,\|\mu_c - \mu_{c'}\|^2)$",
+          (Quantity("cdnv"), Quantity("cdnv_test", TEST)), log_y=True, table=NC_TABLE),
+    Panel("ETF error (Zhu et al. 2021, NC2)",
+          r"$\|\,G / \|G\|_F - E\,\|_F$, $G = \tilde{M}\tilde{M}^\top$ or $W W^\top$",
+          (Quantity("etf_error_means"), Quantity("etf_error_weights", CLASSIFIERS), Quantity("etf_error_means_test", TEST)),
+          log_y=True, table=NC_TABLE),
+    Panel("Classifier-mean alignment (Zhu et al. 2021, NC3)",
+          r"$\|\,W\tilde{M}^\top / \|W\tilde{M}^\top\|_F - E\,\|_F$",
+          (Quantity("wh_alignment"), Quantity("wh_alignment_test", TEST)), log_y=True, table=NC_TABLE),
+    Panel("Hyperspherical energy (Liu et al. 2023)", r"$\mathrm{Avg}_{c \neq c'}\ 1\ /\ \|m_c - m_{c'}\|$",
+          (Quantity("hyperspherical_energy_means"), Quantity("hyperspherical_energy_means_test", TEST)), log_y=False,
+          table=NC_TABLE),
+)
 LAYERS_FILE = "layerwise_nc1.png"
 CURVE_PANELS = (
     Panel("Loss", "loss", (Quantity("train_loss"), Quantity("test_loss", TEST)), log_y=True, table=LOG_TABLE),
@@ -151,6 +169,8 @@ def plot_runs(run_dirs: list[Path], out_dir: Path, group_by: list[str] = (), suf
             fig, ax = plt.subplots(figsize=SINGLE_SIZE, layout="constrained")
             _finish(fig, lines, _draw(ax, panel, lines), panel.names or STYLE_NAMES[panel.table])
             written.append(_save(fig, Path(out_dir) / Path(filename).with_suffix(suffix)))
+    if any(_present(panel, lines) for panel in OTHER_PANELS):
+        written.append(plot_other_measures(run_dirs, Path(out_dir) / Path(OTHER_FILE).with_suffix(suffix), group_by))
     return written
 
 
@@ -170,6 +190,23 @@ def plot_panel(run_dirs: list[Path], out_path: Path, group_by: list[str] = ()) -
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(2, 3, figsize=PANEL_SIZE, layout="constrained")
         styles = set().union(*(_draw(ax, panel, lines) for ax, panel in zip(axes.flat, NC_FIGURES.values())))
+        _finish(fig, lines, styles, STYLE_NAMES[NC_TABLE])
+        return _save(fig, Path(out_path))
+
+
+def plot_other_measures(run_dirs: list[Path], out_path: Path, group_by: list[str] = ()) -> Path:
+    """Figure 9: the field's other measures, one panel each, the runs (or groups) overlaid; the energy
+    panel marks the simplex ETF's value, sqrt((C - 1) / (2 C)), its minimum."""
+    lines = _load_lines(run_dirs, NC_TABLE, group_by)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(2, 3, figsize=PANEL_SIZE, layout="constrained")
+        styles = set().union(*(_draw(ax, panel, lines) for ax, panel in zip(axes.flat, OTHER_PANELS)))
+        for classes in sorted({run["num_classes"] for line in lines for run in line.configs if "num_classes" in run}):
+            energy = np.sqrt((classes - 1) / (2 * classes))
+            axes.flat[len(OTHER_PANELS) - 1].axhline(energy, color="0.5", linewidth=1)
+            axes.flat[len(OTHER_PANELS) - 1].annotate(f"simplex ETF, C = {classes}", (0.02, energy), va="bottom",
+                                                      xycoords=("axes fraction", "data"), color="0.4")
+        axes.flat[-1].axis("off")
         _finish(fig, lines, styles, STYLE_NAMES[NC_TABLE])
         return _save(fig, Path(out_path))
 
@@ -291,6 +328,8 @@ def plot_study(study_dir: Path, out_dir: Path | None = None) -> list[Path]:
     group_by = [key for key in study["varied"] if key != "seed"] or ["dataset"]  # one group: every seed
     run_dirs = [Path(row["run_dir"]) for row in drawn]
     written = [plot_panel(run_dirs, out_dir / "panel.png", group_by), plot_curves(run_dirs, out_dir, group_by)]
+    if any(row.get("cdnv") is not None for row in drawn):
+        written.append(plot_other_measures(run_dirs, out_dir / OTHER_FILE, group_by))
     if out_dir != study_dir:
         written.append(out_dir / studies.MARKDOWN_TABLE)
         runs.write_text(written[-1], (study_dir / studies.MARKDOWN_TABLE).read_text())

@@ -98,9 +98,11 @@ def load_data(settings: dict, args: argparse.Namespace, device: torch.device) ->
     """The class-balanced training subset and the test split on the device; records in `settings`
     the subset size and the normalisation (per-channel statistics of the training subset)."""
     train, test, per_class = datasets.load_run_data(settings["dataset"], args.data_root, settings["samples_per_class"],
-                                                    settings["seed"], args.download, device)
+                                                    settings["seed"], args.download, device, settings["image_size"])
     mean, std = datasets.channel_stats(train[0])
     settings["samples_per_class"] = per_class
+    if datasets.is_folder(settings["dataset"]):
+        settings["image_size"] = train[0].shape[-1]
     settings["normalization"] = {"mean": mean, "std": std}
     settings["data_root"] = str(args.data_root)
     return train, test

@@ -136,7 +136,7 @@ def draw_representations(checkpoints: dict[int, Path], run_config: dict, run_dir
     classes = _representation_classes(args.classes, run_config)
     root = args.data_root or Path(run_config["data_root"])
     train, _, _ = datasets.load_run_data(run_config["dataset"], root, run_config["samples_per_class"],
-                                         run_config["seed"], args.download, device)
+                                         run_config["seed"], args.download, device, run_config.get("image_size"))
     plots_dir = args.plots_dir or default_plots_dir(run_config, run_dir)
     for epoch in epochs:
         state = runs.load_checkpoint(checkpoints[epoch], device)
@@ -153,7 +153,7 @@ def draw_representations(checkpoints: dict[int, Path], run_config: dict, run_dir
 
 def default_plots_dir(run_config: dict, run_dir: Path) -> Path:
     """<DATASET>_plots/ for the paper-default run, <DATASET>_plots/<run name>/ for any other."""
-    base = Path(f"{run_config['dataset']}_plots")
+    base = Path(f"{datasets.label(run_config['dataset'])}_plots")
     return base if run_dir.name == config.paper_run_name(run_config["dataset"]) else base / run_dir.name
 
 
@@ -175,7 +175,8 @@ def _load_data(run_config: dict, args: argparse.Namespace,
     if args.download:
         distributed.on_rank_zero(datasets.fetch, run_config["dataset"], root)
     return distributed.on_every_rank(datasets.load_run_data, run_config["dataset"], root,
-                                     run_config["samples_per_class"], run_config["seed"], args.download, device)
+                                     run_config["samples_per_class"], run_config["seed"], args.download, device,
+                                     run_config.get("image_size"))
 
 
 def _measure(path: Path, run_config: dict, train: engine.Split, test: engine.Split, args: argparse.Namespace,
