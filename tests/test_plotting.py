@@ -190,3 +190,30 @@ def test_overlaid_subset_runs_are_labelled_by_their_flags_inside_the_figure_with
     text = out.read_text()
     assert "synthetic, spc=100, seed=0" in text and "CIFAR10, spc=50, seed=1" in text
     assert "normalization" not in text and "'mean'" not in text and "0.49" not in text
+
+
+OTHER_COLUMNS = ",nc1_trace_ratio,cdnv,etf_error_means,etf_error_weights,wh_alignment,hyperspherical_energy_means"
+
+
+def with_other_measures(folder: Path) -> Path:
+    """A run folder of `write_run` whose table also has the field's other measures, shrinking with training
+    (the energy towards the simplex value of its 4 classes, sqrt(3/8))."""
+    rows = (folder / "nc_metrics.csv").read_text().splitlines()
+    extended = [rows[0] + OTHER_COLUMNS] + [row + "," + ",".join(f"{value / (index + 1):.6g}" for value in
+                                                                 (2.0, 5.0, 0.9, 0.5, 1.1, 0.3))
+                                            for index, row in enumerate(rows[1:])]
+    (folder / "nc_metrics.csv").write_text("\n".join(extended) + "\n")
+    return folder
+
+
+def test_figure_9_overlays_runs_and_groups_them(tmp_path):
+    first = with_other_measures(write_run(tmp_path / "learned", seed=0))
+    second = with_other_measures(write_run(tmp_path / "etf", classifier="etf", seed=1))
+    third = with_other_measures(write_run(tmp_path / "etf1", classifier="etf", seed=2))
+    out = tmp_path / "grouped"
+    assert plotting.main(plotting.parse_args(["nc", str(first), str(second), str(third), "--out", str(out),
+                                              "--group-by", "classifier"])) == 0
+    assert {path.name for path in out.iterdir()} == NC_FILES | {"fig9_other_measures.png"}
+    assert png_size(out / "fig9_other_measures.png") == (1800, 1050)  # 12x7 in
+    # A table measured before these columns existed draws Figures 2-7 alone.
+    assert {path.name for path in plotting.plot_runs([write_run(tmp_path / "old")], tmp_path / "old_out")} == NC_FILES
