@@ -123,13 +123,14 @@ OTHER_PANELS = (
     Panel("CDNV (Galanti et al. 2022)", r"$\mathrm{Avg}_{c < c'}\ (V_c + V_{c'})\ /\ (2\,\|\mu_c - \mu_{c'}\|^2)$",
           (Quantity("cdnv"), Quantity("cdnv_test", TEST)), log_y=True, table=NC_TABLE),
     Panel("ETF error (Zhu et al. 2021, NC2)",
-          r"$\|\,G / \|G\|_F - E\,\|_F$, $G = \tilde{M}\tilde{M}^\top$ or $W W^\top$",
+          "$\\|\\,G / \\|G\\|_F - E\\,\\|_F$\n" r"$G = \tilde{M}\tilde{M}^\top,\ W W^\top$",
           (Quantity("etf_error_means"), Quantity("etf_error_weights", CLASSIFIERS), Quantity("etf_error_means_test", TEST)),
           log_y=True, table=NC_TABLE),
-    Panel("Classifier-mean alignment (Zhu et al. 2021, NC3)",
+    Panel("Alignment of W and means (Zhu et al., NC3)",
           r"$\|\,W\tilde{M}^\top / \|W\tilde{M}^\top\|_F - E\,\|_F$",
           (Quantity("wh_alignment"), Quantity("wh_alignment_test", TEST)), log_y=True, table=NC_TABLE),
-    Panel("Hyperspherical energy (Liu et al. 2023)", r"$\mathrm{Avg}_{c \neq c'}\ 1\ /\ \|m_c - m_{c'}\|$",
+    Panel("Hyperspherical energy (Liu et al. 2023)",
+          r"$\mathrm{Avg}_{c \neq c'}\ 1\ /\ \|m_c - m_{c'}\|$" "\n" r"(grey: the simplex ETF's $\sqrt{(C-1)/2C}$)",
           (Quantity("hyperspherical_energy_means"), Quantity("hyperspherical_energy_means_test", TEST)), log_y=False,
           table=NC_TABLE),
 )
@@ -204,8 +205,6 @@ def plot_other_measures(run_dirs: list[Path], out_path: Path, group_by: list[str
         for classes in sorted({run["num_classes"] for line in lines for run in line.configs if "num_classes" in run}):
             energy = np.sqrt((classes - 1) / (2 * classes))
             axes.flat[len(OTHER_PANELS) - 1].axhline(energy, color="0.5", linewidth=1)
-            axes.flat[len(OTHER_PANELS) - 1].annotate(f"simplex ETF, C = {classes}", (0.02, energy), va="bottom",
-                                                      xycoords=("axes fraction", "data"), color="0.4")
         axes.flat[-1].axis("off")
         _finish(fig, lines, styles, STYLE_NAMES[NC_TABLE])
         return _save(fig, Path(out_path))
