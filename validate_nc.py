@@ -1,4 +1,5 @@
-"""Measure Neural Collapse at every analysis checkpoint of a run, then draw the paper's Figures 2-7.
+"""Measure Neural Collapse at every analysis checkpoint of a run, then draw the paper's Figures 2-7
+(and Figure 9, the later papers' measures; see docs/other_measures.md).
 
     python validate_nc.py --dataset CIFAR10        # the run `python train.py --dataset CIFAR10` made
     python validate_nc.py --run-dir runs/NAME      # any run folder
