@@ -490,10 +490,13 @@ def _present(panel: Panel, lines: list[_Line]) -> list[Quantity]:
 
 
 def _plain_ticks(ax: plt.Axes, log_y: bool) -> None:
-    """Log axes labelled at 1, 2, 5 times powers of ten with plain numbers (2, 50, 0.005), not 2x10^0."""
+    """Log axes labelled at 1, 2, 5 times powers of ten with plain numbers (2, 50, 0.005), not 2x10^0; at
+    powers of ten alone over more than 4 decades (a fixed ETF's 1e-8), where matplotlib's LogLocator draws
+    no tick at all when given several subs."""
     axes = [ax.xaxis, ax.yaxis] if log_y else [ax.xaxis]
-    for axis in axes:
-        axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    for axis, (low, high) in zip(axes, (ax.get_xlim(), ax.get_ylim())):
+        subs = (1.0, 2.0, 5.0) if high / low <= 1e4 else (1.0,)
+        axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=subs))
         axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
         axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 

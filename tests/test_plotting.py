@@ -217,3 +217,19 @@ def test_figure_9_overlays_runs_and_groups_them(tmp_path):
     assert png_size(out / "fig9_other_measures.png") == (1800, 1050)  # 12x7 in
     # A table measured before these columns existed draws Figures 2-7 alone.
     assert {path.name for path in plotting.plot_runs([write_run(tmp_path / "old")], tmp_path / "old_out")} == NC_FILES
+
+
+def test_a_log_axis_over_many_decades_keeps_labelled_ticks():
+    """A fixed ETF classifier's Figure 2-4 values are ~1e-8 beside the means' ~0.1: matplotlib's LogLocator
+    with several subs draws no tick at all over such a range."""
+    import matplotlib.pyplot as plt
+    for low in (1e-9, 0.05):
+        fig, ax = plt.subplots()
+        ax.plot([1, 10], [low, 1.0])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        plotting._plain_ticks(ax, log_y=True)
+        bottom, top = ax.get_ylim()
+        inside = [tick for tick in ax.yaxis.get_majorticklocs() if bottom <= tick <= top]
+        plt.close(fig)
+        assert len(inside) >= 2, low
