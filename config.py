@@ -31,7 +31,8 @@ PROTOCOL = {"model": "resnet18", "width": 64, "epochs": 350, "batch_size": 128, 
             "weight_decay": 5e-4, "lr_gamma": 0.1, "num_checkpoints": 50, "optimizer": "sgd",
             "loss": "ce", "target_scale": 1.0, "label_smoothing": 0.1, "focal_gamma": 3.0,
             "mixup_alpha": 0.0, "mixup_same_class": False, "augment": False, "precision": "fp32", "eval_every": 1,
-            "imbalance": 1.0, "imbalance_profile": "step"}
+            "imbalance": 1.0, "imbalance_profile": "step",
+            "classifier": "learned", "bias": True, "classifier_weight_decay": None, "image_size": None}
 # The analysis epochs of the authors' code for 350 epochs, verbatim.
 AUTHORS_CHECKPOINTS = (*range(1, 15), 16, 17, 19, 20, 22, 24, 27, 29, 32, 35, 38, 42, 45, 50, 54, 59, 65, 71, 77,
                        85, 92, 101, 110, 121, 132, 144, 158, 172, 188, 206, 225, 245, 268, 293, 320, 350)
@@ -45,16 +46,19 @@ DATASET_DEFAULTS = {"CIFAR100": {"model": "resnet50"},
 RESULT_KEYS = ("dataset", "model", "width", "loss", "target_scale", "label_smoothing", "focal_gamma",
                "optimizer", "lr", "momentum", "weight_decay", "batch_size", "lr_milestones", "lr_gamma",
                "samples_per_class", "seed", "augment", "mixup_alpha", "mixup_same_class", "precision",
-               "normalization", "imbalance", "imbalance_profile")
-# Result-changing settings added after runs were first written, with the value every earlier run had.
-ADDED_SETTINGS = {"imbalance": 1.0}
+               "normalization", "imbalance", "imbalance_profile", "classifier", "bias", "classifier_weight_decay",
+               "image_size")
+# Result-changing settings added after runs were first written: what a config.json that lacks them meant.
+ADDED_SETTINGS = {"imbalance": 1.0, "classifier": "learned", "bias": True, "classifier_weight_decay": None,
+                  "image_size": None}
 
 # How a non-default setting shows in the run folder's name.
 NAME_TAGS = (("width", "w"), ("samples_per_class", "spc"), ("imbalance", "imb"), ("epochs", "ep"), ("optimizer", ""), ("lr", "lr"),
              ("momentum", "mom"), ("weight_decay", "wd"), ("batch_size", "bs"), ("lr_milestones", "ms"),
              ("lr_gamma", "gamma"), ("target_scale", "kappa"), ("label_smoothing", "eps"),
              ("focal_gamma", "fgamma"), ("augment", "aug"), ("mixup_alpha", "mixup"),
-             ("mixup_same_class", "sameclass"), ("precision", ""))
+             ("mixup_same_class", "sameclass"), ("precision", ""), ("classifier", ""), ("bias", "nobias"),
+             ("classifier_weight_decay", "cwd"), ("image_size", "size"))
 
 # The user-facing settings that tell runs apart in a figure, with the short names figures print
 # ("" prints the value alone). Derived values (normalisation statistics, class counts) never appear.
@@ -63,16 +67,22 @@ SETTING_NAMES = {"dataset": "", "model": "", "width": "width", "samples_per_clas
                  "loss": "loss", "target_scale": "kappa", "label_smoothing": "eps", "focal_gamma": "focal gamma",
                  "optimizer": "", "lr": "lr", "momentum": "momentum", "weight_decay": "wd", "batch_size": "batch",
                  "lr_milestones": "milestones", "lr_gamma": "lr gamma", "augment": "augment",
-                 "mixup_alpha": "mixup", "mixup_same_class": "same-class mixup", "precision": "", "seed": "seed"}
+                 "mixup_alpha": "mixup", "mixup_same_class": "same-class mixup", "precision": "", "seed": "seed",
+                 "classifier": "", "bias": "bias", "classifier_weight_decay": "classifier wd", "image_size": "size"}
 
 
 def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that select a run (and so its default folder), shared by train.py and validate_nc.py."""
     add = parser.add_argument
     add("--dataset", type=_dataset_name, default="synthetic",
-        help=f"one of {', '.join(datasets.DATASETS)} (any case; default: synthetic, offline)")
+        help=f"one of {', '.join(datasets.DATASETS)} (any case; default: synthetic, offline), or folder:PATH, your "
+        "own images in PATH/train/<class>/ and PATH/test/<class>/ (torchvision's ImageFolder layout)")
+    add("--image-size", type=positive_int, metavar="S", help="folder:PATH datasets: resize each image's shorter "
+        "side to S and crop its centre to S x S (default: the images' own size, which must then be one square size)")
     add("--model", type=_model_name, help="network from the registry "
-        f"({', '.join(models.MODEL_NAMES)}, wrn<depth>_<k>); default resnet18, resnet50 for CIFAR100")
+        f"({', '.join(models.MODEL_NAMES)}, wrn<depth>_<k>; default resnet18, resnet50 for CIFAR100), or "
+        "module.path:function, your own: function(num_classes=C, in_channels=K, width=W) returns an nn.Module whose "
+        "last layer is an nn.Linear (the module found on PYTHONPATH)")
     add("--width", type=positive_int, help="channel width; 64 is the paper's ResNet (default 64, 16 on synthetic)")
     add("--loss", type=_loss_name, default="ce", help=f"{', '.join(losses.LOSSES)} (cross_entropy = ce; default ce)")
     add("--target-scale", type=positive_float, help="kappa: regression targets are kappa * one-hot (mse, mae, smooth_l1; default 1)")
@@ -108,6 +118,13 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     add("--precision", choices=("fp32", "bf16"), help="training precision: fp32 as the paper (default; on CUDA "
         "with PyTorch's defaults: TF32 convolutions, IEEE matmuls) or bf16 autocast (faster; see the README's "
         "evidence); measurement is always strict fp32")
+    add("--classifier", choices=("learned", "etf"), help="the last layer: learned (default, the paper's) or etf, "
+        "fixed to a simplex equiangular tight frame (C unit rows with pairwise cosines -1/(C-1), oriented at random "
+        "from --seed), not trained, without bias or weight decay (Zhu et al. 2021)")
+    add("--no-bias", dest="bias", action="store_false", default=None,
+        help="a learned last layer without bias (default: with bias, as the paper)")
+    add("--classifier-weight-decay", type=non_negative_float, metavar="X", help="weight decay of the learned "
+        "last layer, apart from --weight-decay on the rest (default: --weight-decay for all, as the paper)")
     add("--seed", type=seed, default=0, help="fixes initialisation, data order and subset: 0 to 2**32 - 1 "
         "(default 0)")
     add("--run-dir", type=Path, help="the run folder (default: runs/<DATASET>-<model>-<loss>-seed<seed>[-<non-default settings>])")
@@ -158,8 +175,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
     defaults = defaults_for(dataset, args.model, args.optimizer)
     loss = args.loss
     regression = loss in losses.REGRESSION_LOSSES
-    config = {"dataset": dataset, "num_classes": datasets.DATASETS[dataset].num_classes,
-              "in_channels": datasets.DATASETS[dataset].channels}
+    found = datasets.info(dataset)
+    config = {"dataset": dataset, "num_classes": found.num_classes, "in_channels": found.channels,
+              "image_size": args.image_size if datasets.is_folder(dataset) else None}
     for key in ("model", "width", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
                 "lr_gamma", "num_checkpoints", "augment", "mixup_alpha", "mixup_same_class", "precision",
                 "eval_every"):
@@ -178,6 +196,11 @@ def resolve_config(args: argparse.Namespace) -> dict:
     config["imbalance_profile"] = _chosen(args.imbalance_profile, defaults["imbalance_profile"],
                                           config["imbalance"] > 1)
     config["seed"] = args.seed
+    config["classifier"] = args.classifier or defaults["classifier"]
+    learned = config["classifier"] == "learned"  # the fixed ETF has no bias and no weight decay to choose
+    config["bias"] = _chosen(args.bias, defaults["bias"], learned)
+    config["classifier_weight_decay"] = _chosen(args.classifier_weight_decay, defaults["classifier_weight_decay"],
+                                                learned)
     return config
 
 
@@ -216,12 +239,12 @@ def run_name(config: dict, args: argparse.Namespace) -> str:
     """<DATASET>-<model>-<loss>-seed<seed>, then a tag for each setting given on the command line
     that differs from its default."""
     defaults = defaults_for(config["dataset"], config["model"], config["optimizer"])
-    parts = [config["dataset"], config["model"], config["loss"], f"seed{config['seed']}"]
+    parts = [datasets.label(config["dataset"]), config["model"].replace(":", "."), config["loss"],
+             f"seed{config['seed']}"]
     for key, tag in NAME_TAGS:
-        given = getattr(args, key, None)
-        if given is None or given == defaults[key] or given is False:
+        given, value = getattr(args, key, None), config[key]
+        if given is None or given == defaults[key] or value is None:
             continue
-        value = config[key]
         if isinstance(value, bool):
             parts.append(tag)
         elif key == "imbalance":
@@ -276,7 +299,7 @@ def selection_flags(run: dict) -> list[str]:
             continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
-            flags.append(flag)
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
         else:
             flags += [flag, *map(str, value if isinstance(value, list) else [value])]
     return flags
@@ -302,7 +325,7 @@ def settings_problems(run, keys: tuple[str, ...]) -> list[str]:
 
 def paper_run_name(dataset: str) -> str:
     """The folder name of the run with every default for this dataset."""
-    return f"{dataset}-{defaults_for(dataset, None, None)['model']}-{PROTOCOL['loss']}-seed0"
+    return f"{datasets.label(dataset)}-{defaults_for(dataset, None, None)['model']}-{PROTOCOL['loss']}-seed0"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -381,9 +404,10 @@ def _dataset_name(name: str) -> str:
 
 def _model_name(name: str) -> str:
     if not models.is_model_name(name):
-        raise argparse.ArgumentTypeError(f"unknown model '{name}'; choose one of: "
-                                         f"{', '.join(models.MODEL_NAMES)}, wrn<depth>_<k> with depth 6n+4 (e.g. wrn40_10)")
-    return name.lower()
+        raise argparse.ArgumentTypeError(f"unknown model '{name}'; choose one of: {', '.join(models.MODEL_NAMES)}, "
+                                         "wrn<depth>_<k> with depth 6n+4 (e.g. wrn40_10), or module.path:function "
+                                         "for your own")
+    return name if ":" in name else name.lower()
 
 
 def _loss_name(name: str) -> str:

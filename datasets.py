@@ -5,6 +5,13 @@ used only to download: its dataset classes check md5 sums, which a re-encoded of
 Instead of md5 sums the readers check shapes, dtypes, label ranges and, in `load_split`, the official
 number of samples per split. A whole split is held on the device as uint8; `batches` indexes it there,
 augments and normalises each batch on the device, with no DataLoader and no workers.
+
+A folder of one's own images, `folder:PATH`, is read in torchvision's ImageFolder layout: PATH/train/<class>/
+and PATH/test/<class>/ hold the image files (PNG, JPEG and the other formats Pillow reads), the classes
+numbered in the sorted order of their folder names, which must be the same in both splits. The images
+are decoded once into the same uint8 tensors as every other dataset, in RGB, at one size: --image-size S
+resizes each image's shorter side to S and crops its centre to S x S; without it, every image must be
+square and of one size already.
 """
 import argparse
 import gzip
@@ -21,6 +28,7 @@ import numpy as np
 import scipy.io
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 
 from errors import UserError
 
@@ -73,29 +81,83 @@ FULL_PER_CLASS: dict[str, int] = {"CIFAR10": 5000, "CIFAR100": 500, "MNIST": 542
 CROP_PADDING = 4
 IMBALANCE_PROFILES = ("step", "exp")
 
+FOLDER_PREFIX = "folder:"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+
 Split = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, C, H, W) and int64 labels (N,)
 
 
 def canonical_name(name: str) -> str:
-    """The dataset's name as spelled in DATASETS, found case-insensitively; usable as an argparse type."""
+    """The dataset's name as spelled in DATASETS, found case-insensitively, or folder:<absolute path>;
+    usable as an argparse type."""
+    if name.lower().startswith(FOLDER_PREFIX):
+        path = name[len(FOLDER_PREFIX):]
+        if not path:
+            raise _UnknownDataset("--dataset folder:PATH needs the folder's path, e.g. folder:data/flowers")
+        return FOLDER_PREFIX + str(Path(path).expanduser().absolute())
     by_lower = {known.lower(): known for known in DATASETS}
     if name.lower() not in by_lower:
         raise _UnknownDataset(f"unknown dataset '{name}'; choose one of: {', '.join(DATASETS)}")
     return by_lower[name.lower()]
 
 
+def is_folder(name: str) -> bool:
+    """Whether `name` (canonical) is a folder of one's own images, folder:PATH."""
+    return name.startswith(FOLDER_PREFIX)
+
+
+def label(name: str) -> str:
+    """The dataset's name in run folders' and plot folders' names: folder-<folder name> for folder:PATH."""
+    return f"folder-{Path(name[len(FOLDER_PREFIX):]).name}" if is_folder(name) else name
+
+
+def info(name: str, image_size: int | None = None) -> DatasetInfo:
+    """The classes, channels and image side of a dataset (canonical name); for a folder, its classes are
+    the class folders of PATH/train, and its side `image_size` (None until its images are read)."""
+    if is_folder(name):
+        return DatasetInfo(len(folder_classes(name)), 3, image_size)
+    return DATASETS[name]
+
+
+def folder_classes(name: str) -> list[str]:
+    """The class names of folder:PATH, its training split's class folders in sorted order; the test split
+    must have the same ones."""
+    root = Path(name[len(FOLDER_PREFIX):])
+    found = {split: sorted(path.name for path in (root / split).iterdir() if path.is_dir())
+             for split in ("train", "test") if (root / split).is_dir()}
+    if len(found) < 2 or not found["train"]:
+        raise UserError(f"{root} is not an image folder dataset: it needs train/<class>/ and test/<class>/ "
+                        "folders of images (torchvision's ImageFolder layout)")
+    if found["train"] != found["test"]:
+        differing = sorted(set(found["train"]) ^ set(found["test"]))
+        raise UserError(f"{root}: train/ and test/ must hold the same class folders, but {', '.join(differing[:5])} "
+                        "is in only one of them")
+    if len(found["train"]) < 2:
+        raise UserError(f"{root}/train holds one class folder; Neural Collapse needs at least 2 classes")
+    return found["train"]
+
+
 def load_run_data(name: str, root: str | Path, samples_per_class: int | None, seed: int, download: bool,
-                  device: torch.device, imbalance: float = 1.0,
-                  profile: str | None = None) -> tuple[Split, Split, int]:
+                  device: torch.device, imbalance: float = 1.0, profile: str | None = None,
+                  image_size: int | None = None) -> tuple[Split, Split, int]:
     """A run's data on `device`: the seeded training subset (`subset_indices`), the whole test split (never
-    subsampled, so an imbalanced run is tested as a balanced one), and the samples kept of the largest class."""
-    train_images, train_labels = load_split(name, root, True, download)
-    absent = sorted(set(range(DATASETS[name].num_classes)) - set(train_labels.unique().tolist()))
-    if absent:
-        raise UserError(f"the {name} training split in {Path(root).absolute()} has no images of class(es) "
-                        f"{', '.join(map(str, absent[:10]))}; every class needs some: restore the full copy (--download)")
+    subsampled, so an imbalanced run is tested as a balanced one), and the samples kept of the largest class
+    (a folder's images at `image_size`, see the module)."""
+    if is_folder(name):
+        train_images, train_labels = read_folder(name, True, image_size)
+        test_images, test_labels = read_folder(name, False, image_size)
+        if test_images.shape[1:] != train_images.shape[1:]:
+            raise UserError(f"{name[len(FOLDER_PREFIX):]}: the test images are {test_images.shape[-1]} pixels wide, "
+                            f"the training images {train_images.shape[-1]}; pass --image-size S to bring all to S x S")
+    else:
+        train_images, train_labels = load_split(name, root, True, download)
+        absent = sorted(set(range(DATASETS[name].num_classes)) - set(train_labels.unique().tolist()))
+        if absent:
+            raise UserError(f"the {name} training split in {Path(root).absolute()} has no images of class(es) "
+                            f"{', '.join(map(str, absent[:10]))}; every class needs some: restore the full copy "
+                            "(--download)")
+        test_images, test_labels = load_split(name, root, False, download)
     keep = subset_indices(train_labels, samples_per_class, seed, imbalance, profile)
-    test_images, test_labels = load_split(name, root, False, download)
     per_class = int(torch.bincount(train_labels[keep]).max())
     return ((train_images[keep].to(device), train_labels[keep].to(device)),
             (test_images.to(device), test_labels.to(device)), per_class)
@@ -103,6 +165,9 @@ def load_run_data(name: str, root: str | Path, samples_per_class: int | None, se
 
 def fetch(name: str, root: str | Path) -> None:
     """Fetch both splits of a dataset into `root`, unless they are there already."""
+    if is_folder(canonical_name(name)):
+        raise UserError("--download fetches the built-in datasets; a folder:PATH dataset is read where it is: "
+                        "drop --download")
     for train in (True, False):
         _download_if_missing(canonical_name(name), Path(root).absolute(), train)
 
@@ -132,6 +197,32 @@ def read_split(name: str, root: str | Path, train: bool) -> Split:
     if images.shape[1:] != (info.channels, info.size, info.size):
         raise _corrupt(paths[0], f"its images are {images.shape[1:]}, not {(info.channels, info.size, info.size)}")
     return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def read_folder(name: str, train: bool, image_size: int | None) -> Split:
+    """A split of folder:PATH as uint8 RGB images (N, 3, S, S) and int64 labels, class by class in sorted
+    file order; S is `image_size` (each image's shorter side resized to S, then its centre cropped), or
+    without it the one size of its images, which must then be square."""
+    classes = folder_classes(name)
+    split = Path(name[len(FOLDER_PREFIX):]) / ("train" if train else "test")
+    images, labels = [], []
+    for index, class_name in enumerate(classes):
+        files = sorted(path for path in (split / class_name).iterdir()
+                       if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+        if train and not files:
+            raise UserError(f"{split / class_name} holds no images ({', '.join(IMAGE_SUFFIXES)}); every class "
+                            "needs training images")
+        for path in files:
+            image = _read_image(path, image_size)
+            if image.shape != (images[0] if images else image).shape:
+                raise UserError(f"{path} is {image.shape[2]}x{image.shape[1]} but {split} has images of "
+                                f"{images[0].shape[2]}x{images[0].shape[1]}: pass --image-size S to bring them all "
+                                "to S x S")
+            images.append(image)
+            labels.append(index)
+    if not images:
+        raise UserError(f"{split} holds no images; put each class's test images in {split}/<class>/")
+    return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
 
 
 def check_count(name: str, train: bool, count: int, root: str | Path) -> None:
@@ -371,6 +462,27 @@ def _download(name: str, root: Path, train: bool) -> None:
     except (OSError, RuntimeError) as err:
         raise UserError(f"could not download {name} into {root} ({err}); check the network connection, "
                         "or put a copy there and pass --data-root") from None
+
+
+def _read_image(path: Path, size: int | None) -> np.ndarray:
+    """One image file as uint8 RGB (3, S, S): resized and centre-cropped to `size`, or as it is if square."""
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise UserError(f"{path} is not an image Pillow can read ({err}); remove or replace it") from None
+    width, height = image.size
+    if size is None:
+        if width != height:
+            raise UserError(f"{path} is {width}x{height}, not square: pass --image-size S to resize the images' "
+                            "shorter side to S and crop their centres to S x S")
+    elif (width, height) != (size, size):
+        scale = size / min(width, height)
+        resized = (max(size, round(width * scale)), max(size, round(height * scale)))
+        image = image.resize(resized, Image.Resampling.BILINEAR)
+        left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image).transpose(2, 0, 1).copy()
 
 
 def _corrupt(path: Path, why: str) -> UserError:

@@ -86,7 +86,7 @@ def all_reduce_stats(stats: FeatureStats) -> None:
     shift = torch.where((owner == rank())[:, None], stats.shift, torch.zeros_like(stats.shift))
     dist.all_reduce(shift)  # one non-zero term per class: exact
     stats.rebase(shift)
-    for tensor in (stats.counts, stats.sums, stats.scatter):
+    for tensor in (stats.counts, stats.sums, stats.scatter, stats.squares):
         dist.all_reduce(tensor)
 
 

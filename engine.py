@@ -27,18 +27,26 @@ import losses
 import models
 import robustness
 from errors import UserError
-from nc_metrics import (FEATURE_KEYS, FeatureStats, balancing_weights, calibration_bins, group_cosines,
-                        expected_calibration_error, metrics_from_stats, nc1, ncc_disagreements, plane_coordinates,
-                        simplex_plane)
+from models import classifier
+from nc_metrics import (FEATURE_KEYS, FeatureStats, balancing_weights, calibration_bins, expected_calibration_error,
+                        group_cosines, metrics_from_stats, nc1, ncc_disagreements, plane_coordinates, simplex_plane)
 
 Split = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, C, H, W) and int64 labels, on the device
 
 
 def build_model(config: dict, device: torch.device) -> nn.Module:
-    """The run's network (from the registry, as config.json describes it) on the device, channels-last; a
+    """The run's network (from the registry, as config.json describes it) on the device, channels-last,
+    with its last layer as the run chose it: learned (with or without bias) or a fixed simplex ETF; a
     UserError if it does not fit in memory."""
     try:
         model = models.get_model(config["model"], config["num_classes"], config["in_channels"], config["width"])
+        if config.get("classifier", "learned") == "etf":
+            try:
+                classifier.fix_to_simplex_etf(model.fc, config["seed"])
+            except ValueError as err:
+                raise UserError(f"--classifier etf: {err}; choose a wider network or --classifier learned") from None
+        elif not config.get("bias", True):
+            classifier.remove_bias(model.fc)
         return model.to(device, memory_format=torch.channels_last)
     except RuntimeError as err:  # torch.OutOfMemoryError on CUDA; "can't allocate memory" on the CPU
         if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):

@@ -19,6 +19,26 @@ mu_c - mu_G (its rows are the "means" below); W the C x d weight of the last lin
     ncc_mismatch         the fraction of samples where the classifier's argmax_c (w_c . h + b_c)
                          differs from the nearest class mean argmin_c ||h - mu_c||.             (Figure 7)
 
+The field's other measures, as their papers define them (N_c the samples of class c, V_c = (1/N_c)
+sum_{i in c} ||h_i - mu_c||^2 the variance of class c, E = (I_C - 1 1^T / C) / sqrt(C - 1) the simplex
+ETF's Gram matrix scaled to Frobenius norm 1):
+
+    nc1_trace_ratio      Tr(Sigma_W) / Tr(Sigma_B), Sigma_W and Sigma_B as for nc1.
+                                                   (Tirer, Huang & Niles-Weed 2023, ICML)
+    cdnv                 Avg over pairs c < c' of (V_c + V_c') / (2 ||mu_c - mu_c'||^2), the class-distance
+                         normalised variance.       (Galanti, Gyorgy & Hutter 2022, ICLR)
+    etf_error_means      || M~ M~^T / ||M~ M~^T||_F - E ||_F.          (Zhu et al. 2021, NeurIPS, NC2)
+    etf_error_weights    || W W^T / ||W W^T||_F - E ||_F.              (Zhu et al. 2021, NeurIPS, NC2)
+    wh_alignment         || W M~^T / ||W M~^T||_F - E ||_F.            (Zhu et al. 2021, NeurIPS, NC3)
+    hyperspherical_energy_means
+                         Avg over c != c' of 1 / ||m_c - m_c'||, m_c = (mu_c - mu_G) / ||mu_c - mu_G||:
+                         the Riesz s = 1 energy of the centred class means on the unit sphere, lowest
+                         for a simplex ETF, where it is sqrt((C - 1) / (2 C)).
+                                                   (Liu et al. 2023, ICLR, GNC2)
+
+All but the energy are 0 at full collapse; the trace ratio and the CDNV are 0 as soon as every feature
+sits on its class mean.
+
 Which mean and which Sigma_W. The paper's classes are balanced, and there mu_G, the mean of all features,
 is also the mean of the class means, and Sigma_W, the average over samples, is also the average of the
 per-class covariances. On an imbalanced training set (train.py --imbalance) the two readings part, and
@@ -26,8 +46,9 @@ the class-balanced one is taken, as the imbalanced-collapse literature does (e.g
 2022), so that a class weighs the same in every quantity whatever its size: FeatureStats with
 `balancing_weights` (N / (C N_c) per sample of class c) makes
     mu_G     = (1/C) sum_c mu_c                                     the centre of M~ and of Sigma_B, hence
-                                                                    of nc1, the *_means metrics and self_duality;
-    Sigma_W  = (1/C) sum_c (1/N_c) sum_{i: y_i = c} (h_i - mu_c)(h_i - mu_c)^T          in nc1.
+                                                                    of nc1, the *_means metrics, self_duality
+                                                                    and the measures above that use M~;
+    Sigma_W  = (1/C) sum_c (1/N_c) sum_{i: y_i = c} (h_i - mu_c)(h_i - mu_c)^T  in nc1 and the trace ratio.
 ncc_mismatch uses the class means alone, and the *_weights metrics the classifier alone, in both cases.
 A balanced run is measured with unit weights, the plain sample averages above; its balancing weights
 would be exactly 1, so the two readings agree there to the last bit. Beside these, for imbalanced runs:
@@ -46,18 +67,23 @@ the plane of three classes' simplex onto which the Mixup representation figure p
 """
 import torch
 
-STATS_KEYS = ("nc1", "equinorm_means", "equinorm_weights", "equiangular_means", "equiangular_weights",
+PAPER_KEYS = ("nc1", "equinorm_means", "equinorm_weights", "equiangular_means", "equiangular_weights",
               "maxangle_means", "maxangle_weights", "self_duality")
+OTHER_KEYS = ("nc1_trace_ratio", "cdnv", "etf_error_means", "etf_error_weights", "wh_alignment",
+              "hyperspherical_energy_means")
+STATS_KEYS = PAPER_KEYS + OTHER_KEYS
 METRIC_KEYS = STATS_KEYS + ("ncc_mismatch",)
 # The keys of STATS_KEYS that depend on the features (the others are the classifier's alone).
-FEATURE_KEYS = ("nc1", "equinorm_means", "equiangular_means", "maxangle_means", "self_duality")
+FEATURE_KEYS = ("nc1", "equinorm_means", "equiangular_means", "maxangle_means", "self_duality", "nc1_trace_ratio",
+                "cdnv", "etf_error_means", "wh_alignment", "hyperspherical_energy_means")
 
 
 class FeatureStats:
-    """Streaming float64 class statistics of features: counts, class means and within-class scatter, each
-    sample of class c counting `class_weights[c]` times (default 1) in the global mean and Sigma_W. The
-    weights are fixed before the pass (`balancing_weights` of the training labels), so the class-balanced
-    statistics take one pass and no per-class d x d matrix.
+    """Streaming float64 class statistics of features: counts, class means, the within-class scatter and
+    each class's within-class sum of squares (for the class variances V_c of the CDNV), each sample of class
+    c counting `class_weights[c]` times (default 1) in the global mean and Sigma_W. The weights are fixed
+    before the pass (`balancing_weights` of the training labels), so the class-balanced statistics take one
+    pass and no per-class d x d matrix.
 
     Each class's sums are accumulated around a shift, the first sample seen of that class, so nearly
     collapsed features far from the origin lose no precision to cancellation (and features identical
@@ -81,6 +107,7 @@ class FeatureStats:
         # Each sample of class c counts weights[c] times in the global mean and Sigma_W (ones: the plain
         # sample averages, and multiplying by 1 leaves every bit of them as it was).
         self.weights = torch.ones(num_classes, **zeros) if class_weights is None else class_weights.to(**zeros)
+        self.squares = torch.zeros(num_classes, **zeros)  # sum of ||h - shift_c||^2 per class
 
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Add a batch of features (B, d) with integer labels (B,) in [0, C)."""
@@ -97,6 +124,7 @@ class FeatureStats:
         self.counts += torch.bincount(labels, minlength=self.num_classes).to(torch.float64)
         self.sums.index_add_(0, labels, centred)
         self.scatter.addmm_(centred.T, centred * self.weights[labels, None])
+        self.squares.index_add_(0, labels, centred.pow(2).sum(dim=1))
 
     def merge(self, other: "FeatureStats") -> "FeatureStats":
         """Add the samples accumulated by `other` to this accumulator (in place) and return it."""
@@ -107,16 +135,17 @@ class FeatureStats:
             raise ValueError("cannot merge statistics accumulated with different class weights")
         unseen = self.counts == 0
         self.shift = torch.where(unseen[:, None], other.shift.to(self.shift.device), self.shift)
-        sums, scatter = other._recentred(self.shift.to(other.shift.device))
+        sums, scatter, squares = other._recentred(self.shift.to(other.shift.device))
         self.counts += other.counts.to(self.counts.device)
         self.sums += sums.to(self.sums.device)
         self.scatter += scatter.to(self.scatter.device)
+        self.squares += squares.to(self.squares.device)
         return self
 
     def rebase(self, shift: torch.Tensor) -> None:
         """Re-centre the sums on another per-class shift (C, d); the statistics do not change."""
         shift = shift.to(self.shift.device, torch.float64)
-        self.sums, self.scatter = self._recentred(shift)
+        self.sums, self.scatter, self.squares = self._recentred(shift)
         self.shift = shift.clone()
 
     @property
@@ -142,13 +171,20 @@ class FeatureStats:
         deviation = self.sums * self.weights.sqrt()[:, None] / self.counts.sqrt()[:, None]
         return (self.scatter - deviation.T @ deviation) / (self.weights * self.counts).sum()
 
-    def _recentred(self, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sums, scatter) accumulated around `shift` instead of `self.shift`: h - a = (h - b) - (a - b)."""
+    def class_variances(self) -> torch.Tensor:
+        """V_c = (1/N_c) sum_{i in c} ||h_i - mu_c||^2 per class, (C,)."""
+        self._require_every_class()
+        return (self.squares - self.sums.pow(2).sum(dim=1) / self.counts) / self.counts
+
+    def _recentred(self, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sums, scatter, squares) accumulated around `shift` instead of `self.shift`:
+        h - a = (h - b) - (a - b)."""
         delta = shift - self.shift
         sums = self.sums - self.counts[:, None] * delta
         cross = delta.T @ (self.weights[:, None] * self.sums)
         scatter = self.scatter - cross - cross.T + delta.T @ ((self.weights * self.counts)[:, None] * delta)
-        return sums, scatter
+        squares = self.squares - 2 * (delta * self.sums).sum(dim=1) + self.counts * delta.pow(2).sum(dim=1)
+        return sums, scatter, squares
 
     def _require_every_class(self) -> None:
         empty = (self.counts == 0).nonzero().flatten().tolist()
@@ -176,8 +212,9 @@ def metrics_from_stats(stats: FeatureStats, weight: torch.Tensor) -> dict[str, f
     _check_weight(weight, stats.num_classes, stats.dim)
     w = weight.detach().to(stats.sums.device, torch.float64)
     centred_means = stats.class_means() - stats.global_mean()
+    within = stats.within_class_covariance()
     return {
-        "nc1": nc1(stats.within_class_covariance(), centred_means),
+        "nc1": nc1(within, centred_means),
         "equinorm_means": coefficient_of_variation(centred_means.norm(dim=1)),
         "equinorm_weights": coefficient_of_variation(w.norm(dim=1)),
         "equiangular_means": pair_cosines(centred_means).std().item(),
@@ -185,6 +222,12 @@ def metrics_from_stats(stats: FeatureStats, weight: torch.Tensor) -> dict[str, f
         "maxangle_means": simplex_angle_deviation(centred_means),
         "maxangle_weights": simplex_angle_deviation(w),
         "self_duality": self_duality(w, centred_means),
+        "nc1_trace_ratio": (within.trace() / (centred_means.pow(2).sum() / len(centred_means))).item(),
+        "cdnv": cdnv(stats.class_variances(), centred_means),
+        "etf_error_means": etf_error(centred_means @ centred_means.T),
+        "etf_error_weights": etf_error(w @ w.T),
+        "wh_alignment": etf_error(w @ centred_means.T),
+        "hyperspherical_energy_means": hyperspherical_energy(centred_means),
     }
 
 
@@ -253,6 +296,29 @@ def simplex_angle_deviation(vectors: torch.Tensor) -> float:
 def self_duality(weight: torch.Tensor, centred_means: torch.Tensor) -> float:
     """|| W / ||W||_F - M~ / ||M~||_F ||_F^2."""
     return (weight / weight.norm() - centred_means / centred_means.norm()).pow(2).sum().item()
+
+
+def cdnv(variances: torch.Tensor, centred_means: torch.Tensor) -> float:
+    """Avg over pairs c < c' of (V_c + V_c') / (2 ||mu_c - mu_c'||^2), from the class variances (C,) and the
+    (centred or not) class means (C, d)."""
+    first, second = torch.triu_indices(len(variances), len(variances), offset=1, device=variances.device)
+    distances = (centred_means[first] - centred_means[second]).pow(2).sum(dim=1)
+    return ((variances[first] + variances[second]) / (2 * distances)).mean().item()
+
+
+def etf_error(gram: torch.Tensor) -> float:
+    """|| G / ||G||_F - (I - 1 1^T / C) / sqrt(C - 1) ||_F of a C x C matrix G (Zhu et al.'s NC2 and NC3)."""
+    classes = len(gram)
+    simplex = torch.eye(classes, dtype=gram.dtype, device=gram.device) - 1.0 / classes
+    return (gram / gram.norm() - simplex / (classes - 1) ** 0.5).norm().item()
+
+
+def hyperspherical_energy(vectors: torch.Tensor) -> float:
+    """Avg over c != c' of 1 / ||v_c / ||v_c|| - v_c' / ||v_c'|| ||: the Riesz s = 1 energy of the rows on the
+    unit sphere."""
+    unit = vectors / vectors.norm(dim=1, keepdim=True)
+    first, second = torch.triu_indices(len(unit), len(unit), offset=1, device=unit.device)
+    return (unit[first] - unit[second]).norm(dim=1).reciprocal().mean().item()
 
 
 def ncc_mismatch(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -1,7 +1,8 @@
 """Every figure of the repo, drawn from the tables of run folders (never from a model): the paper's
-Figures 2-7, the training curves, and the paper's Table 1 over any number of runs.
+Figures 2-7, the field's other measures (Figure 9), the training curves and the paper's Table 1 over
+any number of runs.
 
-    python plotting.py nc RUN_DIR [RUN_DIR ...] --out DIR          # fig2_equinorm.png ... fig7_ncc_mismatch.png
+    python plotting.py nc RUN_DIR [RUN_DIR ...] --out DIR          # fig2_equinorm.png ... fig7, fig9
     python plotting.py curves RUN_DIR [RUN_DIR ...] --out DIR      # training_curves.png (or --out FILE.pdf)
     python plotting.py panel RUN_DIR [RUN_DIR ...] --out FILE.pdf  # Figures 2-7 in one compact 2x3 panel
     python plotting.py panel RUN_DIR ... --group-by precision --out FILE.png   # mean and spread per group
@@ -60,6 +61,7 @@ from matplotlib.lines import Line2D
 from PIL import Image
 
 import config
+import datasets
 import runs
 import studies
 from errors import ArgumentParser, UserError, run_cli
@@ -143,6 +145,25 @@ ROBUSTNESS_FIGURE = ("fig8_adversarial_robustness.png", Panel(
     "Adversarial robustness (Figure 8)", r"DeepFool $\mathrm{Avg}_x\ \|r(x)\|_2\ /\ \|x\|_2$ (pixels in [0, 1])",
     (Quantity("deepfool_robustness", TEST),), log_y=False, table=NC_TABLE,
     names={TEST: "a fixed sample of test images, attacked away from the network's decision"}))
+# Figure 9: the field's other measures (nc_metrics.py), one panel each, drawn when the table has them.
+OTHER_FILE = "fig9_other_measures.png"
+OTHER_PANELS = (
+    Panel("Trace ratio (Tirer et al. 2023)", r"$\mathrm{Tr}(\Sigma_W)\ /\ \mathrm{Tr}(\Sigma_B)$",
+          (Quantity("nc1_trace_ratio"), Quantity("nc1_trace_ratio_test", TEST)), log_y=True, table=NC_TABLE),
+    Panel("CDNV (Galanti et al. 2022)", r"$\mathrm{Avg}_{c < c'}\ (V_c + V_{c'})\ /\ (2\,\|\mu_c - \mu_{c'}\|^2)$",
+          (Quantity("cdnv"), Quantity("cdnv_test", TEST)), log_y=True, table=NC_TABLE),
+    Panel("ETF error (Zhu et al. 2021, NC2)",
+          "$\\|\\,G / \\|G\\|_F - E\\,\\|_F$\n" r"$G = \tilde{M}\tilde{M}^\top,\ W W^\top$",
+          (Quantity("etf_error_means"), Quantity("etf_error_weights", CLASSIFIERS), Quantity("etf_error_means_test", TEST)),
+          log_y=True, table=NC_TABLE),
+    Panel("Alignment of W and means (Zhu et al., NC3)",
+          r"$\|\,W\tilde{M}^\top / \|W\tilde{M}^\top\|_F - E\,\|_F$",
+          (Quantity("wh_alignment"), Quantity("wh_alignment_test", TEST)), log_y=True, table=NC_TABLE),
+    Panel("Hyperspherical energy (Liu et al. 2023)",
+          r"$\mathrm{Avg}_{c \neq c'}\ 1\ /\ \|m_c - m_{c'}\|$" "\n" r"(grey: the simplex ETF's $\sqrt{(C-1)/2C}$)",
+          (Quantity("hyperspherical_energy_means"), Quantity("hyperspherical_energy_means_test", TEST)), log_y=False,
+          table=NC_TABLE),
+)
 LAYERS_FILE = "layerwise_nc1.png"
 CURVE_PANELS = (
     Panel("Loss", "loss", (Quantity("train_loss"), Quantity("test_loss", TEST)), log_y=True, table=LOG_TABLE),
@@ -204,6 +225,8 @@ def run_figure_names(run_dir: Path, suffix: str = ".png") -> list[str]:
     names = list(NC_FIGURES)
     if any(row.get("deepfool_robustness") is not None for row in measured):
         names.append(ROBUSTNESS_FIGURE[0])
+    if any(row.get("cdnv") is not None for row in measured):
+        names.append(OTHER_FILE)
     names += ["panel.png", CURVES_FILE] + ([LAYERS_FILE] if runs.stage_columns(measured) else [])
     if any(row.get("minority_cosine") is not None for row in measured):
         names.append(MINORITY_FILE)
@@ -225,6 +248,11 @@ def plot_curves(run_dirs: list[Path], out_path: Path, group_by: list[str] = ()) 
 def plot_panel(run_dirs: list[Path], out_path: Path, group_by: list[str] = ()) -> Path:
     """Figures 2-7 as one compact 2x3 panel (the same content as the single figures) at `out_path`."""
     return _save(panel_figure(run_dirs, group_by), out_path)
+
+
+def plot_other_measures(run_dirs: list[Path], out_path: Path, group_by: list[str] = ()) -> Path:
+    """Figure 9, the field's other measures (see `other_measures_figure`), at `out_path`."""
+    return _save(other_measures_figure(_load_lines(run_dirs, NC_TABLE, group_by)), out_path)
 
 
 def plot_minority_collapse(run_dirs: list[Path], out_path: Path, group_by: list[str] = ()) -> Path:
@@ -255,6 +283,8 @@ def nc_figures(run_dirs: list[Path], group_by: list[str] = ()) -> Iterator[tuple
             fig, ax = plt.subplots(figsize=SINGLE_SIZE, layout="constrained")
             _finish(fig, lines, _draw(ax, panel, lines), panel.names or STYLE_NAMES[panel.table])
         yield filename, fig
+    if any(_present(panel, lines) for panel in OTHER_PANELS):
+        yield OTHER_FILE, other_measures_figure(lines)
 
 
 def curves_figure(run_dirs: list[Path], group_by: list[str] = ()) -> plt.Figure:
@@ -273,6 +303,20 @@ def panel_figure(run_dirs: list[Path], group_by: list[str] = ()) -> plt.Figure:
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(2, 3, figsize=PANEL_SIZE, layout="constrained")
         styles = set().union(*(_draw(ax, panel, lines) for ax, panel in zip(axes.flat, NC_FIGURES.values())))
+        _finish(fig, lines, styles, STYLE_NAMES[NC_TABLE])
+    return fig
+
+
+def other_measures_figure(lines: list["_Line"]) -> plt.Figure:
+    """Figure 9: the field's other measures, one panel each, the runs (or groups) of `lines` overlaid; the
+    energy panel marks the simplex ETF's value, sqrt((C - 1) / (2 C)), its minimum."""
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(2, 3, figsize=PANEL_SIZE, layout="constrained")
+        styles = set().union(*(_draw(ax, panel, lines) for ax, panel in zip(axes.flat, OTHER_PANELS)))
+        for classes in sorted({run["num_classes"] for line in lines for run in line.configs if "num_classes" in run}):
+            energy = np.sqrt((classes - 1) / (2 * classes))
+            axes.flat[len(OTHER_PANELS) - 1].axhline(energy, color="0.5", linewidth=1)
+        axes.flat[-1].axis("off")
         _finish(fig, lines, styles, STYLE_NAMES[NC_TABLE])
     return fig
 
@@ -437,7 +481,7 @@ def write_table1(rows: list[dict], out: Path, group_by: list[str] = ()) -> list[
 def default_plots_dir(run_config: dict, run_dir: Path) -> Path:
     """Where validate_nc.py draws a run: <DATASET>_plots/ for the paper-default run, <DATASET>_plots/<run
     name>/ for any other."""
-    base = Path(f"{run_config['dataset']}_plots")
+    base = Path(f"{datasets.label(run_config['dataset'])}_plots")
     return base if Path(run_dir).name == config.paper_run_name(run_config["dataset"]) else base / Path(run_dir).name
 
 
@@ -541,6 +585,8 @@ def plot_study(study_dir: Path, out_dir: Path | None = None, suffix: str = ".png
                plot_curves(run_dirs, out_dir / Path(CURVES_FILE).with_suffix(suffix), group_by)]
     if _imbalanced(run_dirs):
         written.append(plot_minority_collapse(run_dirs, out_dir / Path(MINORITY_FILE).with_suffix(suffix), group_by))
+    if any(row.get("cdnv") is not None for run_dir in run_dirs for row in runs.read_nc_metrics(run_dir)):
+        written.append(plot_other_measures(run_dirs, out_dir / Path(OTHER_FILE).with_suffix(suffix), group_by))
     if out_dir != study_dir:
         written.append(out_dir / studies.MARKDOWN_TABLE)
         runs.write_text(written[-1], (study_dir / studies.MARKDOWN_TABLE).read_text())
@@ -813,13 +859,15 @@ def _present(panel: Panel, lines: list[_Line]) -> list[Quantity]:
 
 
 class _ReadableLogLocator(matplotlib.ticker.LogLocator):
-    """Ticks at 1, 2 and 5 times powers of ten; where that leaves fewer than MIN_LOG_TICKS in view (an
-    axis spanning less than a decade), at every integer multiple of them; and where even that does not,
-    at evenly spaced round values."""
+    """Ticks at 1, 2 and 5 times powers of ten (at powers of ten alone over more than 4 decades, such as a
+    fixed ETF's 1e-8, where matplotlib's LogLocator draws no tick at all given several subs); where that
+    leaves fewer than MIN_LOG_TICKS in view (an axis spanning less than a decade), at every integer multiple
+    of them; and where even that does not, at evenly spaced round values."""
 
     def tick_values(self, vmin: float, vmax: float) -> np.ndarray:
         low, high = sorted((vmin, vmax))
-        for subs in ((1.0, 2.0, 5.0), tuple(np.arange(1.0, 10.0))):
+        wide = high / low > 1e4
+        for subs in ((1.0,),) if wide else ((1.0, 2.0, 5.0), tuple(np.arange(1.0, 10.0))):
             self.set_params(subs=subs)
             ticks = super().tick_values(vmin, vmax)
             if np.count_nonzero((ticks >= low) & (ticks <= high)) >= MIN_LOG_TICKS:

@@ -52,7 +52,7 @@ from PIL import Image
 
 import config
 from errors import UserError
-from nc_metrics import STATS_KEYS
+from nc_metrics import FEATURE_KEYS, OTHER_KEYS, PAPER_KEYS
 
 TMP_SUFFIX = ".tmp"
 TRAIN_LOCK, TABLES_LOCK = ".train.lock", ".tables.lock"
@@ -114,8 +114,11 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
 
 
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_ece", "seconds"]
-NC_COLUMNS = ["epoch", "train_acc", "train_loss", "test_acc", "test_loss", "test_ece", *STATS_KEYS,
-              "ncc_mismatch_train", "ncc_mismatch_test"]
+NC_COLUMNS = ["epoch", "train_acc", "train_loss", "test_acc", "test_loss", "test_ece", *PAPER_KEYS,
+              "ncc_mismatch_train", "ncc_mismatch_test", *OTHER_KEYS]
+# Tables measured before the field's other measures existed lack their columns: their rows are read (those
+# columns empty) and validate_nc.py measures them again.
+_NC_REQUIRED = [column for column in NC_COLUMNS if column not in OTHER_KEYS]
 # What an imbalanced run's rows add (train.py --imbalance), then its classifier row norms weight_norm_<c>.
 IMBALANCE_COLUMNS = ["minority_cosine", "majority_cosine", "test_acc_minority", "test_acc_majority"]
 # log.csv leaves the test columns empty on epochs --eval-every skips.
@@ -225,7 +228,7 @@ def write_log(run_dir: Path, rows: list[dict]) -> None:
 
 def read_nc_metrics(run_dir: Path) -> list[dict]:
     """The complete rows of nc_metrics.csv with numbers parsed, in epoch order."""
-    return sorted(_read_numbers(Path(run_dir) / "nc_metrics.csv", NC_COLUMNS), key=lambda row: row["epoch"])
+    return sorted(_read_numbers(Path(run_dir) / "nc_metrics.csv", _NC_REQUIRED), key=lambda row: row["epoch"])
 
 
 def merge_nc_metrics(run_dir: Path, rows: list[dict]) -> dict[int, dict]:
@@ -255,15 +258,19 @@ def stage_columns(measured: list[dict]) -> list[str]:
     """The nc1_<stage> columns of nc_metrics.csv rows (validate_nc.py --layers), in depth order (the
     order they were written), that hold a value in some row."""
     columns = dict.fromkeys(key for row in measured for key, value in row.items() if value is not None)
-    return [key for key in columns if key.startswith("nc1_") and key != "nc1_test"]
+    measures = {*NC_COLUMNS, *(f"{key}_test" for key in FEATURE_KEYS)}
+    return [key for key in columns if key.startswith("nc1_") and key not in measures]
 
 
-def lacks_measurements(row: dict, layers: bool, test_collapse: bool, adversarial: bool, imbalanced: bool = False) -> bool:
+def lacks_measurements(row: dict, layers: bool, test_collapse: bool, adversarial: bool,
+                       imbalanced: bool = False) -> bool:
     """Whether a row of nc_metrics.csv lacks a measurement of validate_nc.py's --layers, --test-collapse or
-    --adversarial that is asked for, or, of an imbalanced run, its Minority Collapse columns."""
+    --adversarial that is asked for, or, of an imbalanced run, its Minority Collapse columns, or the field's
+    other measures (a row measured before they existed)."""
     present = {key for key, value in row.items() if value is not None}
-    return ((test_collapse and "nc1_test" not in present) or (adversarial and "deepfool_robustness" not in present)
-            or (layers and not stage_columns([row])) or (imbalanced and "minority_cosine" not in present))
+    return (not present.issuperset(OTHER_KEYS) or (test_collapse and "nc1_test" not in present)
+            or (adversarial and "deepfool_robustness" not in present) or (layers and not stage_columns([row]))
+            or (imbalanced and "minority_cosine" not in present))
 
 
 def tpt_row(measured: list[dict]) -> dict | None:

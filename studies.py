@@ -47,7 +47,7 @@ import config
 import plotting
 import runs
 from errors import ArgumentParser, UserError
-from nc_metrics import STATS_KEYS
+from nc_metrics import OTHER_KEYS, PAPER_KEYS
 
 REPO = Path(__file__).resolve().parent
 TRAIN, VALIDATE = REPO / "train.py", REPO / "validate_nc.py"
@@ -56,8 +56,8 @@ STUDY_FILE, OUTCOMES_FILE, RUNS_TABLE, MARKDOWN_TABLE, LOCK = (
     "study.json", "outcomes.json", "runs.csv", "table.md", ".tables.lock")
 STATUSES = ("done", "failed", "busy", "pending")
 MEASUREMENT_FLAGS = ("--layers", "--test-collapse", "--adversarial")  # validate_nc.py's, passed on by a study
-FINAL_COLUMNS = ["tpt_epoch", "tpt_test_acc", "last_epoch", "last_test_acc", *STATS_KEYS,
-                 "ncc_mismatch_train", "ncc_mismatch_test"]
+FINAL_COLUMNS = ["tpt_epoch", "tpt_test_acc", "last_epoch", "last_test_acc", *PAPER_KEYS,
+                 "ncc_mismatch_train", "ncc_mismatch_test", *OTHER_KEYS]
 # tqdm redraws its bars several times a second, which in a log file is megabytes per long run.
 JOB_ENVIRONMENT = {"TQDM_MININTERVAL": "10", "PYTHONUNBUFFERED": "1"}
 
@@ -490,7 +490,7 @@ def _row(run: Run, varied: list[str], outcome: dict | None) -> dict:
     onset, last = runs.tpt_row(measured), measured[-1]
     return {**row, "status": "done", "tpt_epoch": onset and onset["epoch"], "tpt_test_acc": onset and onset["test_acc"],
             "last_epoch": last["epoch"], "last_test_acc": last["test_acc"],
-            **{key: last[key] for key in FINAL_COLUMNS[4:]},
+            **{key: last.get(key) for key in FINAL_COLUMNS[4:]},
             **{key: value for key, value in last.items()
                if key not in runs.NC_COLUMNS and not key.startswith("weight_norm_")}, "reason": ""}
 

@@ -105,23 +105,40 @@ def load_data(settings: dict, args: argparse.Namespace, device: torch.device) ->
     largest class, and of each class) and the normalisation (per-channel statistics of the training subset)."""
     train, test, per_class = datasets.load_run_data(settings["dataset"], args.data_root, settings["samples_per_class"],
                                                     settings["seed"], args.download, device, settings["imbalance"],
-                                                    settings["imbalance_profile"])
+                                                    settings["imbalance_profile"], settings["image_size"])
     mean, std = datasets.channel_stats(train[0])
     settings["samples_per_class"] = per_class
     settings["class_counts"] = torch.bincount(train[1], minlength=settings["num_classes"]).tolist()
+    if datasets.is_folder(settings["dataset"]):
+        settings["image_size"] = train[0].shape[-1]
     settings["normalization"] = {"mean": mean, "std": std}
     settings["data_root"] = str(args.data_root)
     return train, test
 
 
 def make_optimizer(model: torch.nn.Module, settings: dict, device: torch.device) -> torch.optim.Optimizer:
-    """SGD with momentum (the paper's), or Adam/AdamW; fused kernels on CUDA."""
+    """SGD with momentum (the paper's), or Adam/AdamW; fused kernels on CUDA. It holds the parameters that
+    train (not a fixed ETF classifier's weight); with --classifier-weight-decay, the last layer's in a
+    group of their own with that weight decay."""
+    groups = parameter_groups(model, settings)
     common = dict(lr=settings["lr"], weight_decay=settings["weight_decay"])
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if settings["optimizer"] == "sgd":
-        return torch.optim.SGD(model.parameters(), momentum=settings["momentum"], **common, **fast)
+        return torch.optim.SGD(groups, momentum=settings["momentum"], **common, **fast)
     kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[settings["optimizer"]]
-    return kind(model.parameters(), **common, **fast)
+    return kind(groups, **common, **fast)
+
+
+def parameter_groups(model: torch.nn.Module, settings: dict) -> list[dict]:
+    """The optimizer's parameter groups: every trained parameter in one, or, with a classifier weight decay,
+    the body's (at --weight-decay) then the last layer's (at --classifier-weight-decay)."""
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    decay = settings.get("classifier_weight_decay")
+    if decay is None:
+        return [{"params": trained}]
+    last = {id(parameter) for parameter in model.fc.parameters()}
+    return [{"params": [parameter for parameter in trained if id(parameter) not in last]},
+            {"params": [parameter for parameter in trained if id(parameter) in last], "weight_decay": decay}]
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, settings: dict) -> torch.optim.lr_scheduler.MultiStepLR:

@@ -1,4 +1,5 @@
-"""Measure Neural Collapse at every analysis checkpoint of a run, then draw the paper's Figures 2-7.
+"""Measure Neural Collapse at every analysis checkpoint of a run, then draw the paper's Figures 2-7
+(and Figure 9, the later papers' measures; see docs/other_measures.md).
 
     python validate_nc.py --dataset CIFAR10        # the run `python train.py --dataset CIFAR10` made
     python validate_nc.py --run-dir runs/NAME      # any run folder
@@ -204,7 +205,7 @@ def draw_representations(checkpoints: dict[int, Path], run_config: dict, run_dir
     classes = _representation_classes(args.classes, run_config)
     root = args.data_root or Path(run_config["data_root"])
     train, _, _ = datasets.load_run_data(run_config["dataset"], root, run_config["samples_per_class"],
-                                         run_config["seed"], args.download, device, *_imbalance(run_config))
+                                         run_config["seed"], args.download, device, *_data_settings(run_config))
     plots_dir = args.plots_dir or plotting.default_plots_dir(run_config, run_dir)
     for epoch in epochs:
         state = runs.load_checkpoint(checkpoints[epoch], device, epoch)
@@ -238,12 +239,14 @@ def _load_data(run_config: dict, args: argparse.Namespace,
         distributed.on_rank_zero(datasets.fetch, run_config["dataset"], root)
     return distributed.on_every_rank(datasets.load_run_data, run_config["dataset"], root,
                                      run_config["samples_per_class"], run_config["seed"], args.download, device,
-                                     *_imbalance(run_config))
+                                     *_data_settings(run_config))
 
 
-def _imbalance(run_config: dict) -> tuple[float, str | None]:
-    """The run's imbalance ratio and profile (a run written before --imbalance existed is balanced)."""
-    return run_config.get("imbalance", 1.0), run_config.get("imbalance_profile")
+def _data_settings(run_config: dict) -> tuple[float, str | None, int | None]:
+    """What datasets.load_run_data takes of the run's settings besides the subset's size and seed: the
+    imbalance ratio and profile, and a folder dataset's image size (a run written before a setting existed
+    has its default)."""
+    return run_config.get("imbalance", 1.0), run_config.get("imbalance_profile"), run_config.get("image_size")
 
 
 def _measure(epoch: int, path: Path, run_config: dict, train: engine.Split, test: engine.Split,
@@ -293,7 +296,7 @@ def _lacks(row: dict, args: argparse.Namespace, run_config: dict) -> bool:
     """Whether a row of the table lacks a measurement asked for (or, of an imbalanced run, its Minority
     Collapse columns), and so is measured again."""
     return runs.lacks_measurements(row, args.layers, args.test_collapse, args.adversarial,
-                                   imbalanced=_imbalance(run_config)[0] > 1)
+                                   imbalanced=run_config.get("imbalance", 1.0) > 1)
 
 
 def _report(run_config: dict, run_dir: Path, table: dict, measured: int, plots_dir: Path | None,

@@ -7,13 +7,15 @@ Every network has the same explicit interface, so the collapse measurement never
 forward pass, a CNN's stage read out by global average pooling and the ViT's by its class token; the
 last readout is `model.features(x)` bit for bit, and `model.stage_names` lists the names without
 running the model (see models/stages.py and each network's docstring). `width` scales every layer's
-channels proportionally; 64 is the width of the paper's ResNets.
+channels proportionally; 64 is the width of the paper's ResNets. A network of one's own,
+`module.path:function`, is built by that function and given the same interface (see models/user.py).
 """
 import re
 
 import torch.nn as nn
 
 from models.densenet import DenseNet
+from models import user
 from models.resnet import ResNet
 from models.vgg import VGG
 from models.vit import ViT
@@ -35,7 +37,10 @@ _WRN = re.compile(r"wrn(\d+)_(\d+)")
 
 
 def get_model(name: str, num_classes: int, in_channels: int = 3, width: int = 64) -> nn.Module:
-    """The network `name` (any case; `wrn<depth>_<k>` for any WideResNet) for `num_classes` classes."""
+    """The network `name` (any case; `wrn<depth>_<k>` for any WideResNet; `module.path:function` for one's
+    own) for `num_classes` classes."""
+    if user.PATTERN.fullmatch(name):
+        return user.build(name, num_classes, in_channels, width)
     key = name.lower()
     if key in _BUILDERS:
         return _BUILDERS[key](in_channels, num_classes, width)
@@ -47,7 +52,10 @@ def get_model(name: str, num_classes: int, in_channels: int = 3, width: int = 64
 
 
 def is_model_name(name: str) -> bool:
-    """Whether `get_model` builds `name`: a fixed name, or wrn<depth>_<k> with depth 6n+4 and k >= 1."""
+    """Whether `get_model` builds `name`: a fixed name, wrn<depth>_<k> with depth 6n+4 and k >= 1, or
+    module.path:function (not imported here)."""
+    if user.PATTERN.fullmatch(name):
+        return True
     wide = _WRN.fullmatch(name.lower())
     if wide:
         depth, k = int(wide[1]), int(wide[2])

@@ -61,7 +61,7 @@ def test_the_last_stage_is_the_penultimate_layer_and_a_test_split_equal_to_train
     # The stages' pass (model.stage_features) and the plain one (model.features) see the same last layer.
     assert measured["nc1_layer4"] == pytest.approx(plain["nc1"], rel=1e-12)
     assert {key: measured[key] for key in plain} == pytest.approx(plain, rel=1e-12)
-    assert [key for key in measured if key.startswith("nc1_") and key != "nc1_test"] == \
+    assert runs.stage_columns([measured]) == \
         ["nc1_stem", "nc1_layer1", "nc1_layer2", "nc1_layer3", "nc1_layer4"]
     for key in ("nc1", "equinorm_means", "equiangular_means", "maxangle_means", "self_duality"):
         assert measured[f"{key}_test"] == pytest.approx(measured[key], rel=1e-12), key

@@ -169,3 +169,17 @@ def test_divergence_and_sync_bn_on_the_cpu_stop_every_process_with_one_line(tmp_
     assert refused.returncode != 0
     assert refused.stderr.count("error: --sync-bn needs CUDA") == 1
     assert not (tmp_path / "other").exists()
+
+
+def test_a_fixed_etf_classifier_trains_under_torchrun_as_in_one_process(tmp_path):
+    """The ETF's weight is a parameter that requires no gradient: DDP leaves it alone and every process
+    keeps the same fixed rows."""
+    flags = [*NO_BATCH_NORM, "--classifier", "etf", "--epochs", "2", "--num-checkpoints", "2"]
+    train_here(tmp_path / "alone", *flags)
+    done = torchrun("train.py", *TINY, *flags, "--run-dir", str(tmp_path / "ddp"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for mine, theirs in zip(runs.read_log(tmp_path / "ddp"), runs.read_log(tmp_path / "alone")):
+        for column in ("train_loss", "test_loss"):
+            assert mine[column] == pytest.approx(theirs[column], rel=1e-5), column
+    alone, ddp = (runs.load_checkpoint(tmp_path / run / "last.pt")["model"] for run in ("alone", "ddp"))
+    assert torch.equal(ddp["fc.weight"], alone["fc.weight"]) and "fc.bias" not in ddp

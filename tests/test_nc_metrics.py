@@ -47,8 +47,21 @@ def test_simplex_etf_is_fully_collapsed(num_classes, dim):
     bias = -weight @ offset  # the classifier ignores the global mean, as NC4 needs
     metrics = collapse_metrics(features, labels, weight, bias)
     assert metrics["nc1"] == 0.0
-    for key in METRIC_KEYS:
+    assert metrics["nc1_trace_ratio"] == 0.0 and metrics["cdnv"] == 0.0
+    # The Riesz s = 1 energy of a simplex: every pairwise distance is sqrt(2 - 2 cos) = sqrt(2C / (C - 1)).
+    energy = math.sqrt((num_classes - 1) / (2 * num_classes))
+    assert metrics["hyperspherical_energy_means"] == pytest.approx(energy, rel=1e-12)
+    for key in set(METRIC_KEYS) - {"hyperspherical_energy_means"}:
         assert abs(metrics[key]) < 1e-10, key
+
+
+def test_features_on_their_class_means_have_zero_trace_ratio_and_cdnv():
+    generator = torch.Generator().manual_seed(2)
+    means = 1e3 + torch.randn(6, 9, dtype=torch.float64, generator=generator)  # no ETF, far from the origin
+    labels = torch.arange(6).repeat(4)
+    metrics = collapse_metrics(means[labels].to(torch.float32), labels, torch.randn(6, 9, generator=generator))
+    assert metrics["nc1_trace_ratio"] == 0.0 and metrics["cdnv"] == 0.0 and metrics["nc1"] == 0.0
+    assert metrics["etf_error_means"] > 0.1  # the means themselves are not collapsed
 
 
 def test_simplex_etf_cosines_are_minus_one_over_c_minus_one():
@@ -118,6 +131,39 @@ def test_three_classes_by_hand():
     assert metrics["maxangle_weights"] == pytest.approx((SQRT2 - 0.5) / 3, rel=1e-12)
     assert metrics["self_duality"] == pytest.approx(0.0, abs=1e-15)  # W equals M~
     assert metrics["ncc_mismatch"] == 0.0
+
+
+def test_three_classes_other_measures_by_hand():
+    # Means (1, 0), (0, 1), (-1, -1); class 0 has deviations +-(0.3, 0), class 1 +-(0, 0.6), class 2 one sample
+    # on its mean: V = (0.09, 0.36, 0). The global mean of the 5 samples is (2 mu0 + 2 mu1 + mu2) / 5 = (0.2, 0.2):
+    # M~ = [(0.8, -0.2), (-0.2, 0.8), (-1.2, -1.2)], squared norms 0.68, 0.68, 2.88.
+    # Tr(Sigma_W) = (2 * 0.09 + 2 * 0.36) / 5 = 0.18, Tr(Sigma_B) = 4.24 / 3: ratio 0.54 / 4.24.
+    # Squared distances between means: |mu0 - mu1|^2 = 2, |mu0 - mu2|^2 = 5, |mu1 - mu2|^2 = 5, so the CDNV is
+    # ((0.09 + 0.36) / 4 + (0.09 + 0) / 10 + (0.36 + 0) / 10) / 3 = (0.1125 + 0.009 + 0.036) / 3 = 0.0525.
+    features, labels = as_features([[1, 0], [0, 1], [-1, -1]],
+                                   [[[0.3, 0.0], [-0.3, 0.0]], [[0.0, 0.6], [0.0, -0.6]], [[0.0, 0.0]]])
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    metrics = collapse_metrics(features, labels, weight)
+    assert metrics["nc1_trace_ratio"] == pytest.approx(0.54 / 4.24, rel=1e-12)
+    assert metrics["cdnv"] == pytest.approx(0.0525, rel=1e-12)
+    # M~ M~^T = [[0.68, -0.32, -0.72], [-0.32, 0.68, -0.72],
+    # [-0.72, -0.72, 2.88]], Frobenius norm sqrt(2 * 0.4624 + 2 * 0.1024 + 4 * 0.5184 + 8.2944) = sqrt(11.4976).
+    # E = [[2, -1, -1], [-1, 2, -1], [-1, -1, 2]] / (3 sqrt2).
+    gram = np.array([[0.68, -0.32, -0.72], [-0.32, 0.68, -0.72], [-0.72, -0.72, 2.88]])
+    simplex = np.array([[2, -1, -1], [-1, 2, -1], [-1, -1, 2]]) / (3 * SQRT2)
+    assert np.sqrt(11.4976) == pytest.approx(np.linalg.norm(gram), rel=1e-12)
+    assert metrics["etf_error_means"] == pytest.approx(np.linalg.norm(gram / np.sqrt(11.4976) - simplex), rel=1e-12)
+    # W W^T = diag(1, 1, 0), norm sqrt2: the error is || diag(1, 1, 0)/sqrt2 - E ||_F; entry by entry:
+    # (1/sqrt2 - 2/(3 sqrt2))^2 = 1/18 twice, (2/(3 sqrt2))^2 = 2/9 once, 1/18 for each of the 6 off-diagonals.
+    assert metrics["etf_error_weights"] == pytest.approx(math.sqrt(2 / 18 + 2 / 9 + 6 / 18), rel=1e-12)
+    # W M~^T: rows w_c . m~_c' = [[0.8, -0.2, -1.2], [-0.2, 0.8, -1.2], [0, 0, 0]], norm sqrt(4.24).
+    product = np.array([[0.8, -0.2, -1.2], [-0.2, 0.8, -1.2], [0.0, 0.0, 0.0]])
+    assert metrics["wh_alignment"] == pytest.approx(np.linalg.norm(product / np.sqrt(4.24) - simplex), rel=1e-12)
+    # Unit centred means: m0 = (4, -1)/sqrt17, m1 = (-1, 4)/sqrt17, m2 = -(1, 1)/sqrt2. ||m0 - m1|| = 5 sqrt2 / sqrt17;
+    # ||m0 - m2||^2 = ||m1 - m2||^2 = 2 + 2 * 3 / sqrt34 (cos(m0, m2) = -3 / sqrt34).
+    far = 1 / math.sqrt(2 + 6 / math.sqrt(34))
+    assert metrics["hyperspherical_energy_means"] == pytest.approx((math.sqrt(17) / (5 * SQRT2) + 2 * far) / 3,
+                                                                   rel=1e-12)
 
 
 def test_unbalanced_classes_use_the_weighted_global_mean():
@@ -215,8 +261,10 @@ def test_rebase_keeps_the_statistics():
     stats = FeatureStats(5, 12)
     stats.update(features, labels)
     covariance = stats.within_class_covariance()
+    variances = stats.class_variances()
     stats.rebase(torch.full((5, 12), 7.0, dtype=torch.float64))
     assert torch.allclose(stats.within_class_covariance(), covariance, rtol=1e-10, atol=1e-13)
+    assert torch.allclose(stats.class_variances(), variances, rtol=1e-10, atol=1e-13)
 
 
 def test_nearly_collapsed_features_far_from_the_origin_keep_their_precision():
@@ -243,6 +291,38 @@ def test_nearly_collapsed_features_far_from_the_origin_keep_their_precision():
     expected = torch.trace(sigma_w @ pinv).item() / num_classes
     assert expected > 0
     assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_other_measures_equal_a_plain_two_pass_computation():
+    """Streamed in batches from float32 features far from the origin, against numpy in float64 over the
+    whole set, class means first, deviations second."""
+    features, labels, weight, _ = random_problem(num_samples=301, num_classes=7, dim=20, seed=4)
+    features = (features + 50.0).to(torch.float32)
+    stats = FeatureStats(7, 20)
+    for chunk in torch.arange(301).split(64):
+        stats.update(features[chunk], labels[chunk])
+    got = metrics_from_stats(stats, weight)
+
+    h, y, w = features.double().numpy(), labels.numpy(), weight.numpy()
+    means = np.stack([h[y == c].mean(axis=0) for c in range(7)])
+    variances = np.array([((h[y == c] - means[c]) ** 2).sum(axis=1).mean() for c in range(7)])
+    centred = means - h.mean(axis=0)
+    within = sum(((h[y == c] - means[c]) ** 2).sum() for c in range(7)) / len(h)
+    between = (centred ** 2).sum() / 7
+    pairs = [(a, b) for a in range(7) for b in range(a + 1, 7)]
+    cdnv = np.mean([(variances[a] + variances[b]) / (2 * ((means[a] - means[b]) ** 2).sum()) for a, b in pairs])
+    simplex = (np.eye(7) - 1 / 7) / np.sqrt(6)
+
+    def error(gram):
+        return np.linalg.norm(gram / np.linalg.norm(gram) - simplex)
+
+    unit = centred / np.linalg.norm(centred, axis=1, keepdims=True)
+    energy = np.mean([1 / np.linalg.norm(unit[a] - unit[b]) for a in range(7) for b in range(7) if a != b])
+    expected = {"nc1_trace_ratio": within / between, "cdnv": cdnv, "etf_error_means": error(centred @ centred.T),
+                "etf_error_weights": error(w @ w.T), "wh_alignment": error(w @ centred.T),
+                "hyperspherical_energy_means": energy}
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-9), key
 
 
 def test_hundred_classes_at_resnet50_width():

@@ -552,3 +552,47 @@ def test_the_help_offers_table_1_as_the_table_subcommand(capsys):
     with pytest.raises(SystemExit):
         plotting.parse_args(["table", "--help"])
     assert "Table 1" in capsys.readouterr().out
+
+
+OTHER_COLUMNS = ",nc1_trace_ratio,cdnv,etf_error_means,etf_error_weights,wh_alignment,hyperspherical_energy_means"
+
+
+def with_other_measures(folder: Path) -> Path:
+    """A run folder of `write_run` whose table also has the field's other measures, shrinking with training
+    (the energy towards the simplex value of its 4 classes, sqrt(3/8))."""
+    rows = (folder / "nc_metrics.csv").read_text().splitlines()
+    extended = [rows[0] + OTHER_COLUMNS] + [row + "," + ",".join(f"{value / (index + 1):.6g}" for value in
+                                                                 (2.0, 5.0, 0.9, 0.5, 1.1, 0.3))
+                                            for index, row in enumerate(rows[1:])]
+    (folder / "nc_metrics.csv").write_text("\n".join(extended) + "\n")
+    return folder
+
+
+def test_figure_9_overlays_runs_and_groups_them(tmp_path):
+    first = with_other_measures(write_run(tmp_path / "learned", seed=0))
+    second = with_other_measures(write_run(tmp_path / "etf", classifier="etf", seed=1))
+    third = with_other_measures(write_run(tmp_path / "etf1", classifier="etf", seed=2))
+    out = tmp_path / "grouped"
+    assert plotting.main(plotting.parse_args(["nc", str(first), str(second), str(third), "--out", str(out),
+                                              "--group-by", "classifier"])) == 0
+    assert {path.name for path in out.iterdir()} == NC_FILES | {"fig9_other_measures.png"}
+    width, height = png_size(out / "fig9_other_measures.png")
+    assert width == 1800 and height >= 1050  # 12x7 in, taller by its legend
+    # A table measured before these columns existed draws Figures 2-7 alone.
+    assert {path.name for path in plotting.plot_runs([write_run(tmp_path / "old")], tmp_path / "old_out")} == NC_FILES
+
+
+def test_a_log_axis_over_many_decades_keeps_labelled_ticks():
+    """A fixed ETF classifier's Figure 2-4 values are ~1e-8 beside the means' ~0.1: matplotlib's LogLocator
+    with several subs draws no tick at all over such a range."""
+    import matplotlib.pyplot as plt
+    for low in (1e-9, 0.05):
+        fig, ax = plt.subplots()
+        ax.plot([1, 10], [low, 1.0])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        plotting.readable_log_ticks(ax.yaxis)
+        bottom, top = ax.get_ylim()
+        inside = [tick for tick in ax.yaxis.get_majorticklocs() if bottom <= tick <= top]
+        plt.close(fig)
+        assert len(inside) >= 2, low
