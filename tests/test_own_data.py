@@ -188,10 +188,10 @@ def test_own_images_and_own_network_train_measure_and_draw_every_figure(tmp_path
     flags = ["--dataset", f"folder:{tmp_path / 'shapes'}", "--image-size", "8", "--model", "tiny_nets:small",
              "--width", "8", "--epochs", "3", "--num-checkpoints", "3", "--device", "cpu", "--classifier", "etf"]
     assert train.main(train.parse_args(flags)) == 0
-    run_dir = tmp_path / "runs" / "folder-shapes-tiny_nets.small-ce-seed0-w8-etf-size8"
+    run_dir = tmp_path / "runs" / "folder-shapes-tiny_nets.small-ce-seed0-w8-ep3-etf-size8"
     settings = runs.read_config(run_dir)
     assert settings["image_size"] == 8 and settings["num_classes"] == 3 and settings["samples_per_class"] == 8
-    assert validate_nc.main(validate_nc.parse_args([*flags[:8], "--classifier", "etf", "--device", "cpu",
+    assert validate_nc.main(validate_nc.parse_args([*flags[:10], "--classifier", "etf", "--device", "cpu",
                                                     "--layers", "--test-collapse", "--adversarial",
                                                     "--adversarial-samples", "3"])) == 0
     rows = runs.read_nc_metrics(run_dir)

@@ -257,6 +257,9 @@ def write_study(root: Path, run_dirs: list[Path], varied: list[str]) -> Path:
     """studies/hand/ as sweep.py leaves it when every run is done: study.json naming the run folders, each
     trained to its last epoch (last.pt, summary.json) with every checkpoint on disk measured and its figures
     drawn (empty files, in the plots folder under `root`, which must be the working folder)."""
+    for run in run_dirs:
+        if runs.read_nc_metrics(run)[0].get("cdnv") is None:
+            with_other_measures(run)  # validate_nc.py measures every row with them
     settings = [json.loads((run / "config.json").read_text()) for run in run_dirs]
     epochs = [runs.read_nc_metrics(run)[-1]["epoch"] for run in run_dirs]
     for run, run_settings, last in zip(run_dirs, settings, epochs):
@@ -350,12 +353,13 @@ def test_every_subcommand_writes_the_format_asked_for(tmp_path, monkeypatch):
     expected = {out / "curves.svg": "svg", out / "named.pdf": "pdf",
                 table.with_suffix(f".{formats['representations']}"): formats["representations"]}
     expected |= {out / "nc" / Path(name).with_suffix(f".{formats['nc']}"): formats["nc"]
-                 for name in NC_FILES | {"fig8_adversarial_robustness.png"}}
+                 for name in NC_FILES | {"fig8_adversarial_robustness.png", "fig9_other_measures.png"}}
     expected |= {out / "curves" / f"training_curves.{formats['curves']}": formats["curves"],
                  out / f"panel.{formats['panel']}": formats["panel"],
                  out / f"layers.{formats['layers']}": formats["layers"],
                  out / "study" / f"panel.{formats['study']}": formats["study"],
-                 out / "study" / f"training_curves.{formats['study']}": formats["study"]}
+                 out / "study" / f"training_curves.{formats['study']}": formats["study"],
+                 out / "study" / f"fig9_other_measures.{formats['study']}": formats["study"]}
     assert {path for path in out.rglob("*") if path.is_file()} == {*expected, out / "study" / "table.md"} - {
         table.with_suffix(f".{formats['representations']}")}
     for path, figure_format in expected.items():

@@ -86,8 +86,8 @@ def test_the_etf_stays_fixed_through_training_and_measures_as_an_exact_simplex(t
 def test_an_etf_run_resumes_to_the_bits_of_an_uninterrupted_one(tmp_path):
     flags = ("--classifier", "etf", "--lr-milestones", "1", "2", "--loss", "mse", "--mixup-alpha", "1")
     whole = run_train(tmp_path / "whole", *flags)
-    run_train(tmp_path / "parts", *flags, "--epochs", "2")
-    resumed = run_train(tmp_path / "parts", *flags)
+    run_train(tmp_path / "parts", *flags, "--epochs", "2")  # stopped after epoch 2, then trained on
+    resumed = run_train(tmp_path / "parts", *flags, "--epochs", "2", "--extend-to", "3")
     assert all(torch.equal(value, resumed["model"][key]) for key, value in whole["model"].items())
 
 

@@ -108,6 +108,10 @@ def test_a_killed_study_resumes_to_the_tables_and_bits_of_an_uninterrupted_one(s
     finally:
         os.killpg(killed.pid, signal.SIGKILL)  # the sweep, its job's train.py and all
         killed.wait()
+    deadline = time.monotonic() + 60
+    while runs.training_process(tmp_path / second) is not None:  # the killed train.py may take a moment to end
+        assert time.monotonic() < deadline, "the killed train.py still holds its run's lock"
+        time.sleep(0.05)
     assert _status(tmp_path / "studies/grid/runs.csv", 1) == "pending"
     assert not (tmp_path / second / "nc_metrics.csv").exists()  # killed before its measurement
 
@@ -219,7 +223,7 @@ def test_done_is_what_the_run_folder_holds_and_a_partial_finish_is_completed_by_
     drawn, summarised = folder / run_folder("ce", 0), folder / run_folder("ce", 1)
     plots = folder / "synthetic_plots" / drawn.name
     figures = sorted(path.name for path in plots.iterdir())
-    assert len(figures) == 9 and "tpt_table.md" in figures
+    assert len(figures) == 10 and "tpt_table.md" in figures  # Figures 2-7 and 9, the panel, the curves
     for name in figures[1:]:
         (plots / name).unlink()  # as if killed after the first figure
     (summarised / "summary.json").unlink()
