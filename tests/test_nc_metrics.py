@@ -72,7 +72,7 @@ def test_simplex_etf_cosines_are_minus_one_over_c_minus_one():
 
 
 def test_equiangularity_counts_ordered_pairs_and_relates_to_the_other_conventions_by_a_factor():
-    """The README's conversion: with n = C(C-1)/2 pairs, the unbiased Std over the ordered entries is the
+    """docs/numerics.md's conversion: with n = C(C-1)/2 pairs, the unbiased Std over the ordered entries is the
     unbiased Std over unordered pairs times sqrt(2(n-1)/(2n-1)); the population Std is that times sqrt((n-1)/n)."""
     generator = torch.Generator().manual_seed(0)
     for classes in (5, 10):
