@@ -11,7 +11,7 @@ when asked (train.py's `--extend-to E`), which config.json records in `extended_
 import argparse
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -71,9 +71,17 @@ SETTING_NAMES = {"dataset": "", "model": "", "width": "width", "samples_per_clas
                  "classifier": "", "bias": "bias", "classifier_weight_decay": "classifier wd", "image_size": "size"}
 
 
-def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags that select a run (and so its default folder), shared by train.py and validate_nc.py."""
-    add = parser.add_argument
+class FlagGroup(Protocol):
+    """What the add_*_arguments functions add their flags to: a parser, one of its argument groups (whose
+    flags --help lists under the group's title), or a stand-in that changes the flags on their way."""
+
+    def add_argument(self, *flags: str, **options) -> argparse.Action | None: ...
+
+
+def add_selection_arguments(group: FlagGroup, selecting: bool = False) -> None:
+    """The flags that select a run (and so its default folder), shared by train.py and validate_nc.py;
+    with `selecting` (validate_nc.py's), each flag's help says that it selects the run train.py wrote."""
+    add = _Selecting(group).add_argument if selecting else group.add_argument
     add("--dataset", type=_dataset_name, default="synthetic",
         help=f"one of {', '.join(datasets.DATASETS)} (any case; default: synthetic, offline), or folder:PATH, your "
         "own images in PATH/train/<class>/ and PATH/test/<class>/ (torchvision's ImageFolder layout)")
@@ -130,10 +138,12 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     add("--run-dir", type=Path, help="the run folder (default: runs/<DATASET>-<model>-<loss>-seed<seed>[-<non-default settings>])")
 
 
-def add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    """train.py's flags besides the selection flags: how long and how to train, where the data is, and
-    on what (sweep.py passes them on to train.py unchanged)."""
-    add = parser.add_argument
+def add_training_arguments(training: FlagGroup, data: FlagGroup | None = None,
+                           output: FlagGroup | None = None) -> None:
+    """train.py's flags besides the selection flags (sweep.py passes them on to train.py unchanged): how long
+    and how to train into `training`, where the data is and the device into `data`, and what is written
+    besides the run folder into `output` (by default all into `training`)."""
+    add = training.add_argument
     add("--extend-to", type=positive_int, metavar="E", help="train the run the other flags select on to epoch E, "
         "at the learning rate its schedule ends with (its milestones stay); recorded in config.json's extended_from")
     add("--num-checkpoints", type=positive_int, help="analysis checkpoints, log-spaced in 1..epochs, "
@@ -141,23 +151,25 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--eval-every", type=positive_int, metavar="K", help="evaluate the test split every K epochs, and at "
         "every analysis checkpoint and the last epoch (default 1); log.csv leaves the other epochs' test columns "
         "empty. Training is the same whatever K: on small training sets evaluation is most of an epoch's time")
-    add("--data-root", type=Path, default=Path("data"), help="folder holding the datasets (default ./data)")
-    add("--download", action="store_true", help="download the dataset into --data-root if it is missing")
-    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
     add("--deterministic", action="store_true", help="bit-identical reruns: PyTorch's deterministic "
         "algorithms, no cuDNN autotuning (on a GPU this costs speed, often 10-30%%)")
     add("--compile", action="store_true", help="torch.compile the training step, with CUDA graphs on a GPU "
         "(checkpoints still hold the plain weights)")
-    add("--tensorboard", action="store_true", help="also write each epoch's numbers of log.csv to <run>/tensorboard/ "
-        "for TensorBoard (the CSV stays the record)")
     add("--sync-bn", action=argparse.BooleanOptionalAction, help="under torchrun: batch-norm statistics over "
         "the global batch, as in one process (default: on with CUDA; torch's SyncBatchNorm needs CUDA, so on "
         "the CPU each process normalises with its own share of the batch)")
+    add = (data or training).add_argument
+    add("--data-root", type=Path, default=Path("data"), help="folder holding the datasets (default ./data)")
+    add("--download", action="store_true", help="download the dataset into --data-root if it is missing")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    (output or training).add_argument(
+        "--tensorboard", action="store_true", help="also write each epoch's numbers of log.csv to "
+        "<run>/tensorboard/ for TensorBoard (the CSV stays the record)")
 
 
-def add_measurement_arguments(parser: argparse.ArgumentParser) -> None:
+def add_measurement_arguments(group: FlagGroup) -> None:
     """validate_nc.py's measurements beyond Figures 2-7 (sweep.py passes them on to every run's validate_nc.py)."""
-    add = parser.add_argument
+    add = group.add_argument
     add("--layers", action="store_true", help="also NC1 after every stage of the network (nc1_<stage> columns, "
         "layerwise_nc1.png), from the same forward pass")
     add("--test-collapse", action="store_true", help="also the collapse of the test features around their own "
@@ -393,6 +405,17 @@ def _chosen(value, default, relevant: bool):
     if not relevant:
         return None
     return default if value is None else value
+
+
+class _Selecting:
+    """Adds the selection flags to `group` as validate_nc.py takes them: the same flags, each help saying that
+    it selects the run (a measurement changes no setting)."""
+
+    def __init__(self, group: FlagGroup):
+        self.group = group
+
+    def add_argument(self, *flags: str, **options) -> argparse.Action | None:
+        return self.group.add_argument(*flags, **{**options, "help": "selects the run: " + options["help"]})
 
 
 def _dataset_name(name: str) -> str:

@@ -6,7 +6,9 @@ and exit with status 2. Every other exception is a bug and keeps its traceback. 
 reports a bad flag the same way: one line, status 2.
 """
 import argparse
+import shutil
 import sys
+import textwrap
 from typing import Callable, NoReturn
 
 
@@ -16,10 +18,16 @@ class UserError(Exception):
 
 class ArgumentParser(argparse.ArgumentParser):
     """The scripts' parser: the module docstring as its description, and a bad flag as one line,
-    `error: <what> (see <script> --help)`, with exit status 2."""
+    `error: <what> (see <script> --help)`, with exit status 2. Its flags' groups keep their descriptions
+    wrapped to the terminal, as the flags' help is (the docstring keeps its lines, examples included)."""
 
     def __init__(self, description: str | None, **kwargs):
         super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def add_argument_group(self, title: str | None = None, description: str | None = None, **kwargs):
+        if description:  # indented by 2 in a help 2 narrower than the terminal, as argparse does
+            description = textwrap.fill(description, max(shutil.get_terminal_size().columns - 4, 40))
+        return super().add_argument_group(title, description, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")

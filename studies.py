@@ -84,16 +84,16 @@ class Study:
     runs: list
 
 
-def add_study_arguments(parser: argparse.ArgumentParser) -> None:
-    """train.py's selection flags, each taking one or more values (--run-dir excepted: every run gets the
-    folder train.py chooses; boolean flags and --lr-milestones take their one value), --lr-grid, and
-    train.py's other flags, which every run receives unchanged, and validate_nc.py's measurement flags,
-    which every run's validate_nc.py receives."""
-    config.add_selection_arguments(_Flags(parser, several=True))
-    parser.add_argument("--lr-grid", action="store_true", help="instead of --lr, the paper's 25 learning rates, "
-                        "log-spaced on [1e-4, 0.25]; table.md then picks the best per group, as the paper did")
-    config.add_training_arguments(parser)
-    config.add_measurement_arguments(parser)
+def add_study_arguments(grid: config.FlagGroup, training: config.FlagGroup, measurement: config.FlagGroup) -> None:
+    """Into `grid`, train.py's selection flags, each taking one or more values (--run-dir excepted: every run
+    gets the folder train.py chooses; boolean flags and --lr-milestones take their one value) and --lr-grid;
+    into `training`, train.py's other flags, which every run receives unchanged; into `measurement`,
+    validate_nc.py's measurement flags, which every run's validate_nc.py receives."""
+    config.add_selection_arguments(_Flags(grid, several=True))
+    grid.add_argument("--lr-grid", action="store_true", help="instead of --lr, the paper's 25 learning rates, "
+                      "log-spaced on [1e-4, 0.25]; table.md then picks the best per group, as the paper did")
+    config.add_training_arguments(training)
+    config.add_measurement_arguments(measurement)
 
 
 def plan(args: argparse.Namespace, name: str, argv: list[str]) -> Study:
@@ -274,10 +274,11 @@ def select_lr(rows: list[dict], varied: list[str]) -> list[dict]:
 
 
 class _Flags:
-    """Stands in for a parser while config's add_*_arguments add their flags: keeps each flag's action by
-    its dest and, with `several`, lets each flag of one value take one or more (a study's values)."""
+    """Stands in for a parser (or one of its groups) while config's add_*_arguments add their flags: keeps
+    each flag's action by its dest and, with `several`, lets each flag of one value take one or more (a
+    study's values)."""
 
-    def __init__(self, parser: argparse.ArgumentParser, several: bool = False):
+    def __init__(self, parser: config.FlagGroup, several: bool = False):
         self.parser, self.several, self.actions = parser, several, {}
 
     def add_argument(self, *flags: str, **options) -> argparse.Action | None:

@@ -44,29 +44,38 @@ SIGNAL_JITTER_S, MAX_SIGNAL_LEAD_S, MIN_TIME = 60, 90, 2
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(__doc__)
-    add = parser.add_argument
+    grid = parser.add_argument_group("which runs: the grid", "train.py's flags that select a run, each taking "
+                                     "one or more values: the study is every combination of them.")
+    training = parser.add_argument_group("training", "train.py's other flags, which every run receives unchanged "
+                                         "(--download excepted: sweep.py fetches each dataset once, before any job).")
+    measurement = parser.add_argument_group("measurement", "validate_nc.py's measurements beyond Figures 2-7, "
+                                            "which every run's validate_nc.py receives.")
+    study = parser.add_argument_group("the study", "Its folder, where and how its runs run.")
+    slurm = parser.add_argument_group("Slurm", "With --executor slurm: the array job's resources.")
+    studies.add_study_arguments(grid, training, measurement)
+    add = study.add_argument
     add("--name", required=True, type=_study_name, help="the study's folder is studies/NAME/; the same command "
         "run again finds it there and completes the study")
-    studies.add_study_arguments(parser)
     add("--executor", choices=("local", "slurm"), default="local", help="local: on this machine (default); "
         "slurm: one Slurm array job through submitit, each job requeued when pre-empted or out of time")
     add("--parallel", type=config.positive_int, default=1, metavar="K", help="local: K runs at a time (default "
         "1); on the CPU each gets 1/K of the threads torch would take (the physical cores, or OMP_NUM_THREADS), "
         "on a GPU the K processes share it")
-    add("--partition", help="slurm: the partition (default: the cluster's default)")
-    add("--gpus-per-job", type=_count, default=1, metavar="N", help="slurm: GPUs per job (default 1; 0 for CPU nodes)")
+    add("--dry-run", action="store_true", help="print the runs with their status (new, partial, done) and, for "
+        "slurm, the submission; start and write nothing")
+    add = slurm.add_argument
+    add("--partition", help="the partition (default: the cluster's default)")
+    add("--gpus-per-job", type=_count, default=1, metavar="N", help="GPUs per job (default 1; 0 for CPU nodes)")
     add("--cpus-per-job", type=config.positive_int, default=4, metavar="N",
-        help="slurm: CPU cores per job, and its OpenMP/MKL threads (default 4)")
-    add("--time", type=_minutes, default=240, metavar="MINUTES", help="slurm: time limit of each job (default "
+        help="CPU cores per job, and its OpenMP/MKL threads (default 4)")
+    add("--time", type=_minutes, default=240, metavar="MINUTES", help="time limit of each job (default "
         f"240, at least {MIN_TIME}); a run that needs longer is requeued and continues from its last.pt: Slurm "
         f"signals the job a tenth of --time (at most {MAX_SIGNAL_LEAD_S} s) before its limit, and submitit requeues "
         "it, 3 times at most")
     add("--max-parallel", type=config.positive_int, default=256, metavar="N",
-        help="slurm: at most N jobs of the array at once (default 256)")
+        help="at most N jobs of the array at once (default 256)")
     add("--sbatch", type=_sbatch_option, nargs="+", default=[], metavar="KEY=VALUE",
-        help="slurm: further sbatch options, e.g. account=ABC qos=high mem=32G")
-    add("--dry-run", action="store_true", help="print the runs with their status (new, partial, done) and, for "
-        "slurm, the submission; start and write nothing")
+        help="further sbatch options, e.g. account=ABC qos=high mem=32G")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args

@@ -43,8 +43,13 @@ from errors import ArgumentParser, UserError, run_cli
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(__doc__)
-    config.add_selection_arguments(parser)
-    config.add_training_arguments(parser)
+    config.add_selection_arguments(parser.add_argument_group(
+        "which run", "The run's settings, which name its folder: the same flags continue the run, and select it "
+        "for validate_nc.py."))
+    config.add_training_arguments(
+        parser.add_argument_group("training", "How the run is trained; none of these names another run."),
+        parser.add_argument_group("data and device"),
+        parser.add_argument_group("output and monitoring", "What is written besides the run folder."))
     return parser.parse_args(argv)
 
 

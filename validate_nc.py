@@ -48,23 +48,33 @@ FOLLOW_POLL = 1.0  # seconds between --follow's looks at the run folder
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(__doc__)
-    config.add_selection_arguments(parser)
-    add = parser.add_argument
+    config.add_selection_arguments(parser.add_argument_group(
+        "which run", "The run train.py wrote, selected by the flags train.py was given (or by its --run-dir): "
+        "give the same flags. Its settings are read from its config.json; none of these changes them."),
+        selecting=True)
+    measurement = parser.add_argument_group("measurement", "What is measured at each checkpoint, from which data, "
+                                            "on what; nc_metrics.csv in the run folder receives a row per checkpoint.")
+    output = parser.add_argument_group("output", "The figures, drawn from nc_metrics.csv and log.csv.")
+    mixup = parser.add_argument_group("the Mixup representation figure", "Drawn by --representations instead of "
+                                      "measuring.")
+    add = measurement.add_argument
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
     add("--eval-batch-size", type=config.positive_int, default=1000,
         help="images per forward pass of the measurement (default 1000; changes speed, not results)")
-    add("--plots-dir", type=Path, help="where the figures go (default <DATASET>_plots/[<run name>/])")
-    add("--tensorboard", action="store_true", help="also write each checkpoint's metrics, and the figures, to "
-        "<run>/tensorboard/ for TensorBoard (nc_metrics.csv stays the record)")
-    add("--format", choices=plotting.FORMATS, default="png", help="the figures' file format (default png; pdf "
-        "and svg are vector files with text kept as text)")
+    add("--data-root", type=Path, help="folder holding the datasets (default: the one the run was trained from)")
+    add("--download", action="store_true", help="download the dataset into --data-root if it is missing")
     add("--recompute", action="store_true", help="measure every checkpoint again, even those in the table")
     add("--follow", type=config.positive_float, nargs="?", const=FOLLOW_GRACE, metavar="GRACE",
         help="measure each checkpoint as soon as train.py writes it, waiting for the next, until the last "
         f"epoch's is measured or no process has trained the run for GRACE seconds (default {FOLLOW_GRACE:g})")
-    add("--data-root", type=Path, help="folder holding the datasets (default: the one the run was trained from)")
-    add("--download", action="store_true", help="download the dataset into --data-root if it is missing")
-    config.add_measurement_arguments(parser)
+    config.add_measurement_arguments(measurement)
+    add = output.add_argument
+    add("--plots-dir", type=Path, help="where the figures go (default <DATASET>_plots/[<run name>/])")
+    add("--format", choices=plotting.FORMATS, default="png", help="the figures' file format (default png; pdf "
+        "and svg are vector files with text kept as text)")
+    add("--tensorboard", action="store_true", help="also write each checkpoint's metrics, and the figures, to "
+        "<run>/tensorboard/ for TensorBoard (nc_metrics.csv stays the record)")
+    add = mixup.add_argument
     add("--representations", action="store_true", help="instead of the metrics, draw the Mixup representation "
         "figure of Fisher, Meng & Papyan (2024): features of mixed training pairs of three classes in the "
         "plane of their classifiers' simplex")

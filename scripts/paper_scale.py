@@ -79,27 +79,37 @@ ARCHIVE = "paper_scale.tar.gz"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(__doc__)
-    add = parser.add_argument
+    preparation = parser.add_argument_group("preparation", "Here, once, before the command runs on the GPU.")
+    run = parser.add_argument_group("the run", "What is trained and measured: the paper's CIFAR-10 run, or the "
+                                    "dry run of --tiny.")
+    speed = parser.add_argument_group("precision and speed")
+    output = parser.add_argument_group("deadline and output")
+    add = preparation.add_argument
     add("--prepare", action="store_true", help="copy the CIFAR-10 zip and its unpacker from --source into .gpu/, "
         "check that the working tree and .gpu/ fit what travels to the GPU machine, print the GPU command")
     add("--source", type=Path, default=SHARED_DATA, help=f"with --prepare: the folder holding cifar10-jpeg.zip and "
         f"make_cifar10.py (default {SHARED_DATA})")
+    add = run.add_argument
     add("--tiny", action="store_true", help="the dry run on the CPU: synthetic data, width 4, 20 images per class, "
         f"{TINY['epochs']} epochs (results under runs/paper_scale-tiny/)")
     add("--data-root", type=Path, default=Path(".gpu/data"), help="CIFAR-10's folder (default .gpu/data, "
         "unpacked from .gpu/cifar10-jpeg.zip when missing)")
-    add("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto (default): fp32 unless it "
-        "cannot finish by the deadline (the known speeds, or --probe, decide), then bf16")
-    add("--probe", action="store_true", help=f"let the runs' first epochs (at most {PROBE_SECONDS} s after the "
-        "compiling one) decide the precision instead of the known speeds")
     add("--seeds", type=config.positive_int, default=1, help="seeds 0..N-1 trained at once as N processes on the "
         "GPU, if the probe shows that they finish by the deadline (seed 0 alone otherwise); default 1")
-    add("--compile", action=argparse.BooleanOptionalAction, help="train.py --compile (default: on a GPU, not on "
-        "the CPU, where compiling takes about 45 s per graph)")
     add("--epochs", type=config.positive_int, help=f"default {config.PROTOCOL['epochs']} "
         f"({TINY['epochs']} with --tiny)")
     add("--num-checkpoints", type=config.positive_int, help=f"default {config.PROTOCOL['num_checkpoints']} "
         f"({TINY['num_checkpoints']} with --tiny)")
+    add("extra", nargs=argparse.REMAINDER, metavar="-- FLAGS", help="flags after -- go to train.py and "
+        "validate_nc.py alike: the flags that select the run (e.g. -- --width 32)")
+    add = speed.add_argument
+    add("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto (default): fp32 unless it "
+        "cannot finish by the deadline (the known speeds, or --probe, decide), then bf16")
+    add("--probe", action="store_true", help=f"let the runs' first epochs (at most {PROBE_SECONDS} s after the "
+        "compiling one) decide the precision instead of the known speeds")
+    add("--compile", action=argparse.BooleanOptionalAction, help="train.py --compile (default: on a GPU, not on "
+        "the CPU, where compiling takes about 45 s per graph)")
+    add = output.add_argument
     add("--deadline", type=config.positive_float, default=540.0, help="seconds from the start by which everything "
         "has stopped and is packed (default 540, for a 10-minute command)")
     add("--results", type=Path, help="folder for the tables (default results/<name>; runs/paper_scale-tiny/"
@@ -108,8 +118,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="folder for the archive, timings.txt and panel.png (default $OUT; none if unset)")
     add("--runs-dir", type=Path, help="folder of the run folders and the logs (default runs; runs/paper_scale-tiny "
         "with --tiny)")
-    add("extra", nargs=argparse.REMAINDER, metavar="-- FLAGS", help="flags after -- go to train.py and "
-        "validate_nc.py alike: the flags that select the run (e.g. -- --width 32)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra

@@ -16,6 +16,7 @@ def bench():
     return module
 
 
+@pytest.mark.slow
 def test_quick_run_prints_its_fields_and_matches_the_baseline(bench, capsys):
     assert bench.main(bench.parse_args(["--quick"])) == 0
     out = capsys.readouterr().out

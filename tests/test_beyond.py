@@ -67,6 +67,7 @@ def test_the_last_stage_is_the_penultimate_layer_and_a_test_split_equal_to_train
         assert measured[f"{key}_test"] == pytest.approx(measured[key], rel=1e-12), key
 
 
+@pytest.mark.slow
 def test_validate_adds_the_columns_and_figures_and_remeasures_rows_that_lack_them(tmp_path, capsys):
     run_dir = tmp_path / "run"
     train.main(train.parse_args(["--dataset", "synthetic", "--width", "4", "--epochs", "2", "--num-checkpoints", "2",

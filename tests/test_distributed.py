@@ -77,6 +77,7 @@ def test_one_process_is_a_world_of_one():
     assert distributed.first_message("why") == "why"
 
 
+@pytest.mark.slow
 def test_validation_under_torchrun_equals_one_process(tmp_path):
     """200 training and 500 test images in batches of 48: shards of 3 and 2 batches, and of 6 and 5."""
     train_here(tmp_path / "alone", "--epochs", "3", "--num-checkpoints", "3")
@@ -97,6 +98,7 @@ def test_validation_under_torchrun_equals_one_process(tmp_path):
     assert (tmp_path / "shared_plots" / "fig6_nc1.png").is_file()
 
 
+@pytest.mark.slow
 def test_training_under_torchrun_writes_one_run_that_loads_alone_and_matches_one_process(tmp_path):
     """Per-process batch norm (SyncBatchNorm needs CUDA) normalises each half of a batch with its own
     statistics, which changes the training a little: with these flags, over seeds 0-3, by at most 1.1%
@@ -127,6 +129,7 @@ def test_training_under_torchrun_writes_one_run_that_loads_alone_and_matches_one
         assert mine["test_loss"] == pytest.approx(theirs["test_loss"], rel=1e-2)
 
 
+@pytest.mark.slow
 def test_runs_move_between_one_process_and_torchrun_and_match_without_batch_norm(tmp_path):
     """A torchrun run resumed in one process, and a one-process run resumed under torchrun, both give the
     uninterrupted one-process run, up to float reduction order."""
@@ -149,6 +152,7 @@ def test_runs_move_between_one_process_and_torchrun_and_match_without_batch_norm
                 assert mine[column] == pytest.approx(theirs[column], rel=1e-5), (run, mine["epoch"], column)
 
 
+@pytest.mark.slow
 def test_a_failure_on_process_0_alone_stops_every_process(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "summary.json").mkdir()  # only process 0 writes, and it cannot write this
@@ -158,6 +162,7 @@ def test_a_failure_on_process_0_alone_stops_every_process(tmp_path):
     assert runs.read_log(tmp_path / "run")[-1]["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_divergence_and_sync_bn_on_the_cpu_stop_every_process_with_one_line(tmp_path):
     diverged = torchrun("train.py", *TINY, "--epochs", "3", "--lr-milestones", "2", "--lr-gamma", "1e30",
                         "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
@@ -171,6 +176,7 @@ def test_divergence_and_sync_bn_on_the_cpu_stop_every_process_with_one_line(tmp_
     assert not (tmp_path / "other").exists()
 
 
+@pytest.mark.slow
 def test_a_fixed_etf_classifier_trains_under_torchrun_as_in_one_process(tmp_path):
     """The ETF's weight is a parameter that requires no gradient: DDP leaves it alone and every process
     keeps the same fixed rows."""

@@ -106,6 +106,7 @@ def test_killing_a_follower_leaves_its_table_whole_and_a_new_one_finishes_it(tmp
     assert runs.read_nc_metrics(run_dir) == plain_measurement(run_dir, tmp_path)
 
 
+@pytest.mark.slow
 def test_a_follower_of_a_finished_and_measured_run_stops_at_once(tmp_path):
     run_dir = tmp_path / "run"
     trained = subprocess.run([sys.executable, str(REPO / "train.py"), *TINY, "--epochs", "2", "--num-checkpoints",

@@ -222,6 +222,7 @@ def imbalanced_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_the_run_records_its_counts_and_its_table_the_minority_collapse_columns(imbalanced_run):
     settings = json.loads((imbalanced_run / "config.json").read_text())
     assert settings["class_counts"] == [20] * 5 + [2] * 5
@@ -237,6 +238,7 @@ def test_the_run_records_its_counts_and_its_table_the_minority_collapse_columns(
     assert (imbalanced_run.parent / "plots" / "minority_collapse.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_the_measurement_is_class_balanced_and_its_cosines_those_of_the_checkpoint(imbalanced_run):
     settings = runs.read_config(imbalanced_run)
     train_split, test_split, _ = datasets.load_run_data("synthetic", "ignored", 20, 0, False, torch.device("cpu"),
@@ -261,12 +263,14 @@ def test_the_measurement_is_class_balanced_and_its_cosines_those_of_the_checkpoi
     assert measured["weight_norm_7"] == pytest.approx(np.linalg.norm(weight[7]), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_changing_the_ratio_of_a_run_is_refused(imbalanced_run, tmp_path):
     run_dir = shutil.copytree(imbalanced_run, tmp_path / "run")
     with pytest.raises(UserError, match="imbalance: 10.0 -> 100.0"):
         train.main(train.parse_args([*TINY, "--imbalance", "100", "--run-dir", str(run_dir), "--epochs", "4"]))
 
 
+@pytest.mark.slow
 def test_a_balanced_run_measured_class_balanced_gives_the_same_bits(imbalanced_run):
     settings = {**runs.read_config(imbalanced_run), "imbalance": 1.0, "imbalance_profile": None}
     train_split, test_split, _ = datasets.load_run_data("synthetic", "ignored", 20, 0, False, torch.device("cpu"))
@@ -282,6 +286,7 @@ def test_a_balanced_run_measured_class_balanced_gives_the_same_bits(imbalanced_r
     assert {key: weighted[key] for key in plain} == plain
 
 
+@pytest.mark.slow
 def test_class_balanced_validation_under_torchrun_equals_one_process(imbalanced_run, tmp_path):
     """110 training and 500 test images in batches of 48: shards of 2 and 1 batches, and of 6 and 5."""
     alone = shutil.copytree(imbalanced_run, tmp_path / "alone")
@@ -300,6 +305,7 @@ def test_class_balanced_validation_under_torchrun_equals_one_process(imbalanced_
     assert (tmp_path / "shared_plots" / "minority_collapse.png").is_file()
 
 
+@pytest.mark.slow
 def test_an_imbalanced_run_extends_and_trains_with_any_loss_and_mixup(imbalanced_run, tmp_path):
     run_dir = shutil.copytree(imbalanced_run, tmp_path / "run")
     assert train.main(train.parse_args([*TINY, "--imbalance", "10", "--run-dir", str(run_dir), "--extend-to", "4"])) == 0

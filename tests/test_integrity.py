@@ -88,6 +88,7 @@ def test_flipped_bytes_in_last_pt_are_reported_as_corrupt_and_nothing_resumes(tr
     assert snapshot(trained) == before
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_flipped_bytes_is_skipped_and_validation_exits_1(trained, capsys):
     flip_bytes(runs.checkpoint_path(trained, 1))
     assert validate(trained) == 1
@@ -95,6 +96,7 @@ def test_a_checkpoint_with_flipped_bytes_is_skipped_and_validation_exits_1(train
     assert [row["epoch"] for row in runs.read_nc_metrics(trained)] == [2]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_under_another_epochs_name_is_skipped(trained, capsys):
     shutil.copy(runs.checkpoint_path(trained, 1), runs.checkpoint_path(trained, 99))
     assert validate(trained) == 1
@@ -102,6 +104,7 @@ def test_a_checkpoint_under_another_epochs_name_is_skipped(trained, capsys):
     assert [row["epoch"] for row in runs.read_nc_metrics(trained)] == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_last_pt_ahead_of_the_log_is_refused(tmp_path):
     """A run of 4 epochs killed in epoch 3 holds last.pt and log.csv of epoch 2; the last.pt of epoch 4 of an
     identical run, copied in, would resume over the gap and leave checkpoints 3 and 4 unwritten."""
@@ -124,6 +127,7 @@ def test_a_last_pt_ahead_of_the_log_is_refused(tmp_path):
     (None, "config.json is corrupt (invalid settings: lr_milestones = None)"),
     (5, "config.json is corrupt (invalid settings: lr_milestones = 5)"),
 ])
+@pytest.mark.slow
 def test_without_last_pt_a_config_json_that_contradicts_the_flags_is_refused(trained, milestones, message):
     """Nothing was trained (no last.pt), but the folder's config.json names another schedule: the flags
     are not silently replaced by it, and an odd value is one line, not a traceback."""
@@ -138,6 +142,7 @@ def test_without_last_pt_a_config_json_that_contradicts_the_flags_is_refused(tra
     assert snapshot(trained) == before
 
 
+@pytest.mark.slow
 def test_runs_of_other_lengths_have_their_own_folders_and_validate_finds_each(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     flags = ["--dataset", "synthetic", "--width", "4", "--samples-per-class", "20", "--device", "cpu"]
@@ -177,6 +182,7 @@ def test_extend_to_needs_a_trained_run(tmp_path):
 
 # ------------------------------------------------------------------ 6-7: symbolic links and foreign files
 
+@pytest.mark.slow
 def test_a_lock_file_linked_to_another_file_is_not_written_through(trained, tmp_path):
     precious = tmp_path / "precious.txt"
     precious.write_text("keep me")
@@ -232,18 +238,21 @@ def test_only_temporary_files_this_repository_named_are_cleaned_up(trained):
 # ------------------------------------------------------------------ 10-17: one line, exit 2, nothing written
 
 @pytest.mark.parametrize("script", ["train.py", "validate_nc.py"])
+@pytest.mark.slow
 def test_a_run_dir_name_too_long_for_the_file_system_is_one_line(tmp_path, script):
     result = command(script, "--dataset", "synthetic", "--device", "cpu", "--run-dir", str(tmp_path / ("x" * 300)))
     assert "File name too long; choose a shorter name" in one_line_error(result)
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_a_new_run_on_a_full_disk_is_one_line_and_leaves_no_folder(tmp_path):
     result = command("train.py", *TINY, "--run-dir", str(tmp_path / "run"), file_size_limit=0)
     assert f"cannot use {tmp_path / 'run'} as a run folder (File too large" in one_line_error(result)
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_does_not_fit_says_why_in_the_operating_systems_words(tmp_path):
     result = command("train.py", *TINY, "--run-dir", str(tmp_path / "run"), file_size_limit=100_000)
     assert result.returncode == 2 and "Traceback" not in result.stderr and "inline_container" not in result.stderr
@@ -252,6 +261,7 @@ def test_a_checkpoint_that_does_not_fit_says_why_in_the_operating_systems_words(
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_validation_where_the_lock_file_should_be_a_folder_is_one_line(trained, tmp_path):
     (trained / runs.TABLES_LOCK).unlink(missing_ok=True)
     (trained / runs.TABLES_LOCK).mkdir()
@@ -277,6 +287,7 @@ def test_validation_of_a_read_only_run_folder_is_one_line_before_measuring(train
     assert snapshot(trained) == before and not (tmp_path / "plots").exists()
 
 
+@pytest.mark.slow
 def test_plots_dir_under_a_file_is_one_line_before_measuring(trained, tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     result = command("validate_nc.py", "--run-dir", str(trained), "--device", "cpu",
@@ -285,6 +296,7 @@ def test_plots_dir_under_a_file_is_one_line_before_measuring(trained, tmp_path):
     assert not (trained / "nc_metrics.csv").exists()
 
 
+@pytest.mark.slow
 def test_a_last_pt_whose_config_lacks_settings_is_one_line(trained):
     (trained / "config.json").unlink()
     state = torch.load(trained / "last.pt", weights_only=True)
@@ -296,6 +308,7 @@ def test_a_last_pt_whose_config_lacks_settings_is_one_line(trained):
     assert snapshot(trained) == before
 
 
+@pytest.mark.slow
 def test_a_config_json_naming_an_unknown_dataset_is_one_line_in_validation(trained, tmp_path):
     settings = json.loads((trained / "config.json").read_text())
     (trained / "config.json").write_text(json.dumps({**settings, "dataset": "imagenet"}))
@@ -305,6 +318,7 @@ def test_a_config_json_naming_an_unknown_dataset_is_one_line_in_validation(train
     assert snapshot(trained) == before
 
 
+@pytest.mark.slow
 def test_a_network_too_large_for_memory_is_one_line(tmp_path):
     """Width 100000 asks for 360 GB in one tensor of a ResNet-18's first stage."""
     result = command("train.py", *TINY, "--width", "100000", "--run-dir", str(tmp_path / "run"))

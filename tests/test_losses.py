@@ -134,6 +134,7 @@ def test_the_model_sees_the_mixed_images_and_the_loss_their_two_labels(same_clas
 
 @pytest.mark.parametrize("mixup", ["0", "1"])
 @pytest.mark.parametrize("name", losses.LOSSES)
+@pytest.mark.slow
 def test_every_loss_trains_and_validates_from_the_command_line_with_and_without_mixup(name, mixup, tmp_path):
     run_dir = tmp_path / "run"
     flags = ["--dataset", "synthetic", "--width", "4", "--epochs", "2", "--num-checkpoints", "2",

@@ -182,6 +182,7 @@ def test_the_model_flag_keeps_the_name_and_names_the_folder_after_it():
         train.parse_args(["--model", "not a:name"])
 
 
+@pytest.mark.slow
 def test_own_images_and_own_network_train_measure_and_draw_every_figure(tmp_path, tiny_nets, monkeypatch):
     write_folder(tmp_path / "shapes", {"a": (8, 4), "b": (8, 4), "c": (8, 4)}, size=(10, 10))
     monkeypatch.chdir(tmp_path)
@@ -214,6 +215,7 @@ def readme_section(heading: str) -> str:
     return text[start:end if end >= 0 else len(text)]
 
 
+@pytest.mark.slow
 def test_the_readme_s_measure_collapse_in_your_own_code_runs_as_printed(tmp_path):
     blocks = re.findall(r"```python\n(.*?)```", readme_section("Measure collapse in your own code"), re.DOTALL)
     assert blocks, "the section has no python code"

@@ -60,6 +60,7 @@ def png_size(path: Path) -> tuple[int, int]:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
+@pytest.mark.slow
 def test_plot_run_writes_every_figure_as_a_png_of_its_width_in_inches_times_150_dpi(tmp_path):
     written = plotting.plot_run(write_run(tmp_path / "run"), tmp_path / "figures")
     assert {path.name for path in written} == NC_FILES | {"training_curves.png", "panel.png"}
@@ -72,6 +73,7 @@ def test_plot_run_writes_every_figure_as_a_png_of_its_width_in_inches_times_150_
     assert not list((tmp_path / "figures").glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_the_same_tables_give_byte_identical_figures(tmp_path):
     run = write_run(tmp_path / "run")
     first = plotting.plot_runs([run], tmp_path / "a")
@@ -311,6 +313,7 @@ def labelled_y_ticks(ax: plt.Axes) -> list[str]:
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 24])
+@pytest.mark.slow
 def test_every_figure_keeps_its_whole_legend_inside_the_image_below_the_axes(tmp_path, count):
     run_dirs = overlay_runs(tmp_path, count)
     figures = dict(plotting.nc_figures(run_dirs))
@@ -335,6 +338,7 @@ def test_a_legend_of_labels_wider_than_the_figure_is_wrapped_inside_it(tmp_path)
     assert_whole_legends("long paths", fig)
 
 
+@pytest.mark.slow
 def test_every_subcommand_writes_the_format_asked_for(tmp_path, monkeypatch):
     """Each subcommand with --format, each format in turn (they share one writer), and a file's suffix."""
     monkeypatch.chdir(tmp_path)
@@ -572,6 +576,7 @@ def with_other_measures(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_figure_9_overlays_runs_and_groups_them(tmp_path):
     first = with_other_measures(write_run(tmp_path / "learned", seed=0))
     second = with_other_measures(write_run(tmp_path / "etf", classifier="etf", seed=1))

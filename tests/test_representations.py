@@ -41,6 +41,7 @@ def loaded(run_dir, epoch: int):
     return model, train_split, state["config"]
 
 
+@pytest.mark.slow
 def test_the_run_validates_on_clean_data_and_draws_the_representation_figure(mixup_run):
     assert validate(mixup_run) == 0
     assert [row["epoch"] for row in runs.read_nc_metrics(mixup_run)] == [1, 4]

@@ -62,6 +62,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_one(uninterrupted, tmp_path, 
         ["epoch_0001.pt", "epoch_0002.pt", "epoch_0004.pt"]
 
 
+@pytest.mark.slow
 def test_a_kill_while_writing_leaves_the_previous_file_readable(tmp_path):
     run_dir = tmp_path / "run"
     killed = command("tests/kill_harness.py", "save", "2", *TINY, "--epochs", "1", "--run-dir", str(run_dir))
@@ -155,6 +156,7 @@ class Payload:
         return open, (str(self.marker), "w")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     evil = {"model": Payload(marker), "epoch": 1, "config": {}}
@@ -210,6 +212,7 @@ def test_a_config_clash_is_refused_and_an_extended_run_continues(tmp_path):
     ("validate_nc.py", ["--dataset", "MNIST"],
      "no run folder at runs/MNIST-resnet18-ce-seed0; train it with: python train.py --dataset MNIST --download"),
 ])
+@pytest.mark.slow
 def test_user_errors_are_one_line_and_a_non_zero_exit(tmp_path, script, args, message):
     (tmp_path / "file.txt").write_text("not a folder")
     (tmp_path / "bad").mkdir()

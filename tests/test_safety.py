@@ -55,6 +55,7 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
 
 # ------------------------------------------------------------------ one writer per run folder
 
+@pytest.mark.slow
 def test_a_second_train_on_a_folder_being_trained_is_refused_and_touches_nothing(tmp_path):
     run_dir = tmp_path / "run"
     first = start(*TINY, "--epochs", "40", "--num-checkpoints", "2", "--lr", "0.05", "--run-dir", str(run_dir))
@@ -76,6 +77,7 @@ def test_a_second_train_on_a_folder_being_trained_is_refused_and_touches_nothing
     assert [row["epoch"] for row in runs.read_log(run_dir)] == list(range(1, 41))
 
 
+@pytest.mark.slow
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     run_dir = tmp_path / "run"
     first = start(*TINY, "--epochs", "40", "--run-dir", str(run_dir))
@@ -138,6 +140,7 @@ def test_a_last_pt_of_another_run_is_refused(trained, tmp_path):
         train.main(train.parse_args([*TINY, "--run-dir", str(trained)]))
 
 
+@pytest.mark.slow
 def test_a_last_pt_of_another_width_is_one_line(trained, tmp_path):
     other = tmp_path / "wide"
     train.main(train.parse_args([*TINY, "--width", "8", "--run-dir", str(other)]))
@@ -213,6 +216,7 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_files(train
     (["--run-dir", "{tmp}/folder"], "folder/checkpoints is a file, not a folder"),
     (["--run-dir", "{tmp}/partial"], "config.json is corrupt (settings missing: dataset"),
 ])
+@pytest.mark.slow
 def test_bad_train_input_is_one_line(tmp_path, flags, message):
     (tmp_path / "file.txt").write_text("a file")
     (tmp_path / "folder").mkdir()
@@ -285,6 +289,7 @@ def test_a_log_with_a_cut_header_or_extra_fields_is_not_read_as_data(trained, ca
     assert "line 2: it has another number of fields" in err and "line 3: could not convert" in err
 
 
+@pytest.mark.slow
 def test_a_cut_value_in_nc_metrics_is_measured_again(trained):
     assert validate_nc.main(validate_nc.parse_args(["--run-dir", str(trained), "--device", "cpu",
                                                     "--plots-dir", str(trained.parent / "plots")])) == 0

@@ -69,6 +69,7 @@ def test_a_network_with_fewer_features_than_the_simplex_needs_is_refused():
         engine.build_model(settings("--model", "wrn16_1", "--classifier", "etf"), CPU)
 
 
+@pytest.mark.slow
 def test_the_etf_stays_fixed_through_training_and_measures_as_an_exact_simplex(tmp_path):
     last = run_train(tmp_path / "etf", "--classifier", "etf")
     assert last["config"]["classifier"] == "etf" and last["config"]["bias"] is None

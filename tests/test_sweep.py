@@ -56,6 +56,7 @@ def run_folder(loss: str, seed: int, *flags: str) -> Path:
     return config.default_run_dir(config.resolve_config(args), args)
 
 
+@pytest.mark.slow
 def test_a_study_writes_its_tables_and_each_run_is_the_run_train_py_alone_makes(study):
     folder, code, output = study
     assert code == 0
@@ -82,6 +83,7 @@ def test_a_study_writes_its_tables_and_each_run_is_the_run_train_py_alone_makes(
     assert sum(line.startswith("start ") for line in output.splitlines()) == 4 and "4 done, 0 failed, 0 busy, 0 interrupted, 0 skipped" in output
 
 
+@pytest.mark.slow
 def test_the_same_command_again_starts_nothing(study):
     folder, _, _ = study
     study_dir = folder / "studies" / "grid"
@@ -95,6 +97,7 @@ def test_the_same_command_again_starts_nothing(study):
     assert (study_dir / "runs.csv").read_text() == table
 
 
+@pytest.mark.slow
 def test_a_killed_study_resumes_to_the_tables_and_bits_of_an_uninterrupted_one(study, tmp_path):
     reference, _, _ = study
     flags = ["--name", "grid", *TINY, "--loss", "ce", "--seed", "0", "1"]
@@ -132,6 +135,7 @@ def _status(table: Path, index: int) -> str | None:
     return rows[index]["status"] if len(rows) > index else None
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_recorded_with_its_reason_and_the_others_still_run(tmp_path):
     code, output = sweep_in(tmp_path, "--name", "diverging", *TINY, "--lr", "1e4", "0.05")
     assert code == 1
@@ -143,6 +147,7 @@ def test_a_failing_run_is_recorded_with_its_reason_and_the_others_still_run(tmp_
     assert "training diverged in epoch 1" in (tmp_path / "studies/diverging/table.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_run_that_another_process_trains_is_busy_whatever_lands_in_its_log(study):
     """As when two sweeps of one study run at once: the other's job holds the run's training lock and its
     progress bar keeps writing into the run's log, around any line this sweep's job would write there."""
@@ -215,6 +220,7 @@ def job_commands(log: Path) -> list[str]:
     return [Path(line.split()[2]).name for line in last.splitlines() if line.startswith("$ ")]
 
 
+@pytest.mark.slow
 def test_done_is_what_the_run_folder_holds_and_a_partial_finish_is_completed_by_validate_nc_alone(study, tmp_path):
     """Killed while validate_nc.py drew its figures, or with summary.json lost, a run is not done, and the
     same command completes it by running validate_nc.py only; then it is done and skipped."""
@@ -252,6 +258,7 @@ def test_done_is_what_the_run_folder_holds_and_a_partial_finish_is_completed_by_
     (f"{run_folder('mse', 1)}/summary.json", "[1]", f"{run_folder('mse', 1)}/summary.json is not a run's summary"),
 ])
 @pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+@pytest.mark.slow
 def test_a_study_file_of_the_wrong_shape_is_one_line_and_nothing_is_written(study, tmp_path, capsys, path, text,
                                                                           message, dry_run):
     folder = copy_of(study[0], tmp_path)
@@ -270,6 +277,7 @@ def snapshot(folder: Path) -> dict[Path, tuple[int, bytes]]:
     return {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in folder.rglob("*") if path.is_file()}
 
 
+@pytest.mark.slow
 def test_the_measurement_flags_reach_each_runs_validate_nc_and_the_tables_carry_their_columns(study, tmp_path):
     """A done run asked for --layers, --test-collapse and --adversarial again lacks them: validate_nc.py alone
     measures them, the study's tables hold the last checkpoint's values, and the figures it draws are the
@@ -299,6 +307,7 @@ def test_the_measurement_flags_reach_each_runs_validate_nc_and_the_tables_carry_
     assert {"fig8_adversarial_robustness.png", "layerwise_nc1.png"} <= set(plots)
 
 
+@pytest.mark.slow
 def test_the_grouped_mean_and_band_are_those_of_the_runs_own_tables(study):
     folder, _, _ = study
     run_dirs = [folder / run_folder(loss, seed) for loss, seed in SETTINGS]
@@ -314,6 +323,7 @@ def test_the_grouped_mean_and_band_are_those_of_the_runs_own_tables(study):
     np.testing.assert_allclose(test_loss[1][2], values.mean(axis=0), rtol=1e-15)
 
 
+@pytest.mark.slow
 def test_plotting_study_draws_the_grouped_panel_and_curves(study, tmp_path):
     folder, _, _ = study
     with working_directory(folder):

@@ -8,6 +8,7 @@ import validate_nc
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 
+@pytest.mark.slow
 def test_train_and_validate_write_their_tables_as_scalars_and_the_figures_as_images(tmp_path):
     run_dir = tmp_path / "run"
     train.main(train.parse_args(["--dataset", "synthetic", "--width", "4", "--epochs", "2", "--num-checkpoints", "2",

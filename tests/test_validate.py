@@ -37,6 +37,7 @@ def validate(run_dir, *flags: str) -> int:
         ["--run-dir", str(run_dir), "--plots-dir", str(run_dir.parent / "plots"), "--device", "cpu", *flags]))
 
 
+@pytest.mark.slow
 def test_the_table_has_a_row_per_checkpoint_with_every_column(run_dir):
     assert validate(run_dir) == 0
     rows = runs.read_nc_metrics(run_dir)
@@ -47,6 +48,7 @@ def test_the_table_has_a_row_per_checkpoint_with_every_column(run_dir):
                for column in ("train_acc", "test_acc", "ncc_mismatch_train", "ncc_mismatch_test", "test_ece"))
 
 
+@pytest.mark.slow
 def test_every_figure_is_a_png_at_150_dpi(run_dir):
     validate(run_dir)
     plots = run_dir.parent / "plots"
@@ -58,6 +60,7 @@ def test_every_figure_is_a_png_at_150_dpi(run_dir):
     assert "| synthetic |" in (plots / "tpt_table.md").read_text()
 
 
+@pytest.mark.slow
 def test_measured_checkpoints_are_skipped_unless_recomputed(run_dir, capsys):
     validate(run_dir)
     table = (run_dir / "nc_metrics.csv").read_text()
@@ -73,6 +76,7 @@ def test_measured_checkpoints_are_skipped_unless_recomputed(run_dir, capsys):
     assert runs.read_nc_metrics(run_dir)[0]["nc1"] == pytest.approx(table_nc1(table), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_new_checkpoints_of_a_run_still_training_are_added(run_dir, capsys):
     runs.checkpoint_path(run_dir, 3).unlink()
     validate(run_dir)
@@ -84,6 +88,7 @@ def test_new_checkpoints_of_a_run_still_training_are_added(run_dir, capsys):
     assert [row["epoch"] for row in runs.read_nc_metrics(run_dir)] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_truncated_checkpoint_is_named_and_the_others_are_measured(run_dir, capsys):
     damaged = runs.checkpoint_path(run_dir, 2)
     damaged.write_bytes(damaged.read_bytes()[:1000])
@@ -92,6 +97,7 @@ def test_a_truncated_checkpoint_is_named_and_the_others_are_measured(run_dir, ca
     assert [row["epoch"] for row in runs.read_nc_metrics(run_dir)] == [1, 3]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_run_is_reported_and_the_others_are_measured(run_dir, tmp_path, capsys):
     train.main(train.parse_args([*TINY, "--seed", "1", "--epochs", "1", "--num-checkpoints", "1",
                                  "--run-dir", str(tmp_path / "other")]))
@@ -101,6 +107,7 @@ def test_a_checkpoint_of_another_run_is_reported_and_the_others_are_measured(run
     assert [row["epoch"] for row in runs.read_nc_metrics(run_dir)] == [2, 3]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_nan_weights_is_reported_and_the_others_are_measured(run_dir, capsys):
     state = torch.load(runs.checkpoint_path(run_dir, 2), weights_only=True)
     state["model"]["fc.weight"][0, 0] = float("nan")
@@ -111,6 +118,7 @@ def test_a_checkpoint_with_nan_weights_is_reported_and_the_others_are_measured(r
     assert [row["epoch"] for row in runs.read_nc_metrics(run_dir)] == [1, 3]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_whose_features_overflow_is_reported_and_the_others_are_measured(run_dir, capsys):
     """Finite weights can still give NaN features: a diverged run's checkpoint (weights up to 1e27)."""
     state = torch.load(runs.checkpoint_path(run_dir, 2), weights_only=True)
@@ -123,6 +131,7 @@ def test_a_checkpoint_whose_features_overflow_is_reported_and_the_others_are_mea
     assert [row["epoch"] for row in runs.read_nc_metrics(run_dir)] == [1, 3]
 
 
+@pytest.mark.slow
 def test_a_random_bytes_checkpoint_is_unreadable_not_malicious(run_dir, capsys):
     runs.checkpoint_path(run_dir, 3).write_bytes(bytes(range(256)) * 8)
     assert validate(run_dir) == 1
@@ -138,6 +147,7 @@ def test_two_validations_writing_one_table_lose_no_rows(run_dir):
     assert [row["epoch"] for row in runs.read_nc_metrics(run_dir)] == [1, 2]
 
 
+@pytest.mark.slow
 def test_the_same_flags_find_the_folder_train_wrote(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     flags = ["--dataset", "Synthetic", "--width", "4", "--samples-per-class", "20", "--device", "cpu"]
@@ -202,6 +212,7 @@ def table_nc1(table: str) -> float:
     return float(first.split(",")[header.split(",").index("nc1")])
 
 
+@pytest.mark.slow
 def test_the_tpt_onset_is_the_clean_eval_mode_accuracy_not_the_running_one_of_a_mixup_run(tmp_path):
     """Under Mixup the running accuracy of log.csv scores mixed inputs and never reaches 1; the network
     in eval mode classifies the clean training set perfectly well before the run ends."""
