@@ -1,5 +1,6 @@
-"""The test subsets as pytest.ini and tests/conftest.py define them, on a suite whose markers are known:
-`-m quick` is every test not marked slow, compile or slurm; the default run is all but the compile tests."""
+"""The test subsets as pytest.ini defines them, on a suite whose markers are known: the default run is
+every test not marked slow or compile, `-m slow` the slow ones (the slurm ones among them), `-m compile`
+the compiled path."""
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,6 @@ def test_slow(): pass
 @pytest.mark.compile
 def test_compile(): pass
 
-@pytest.mark.slurm
-def test_slurm(): pass
-
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_slow_slurm(): pass
@@ -34,15 +32,14 @@ class TestGrouped:
 
 
 @pytest.mark.parametrize("flags, selected", [
-    (["-m", "quick"], ["test_plain", "test_cases[1]"]),
-    ([], ["test_plain", "test_slow", "test_slurm", "test_slow_slurm", "test_cases[1]", "test_cases[2]",
-          "TestGrouped::test_in_a_slow_class"]),
+    ([], ["test_plain", "test_cases[1]"]),
+    (["-m", "slow"], ["test_slow", "test_slow_slurm", "test_cases[2]", "TestGrouped::test_in_a_slow_class"]),
     (["-m", "compile"], ["test_compile"]),
-    (["-m", "slurm"], ["test_slurm", "test_slow_slurm"]),
+    (["-m", "slurm"], ["test_slow_slurm"]),
 ])
-def test_quick_is_what_is_not_slow_compile_or_slurm_and_the_default_all_but_compile(pytester, flags, selected):
+def test_the_default_run_leaves_out_the_slow_and_compile_tests_which_their_markers_select(pytester, flags,
+                                                                                          selected):
     pytester.makeini((REPO / "pytest.ini").read_text())
-    pytester.makeconftest((REPO / "tests" / "conftest.py").read_text())
     pytester.makepyfile(test_suite=SUITE)
     result = pytester.runpytest("--collect-only", "-q", "--strict-markers", *flags)
     collected = [line.split("::", 1)[1] for line in result.outlines if line.startswith("test_suite.py::")]
