@@ -212,9 +212,10 @@ def plot_run(run_dir: Path, out_dir: Path, suffix: str = ".png") -> list[Path]:
     written = plot_runs([run_dir], out_dir, suffix=suffix)
     written.append(plot_panel([run_dir], out_dir / f"panel{suffix}"))
     written.append(plot_curves([run_dir], out_dir / Path(CURVES_FILE).with_suffix(suffix)))
-    if runs.stage_columns(runs.read_nc_metrics(run_dir)):
+    measured = runs.read_nc_metrics(run_dir)
+    if runs.stage_columns(measured):
         written.append(plot_layers(run_dir, out_dir / Path(LAYERS_FILE).with_suffix(suffix)))
-    if _imbalanced([run_dir]):
+    if _has_minority_columns(measured):
         written.append(plot_minority_collapse([run_dir], out_dir / Path(MINORITY_FILE).with_suffix(suffix)))
     return written
 
@@ -228,7 +229,7 @@ def run_figure_names(run_dir: Path, suffix: str = ".png") -> list[str]:
     if any(row.get("cdnv") is not None for row in measured):
         names.append(OTHER_FILE)
     names += ["panel.png", CURVES_FILE] + ([LAYERS_FILE] if runs.stage_columns(measured) else [])
-    if any(row.get("minority_cosine") is not None for row in measured):
+    if _has_minority_columns(measured):
         names.append(MINORITY_FILE)
     return [Path(name).stem + suffix for name in names]
 
@@ -848,7 +849,12 @@ def _draw_norms(ax: plt.Axes, lines: list[_Line]) -> None:
 
 def _imbalanced(run_dirs: list[Path]) -> bool:
     """Whether some run's nc_metrics.csv has the Minority Collapse columns (an imbalanced run's)."""
-    return any(row.get("minority_cosine") is not None for run_dir in run_dirs for row in runs.read_nc_metrics(run_dir))
+    return any(_has_minority_columns(runs.read_nc_metrics(run_dir)) for run_dir in run_dirs)
+
+
+def _has_minority_columns(measured: list[dict]) -> bool:
+    """Whether rows of an nc_metrics.csv hold the Minority Collapse numbers (an imbalanced run's)."""
+    return any(row.get("minority_cosine") is not None for row in measured)
 
 
 def _present(panel: Panel, lines: list[_Line]) -> list[Quantity]:

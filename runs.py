@@ -120,7 +120,6 @@ NC_COLUMNS = ["epoch", "train_acc", "train_loss", "test_acc", "test_loss", "test
 # columns empty) and validate_nc.py measures them again.
 _NC_REQUIRED = [column for column in NC_COLUMNS if column not in OTHER_KEYS]
 # What an imbalanced run's rows add (train.py --imbalance), then its classifier row norms weight_norm_<c>.
-IMBALANCE_COLUMNS = ["minority_cosine", "majority_cosine", "test_acc_minority", "test_acc_majority"]
 # log.csv leaves the test columns empty on epochs --eval-every skips.
 _MAY_BE_EMPTY = {"log.csv": {"test_loss", "test_acc", "test_ece"}, "nc_metrics.csv": set()}
 # What a run's config.json must hold for the scripts to rebuild its network and data.
@@ -262,12 +261,12 @@ def stage_columns(measured: list[dict]) -> list[str]:
     return [key for key in columns if key.startswith("nc1_") and key not in measures]
 
 
-def lacks_measurements(row: dict, layers: bool, test_collapse: bool, adversarial: bool,
-                       imbalanced: bool = False) -> bool:
+def lacks_measurements(row: dict, run_config: dict, layers: bool, test_collapse: bool, adversarial: bool) -> bool:
     """Whether a row of nc_metrics.csv lacks a measurement of validate_nc.py's --layers, --test-collapse or
-    --adversarial that is asked for, or, of an imbalanced run, its Minority Collapse columns, or the field's
-    other measures (a row measured before they existed)."""
+    --adversarial that is asked for, or, of an imbalanced run (`run_config`'s imbalance above 1), its
+    Minority Collapse columns, or the field's other measures (a row measured before they existed)."""
     present = {key for key, value in row.items() if value is not None}
+    imbalanced = run_config.get("imbalance", 1.0) > 1
     return (not present.issuperset(OTHER_KEYS) or (test_collapse and "nc1_test" not in present)
             or (adversarial and "deepfool_robustness" not in present) or (layers and not stage_columns([row]))
             or (imbalanced and "minority_cosine" not in present))

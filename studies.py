@@ -354,7 +354,8 @@ def _measured(run: Run) -> bool:
     checkpoints = [epoch for epoch, _ in runs.checkpoint_files(run_dir)]
     rows = {row["epoch"]: row for row in runs.read_nc_metrics(run_dir)}
     asked = [flag in run.validate for flag in MEASUREMENT_FLAGS]
-    return bool(checkpoints) and all(epoch in rows and not runs.lacks_measurements(rows[epoch], *asked)
+    run_config = runs.read_config(run_dir, required=()) or {}
+    return bool(checkpoints) and all(epoch in rows and not runs.lacks_measurements(rows[epoch], run_config, *asked)
                                      for epoch in checkpoints)
 
 

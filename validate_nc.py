@@ -305,8 +305,7 @@ def _refuse_unwritable(run_dir: Path, plots_dir: Path, measuring: bool) -> None:
 def _lacks(row: dict, args: argparse.Namespace, run_config: dict) -> bool:
     """Whether a row of the table lacks a measurement asked for (or, of an imbalanced run, its Minority
     Collapse columns), and so is measured again."""
-    return runs.lacks_measurements(row, args.layers, args.test_collapse, args.adversarial,
-                                   imbalanced=run_config.get("imbalance", 1.0) > 1)
+    return runs.lacks_measurements(row, run_config, args.layers, args.test_collapse, args.adversarial)
 
 
 def _report(run_config: dict, run_dir: Path, table: dict, measured: int, plots_dir: Path | None,

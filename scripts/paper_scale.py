@@ -484,7 +484,7 @@ def _compare_losses(plan: Plan, jobs: list[Job], precision: str, status: int) ->
         return [f"the eager check failed (exit {status}); see {plan.log('eager-check')}"]
     compiled = next(job for job in jobs if job.seed == 0 and job.precision == precision)
     eager = runs.read_log(plan.runs_dir / "paper_scale-eager-check")
-    ours = runs.read_log(compiled.run_dir)[:CHECK_EPOCHS] if (compiled.run_dir / "log.csv").is_file() else []
+    ours = runs.read_log(compiled.run_dir)[:CHECK_EPOCHS]
     if len(ours) < CHECK_EPOCHS:
         return [] if compiled.trainer.poll() is None else ["the compiled run ended before its second epoch"]
     pairs = [(a["train_loss"], b["train_loss"]) for a, b in zip(eager, ours)]
@@ -554,27 +554,27 @@ def _progress(job: Job, plan: Plan) -> str:
 
 def _epoch_seconds(run_dir: Path) -> str:
     """train.py's seconds per epoch from log.csv: the first (which compiles) and the median of the others."""
-    log = runs.read_log(run_dir) if (run_dir / "log.csv").is_file() else []
+    log = runs.read_log(run_dir)
     if not log:
         return "no epoch logged"
-    later = [row["seconds"] for row in log[1:]]
+    pace = _pace(run_dir)
     return (f"train.py's epochs: the first {log[0]['seconds']:.1f} s"
-            + (f", then a median of {statistics.median(later):.2f} s" if later else ""))
+            + (f", then a median of {pace:.2f} s" if pace is not None else ""))
 
 
 def _pace(run_dir: Path) -> float | None:
     """The median seconds of the logged epochs after the first, or None."""
-    log = runs.read_log(run_dir) if (run_dir / "log.csv").is_file() else []
+    log = runs.read_log(run_dir)
     return statistics.median(row["seconds"] for row in log[1:]) if len(log) > 1 else None
 
 
 def _epochs_done(run_dir: Path) -> int:
-    log = runs.read_log(run_dir) if (run_dir / "log.csv").is_file() else []
+    log = runs.read_log(run_dir)
     return log[-1]["epoch"] if log else 0
 
 
 def _measured(run_dir: Path) -> int:
-    return len(runs.read_nc_metrics(run_dir)) if (run_dir / "nc_metrics.csv").is_file() else 0
+    return len(runs.read_nc_metrics(run_dir))
 
 
 def _checkpoints(run_dir: Path) -> int:

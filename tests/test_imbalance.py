@@ -19,7 +19,7 @@ import sweep
 import train
 import validate_nc
 from errors import UserError
-from nc_metrics import FeatureStats, balancing_weights, group_cosines, mean_pair_cosine, metrics_from_stats
+from nc_metrics import OTHER_KEYS, FeatureStats, balancing_weights, group_cosines, mean_pair_cosine, metrics_from_stats
 from test_distributed import torchrun
 from test_nc_metrics import simplex_etf
 
@@ -319,3 +319,12 @@ def test_an_imbalanced_run_extends_and_trains_with_any_loss_and_mixup(imbalanced
     with pytest.raises(UserError, match="keeps 1 of one of classes"):
         validate_nc.main(validate_nc.parse_args(["--run-dir", str(mixed), "--device", "cpu", "--representations",
                                                  "--classes", "0", "8", "9", "--plots-dir", str(tmp_path)]))
+
+
+def test_a_row_without_the_minority_columns_lacks_them_only_for_an_imbalanced_run():
+    # What validate_nc.py measures again and what a study counts as measured both ask this one question.
+    row = {"epoch": 1, "nc1": 0.5, **{key: 0.1 for key in OTHER_KEYS}}
+    assert runs.lacks_measurements(row, {"imbalance": 10.0}, False, False, False)
+    assert not runs.lacks_measurements(row, {"imbalance": 1.0}, False, False, False)
+    assert not runs.lacks_measurements(row, {}, False, False, False)  # a run written before --imbalance
+    assert not runs.lacks_measurements({**row, "minority_cosine": -0.2}, {"imbalance": 10.0}, False, False, False)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import config
 import plotting
@@ -23,7 +22,7 @@ import studies
 import sweep
 import train
 from errors import run_cli
-from sweep_helpers import sweep_in, table_rows, weights, working_directory
+from sweep_helpers import same_weights, sweep_in, table_rows, working_directory
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--width", "4", "--samples-per-class", "20", "--epochs", "2", "--num-checkpoints", "2", "--device", "cpu",
@@ -126,8 +125,7 @@ def test_a_killed_study_resumes_to_the_tables_and_bits_of_an_uninterrupted_one(s
     assert [{key: row[key] for key in row if key != "loss"} for row in expected] == rows  # loss is not varied here
     for run in (first, second):
         for name in ("last.pt", "checkpoints/epoch_0001.pt", "checkpoints/epoch_0002.pt"):
-            mine, theirs = weights(tmp_path / run / name), weights(reference / run / name)
-            assert all(torch.equal(mine[key], theirs[key]) for key in theirs), f"{run}/{name}"
+            assert same_weights(tmp_path / run / name, reference / run / name), f"{run}/{name}"
 
 
 def _status(table: Path, index: int) -> str | None:
