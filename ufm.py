@@ -58,25 +58,24 @@ def train_run(run: dict, run_dir: Path, device: torch.device) -> None:
     steps = run["steps"]
     measure_at = set(config.checkpoint_epochs(steps, run["num_checkpoints"]))
     log, measured = [], []
-    bar = tqdm(total=steps, unit="step", desc=run_dir.name, dynamic_ncols=True)
     began = time.perf_counter()
-
-    def record(step: int, seconds: float) -> None:
-        logged, metrics = unconstrained.measure(model, run)
-        log.append({"epoch": step, **logged, "seconds": seconds})
-        measured.append({"epoch": step, **metrics})
-        runs.write_csv(run_dir / "log.csv", log, runs.LOG_COLUMNS + unconstrained.LOG_EXTRA)
-        extra = [key for key in measured[-1] if key not in runs.NC_COLUMNS]
-        runs.write_csv(run_dir / "nc_metrics.csv", measured, runs.NC_COLUMNS + extra)
-        bar.update(step - bar.n)
-        bar.set_postfix(loss=f"{logged['train_loss']:.4g}", nc1=f"{metrics['nc1']:.3g}",
-                        grad=f"{logged['grad_norm']:.2g}")
-
     print(f"run {run_dir}: K={run['classes']}, d={run['dim']}, N={sum(run['class_counts'])}, {run['loss']}, "
           f"{run['optimizer']} lr {run['lr']:g}, lamW {run['weight_decay_classifier']:g}, lamH "
           f"{run['weight_decay_features']:g}, {run['precision']} on {device}")
-    unconstrained.train(model, run, measure_at, record)
-    bar.close()
+    with tqdm(total=steps, unit="step", desc=run_dir.name, dynamic_ncols=True) as bar:
+
+        def record(step: int, seconds: float) -> None:
+            logged, metrics = unconstrained.measure(model, run)
+            log.append({"epoch": step, **logged, "seconds": seconds})
+            measured.append({"epoch": step, **metrics})
+            runs.write_csv(run_dir / "log.csv", log, runs.LOG_COLUMNS + unconstrained.LOG_EXTRA)
+            extra = [key for key in measured[-1] if key not in runs.NC_COLUMNS]
+            runs.write_csv(run_dir / "nc_metrics.csv", measured, runs.NC_COLUMNS + extra)
+            bar.update(step - bar.n)
+            bar.set_postfix(loss=f"{logged['train_loss']:.4g}", nc1=f"{metrics['nc1']:.3g}",
+                            grad=f"{logged['grad_norm']:.2g}")
+
+        unconstrained.train(model, run, measure_at, record)
     runs.write_summary(run_dir)
     unconstrained.save_final(run_dir, model, run)
     last = measured[-1]
