@@ -222,8 +222,9 @@ def train(model: Model, run: dict, measure_at: set[int],
             if model.bias is not None:
                 model.bias.sub_(grads[2], alpha=lr)
         if step in measure_at:
+            finite = math.isfinite(loss.item())  # which waits for the device: `seconds` is the steps' whole time
             seconds = time.perf_counter() - tick
-            if not math.isfinite(loss.item()):
+            if not finite:
                 raise UserError(f"the run diverged at step {step} (loss {loss.item()}); lower the learning rate, "
                                 f"e.g. --lr {lr / 2:g}, in a new --run-dir")
             on_measure(step, seconds)
