@@ -2,7 +2,7 @@
 
     python ufm.py                                   # K = 10 classes, d = 512, 500 samples each, cross-entropy
     python ufm.py --classes 4 --dim 8 --per-class 20 --loss mse --no-bias --steps 5000
-    python ufm.py --imbalance 100 --optimizer sgd --batch-size 128 --lr 0.1
+    python ufm.py --imbalance 100 --optimizer sgd --batch-size 128 --lr 1
 
 The features H (one free d-vector per training sample), the classifier W and its bias b minimise
 (1/N) sum_i loss(W h_i + b, y_i) + (lamW/2)||W||^2 + (lamH/2)||H||^2 with train.py's loss for the same

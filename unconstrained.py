@@ -38,8 +38,8 @@ FINAL = "final.pt"
 DEFAULTS = {"classes": 10, "dim": 512, "samples_per_class": 500, "loss": "ce", "target_scale": 1.0,
             "label_smoothing": 0.1, "focal_gamma": 3.0, "bias": True, "weight_decay_features": 5e-4,
             "weight_decay_classifier": 5e-4, "weight_decay_bias": 0.0, "imbalance": 1.0, "imbalance_profile": "step",
-            "mixup_alpha": 0.0, "mixup_same_class": False, "optimizer": "gd", "lr": 0.5, "batch_size": 128,
-            "steps": 20000, "precision": "fp64", "num_checkpoints": 50}
+            "mixup_alpha": 0.0, "mixup_same_class": False, "optimizer": "gd", "lr": 8.0, "batch_size": 128,
+            "steps": 5000, "precision": "fp64", "num_checkpoints": 50}
 PRECISIONS = {"fp64": torch.float64, "fp32": torch.float32}
 # Settings that change what a run computes: a run folder belongs to one value of each.
 RESULT_KEYS = ("classes", "dim", "samples_per_class", "loss", "target_scale", "label_smoothing", "focal_gamma", "bias",
@@ -93,10 +93,11 @@ def add_selection_arguments(group: config.FlagGroup) -> None:
     config.add_mixup_arguments(add)
     add("--optimizer", choices=("gd", "sgd"), default=DEFAULTS["optimizer"], help="gd: gradient descent on the "
         "whole training set (default); sgd: on shuffled batches of --batch-size; no momentum")
-    add("--lr", type=config.positive_float, default=DEFAULTS["lr"], help="learning rate (default 0.5)")
+    add("--lr", type=config.positive_float, default=DEFAULTS["lr"], help="learning rate (default 8: large, since a "
+        "feature's share of the mean loss is 1/N; docs/ufm.md)")
     add("--batch-size", type=config.positive_int, help="with --optimizer sgd: samples per step (default 128)")
     add("--steps", type=config.positive_int, default=DEFAULTS["steps"], metavar="S",
-        help="optimizer steps (default 20000)")
+        help="optimizer steps (default 5000)")
     add("--precision", choices=tuple(PRECISIONS), default=DEFAULTS["precision"],
         help="fp64 (default) or fp32 for every tensor and the loss")
     add("--seed", type=config.seed, default=0,
