@@ -83,8 +83,8 @@ def add_selection_arguments(group: config.FlagGroup) -> None:
         metavar="LAMBDA_H", help="lamH, the weight decay of the features (default 5e-4, the paper's weight decay)")
     add("--weight-decay-classifier", type=config.non_negative_float, default=DEFAULTS["weight_decay_classifier"],
         metavar="LAMBDA_W", help="lamW, the weight decay of the classifier (default 5e-4)")
-    add("--weight-decay-bias", type=config.non_negative_float, default=DEFAULTS["weight_decay_bias"],
-        metavar="LAMBDA_B", help="lamb, the weight decay of the bias (default 0: unregularised)")
+    add("--weight-decay-bias", type=config.non_negative_float, metavar="LAMBDA_B",
+        help="lamb, the weight decay of the bias (default 0: unregularised)")
     add("--imbalance", type=config.imbalance_ratio, default=DEFAULTS["imbalance"], metavar="R",
         help="the largest class has R times the samples of the smallest (default 1: balanced)")
     add("--imbalance-profile", choices=datasets.IMBALANCE_PROFILES, help="with --imbalance: step (Fang et al. 2021, "
@@ -129,7 +129,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
            "focal_gamma": _used(args.focal_gamma, "focal_gamma", args.loss == "focal"), "bias": args.bias,
            "weight_decay_features": args.weight_decay_features,
            "weight_decay_classifier": args.weight_decay_classifier,
-           "weight_decay_bias": args.weight_decay_bias if args.bias else None, "imbalance": args.imbalance,
+           "weight_decay_bias": _used(args.weight_decay_bias, "weight_decay_bias", args.bias),
+           "imbalance": args.imbalance,
            "imbalance_profile": _used(args.imbalance_profile, "imbalance_profile", args.imbalance > 1),
            "mixup_alpha": args.mixup_alpha or 0.0, "mixup_same_class": bool(args.mixup_same_class),
            "optimizer": args.optimizer, "lr": args.lr,

@@ -276,14 +276,17 @@ def test_every_figure_of_a_run_draws_a_ufm_run(tmp_path):
     assert all(path.read_bytes().startswith(b"\x89PNG") for path in written)
 
 
-def test_a_ufm_study_plans_ufm_py_commands_in_the_folders_ufm_py_chooses(tmp_path):
-    args = sweep.parse_args(["--script", "ufm.py", "--name", "grid", *SMALL, "--loss", "ce", "mse", "--steps", "9"])
+@pytest.mark.parametrize("flags", [[], ["--no-bias", "--weight-decay-bias", "1"]])
+def test_a_ufm_study_plans_ufm_py_commands_in_the_folders_ufm_py_chooses(flags):
+    args = sweep.parse_args(["--script", "ufm.py", "--name", "grid", *SMALL, "--loss", "ce", "mse", "--steps", "9",
+                             "--batch-size", "4", *flags])  # --batch-size: gd's runs leave it out, as ufm.py does
     study = studies.plan(args, "grid", args.argv)
     assert study.varied == ["loss"]
     for run, loss in zip(study.runs, ("ce", "mse")):
-        alone = ufm.parse_args([*SMALL, "--loss", loss, "--steps", "9"])
+        alone = ufm.parse_args([*SMALL, "--loss", loss, "--steps", "9", *flags[:1]])
         assert run.run_dir == str(unconstrained.default_run_dir(unconstrained.resolve_config(alone), alone))
         assert studies.commands(run) == [[studies.sys.executable, str(studies.UFM), *run.train]]
+        assert "--batch-size" not in run.train and "--weight-decay-bias" not in run.train
         assert run.epochs == 9 and run.script == "ufm.py" and studies.run_state(run) == "new"
 
 
