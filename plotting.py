@@ -875,14 +875,15 @@ def _present(panel: Panel, lines: list[_Line]) -> list[Quantity]:
 
 
 class _ReadableLogLocator(matplotlib.ticker.LogLocator):
-    """Ticks at 1, 2 and 5 times powers of ten (at powers of ten alone over more than 4 decades, such as a
-    fixed ETF's 1e-8, where matplotlib's LogLocator draws no tick at all given several subs); where that
+    """Ticks at 1, 2 and 5 times powers of ten (at powers of ten alone over more than 3 decades: there 1-2-5
+    labels run into one another, as on ufm.py's axis of thousands of steps, and over more than 4, such as a
+    fixed ETF's 1e-8, matplotlib's LogLocator draws no tick at all given several subs); where that
     leaves fewer than MIN_LOG_TICKS in view (an axis spanning less than a decade), at every integer multiple
     of them; and where even that does not, at evenly spaced round values."""
 
     def tick_values(self, vmin: float, vmax: float) -> np.ndarray:
         low, high = sorted((vmin, vmax))
-        wide = high / low > 1e4
+        wide = high / low > 1e3
         for subs in ((1.0,),) if wide else ((1.0, 2.0, 5.0), tuple(np.arange(1.0, 10.0))):
             self.set_params(subs=subs)
             ticks = super().tick_values(vmin, vmax)
