@@ -75,7 +75,7 @@ def add_selection_arguments(group: config.FlagGroup) -> None:
     add("--dim", type=config.positive_int, default=DEFAULTS["dim"], metavar="D",
         help="feature dimension d (default 512, ResNet-18's); the optima of docs/ufm.md need K <= d + 1 (MSE: K <= d)")
     add("--per-class", dest="samples_per_class", type=config.positive_int, default=DEFAULTS["samples_per_class"],
-        metavar="N", help="training samples per class, of the largest classes under --imbalance (default 500)")
+        metavar="n", help="training samples per class, of the largest classes under --imbalance (default 500)")
     config.add_loss_arguments(add)
     add("--no-bias", dest="bias", action="store_false", default=True, help="a classifier without bias (default: "
         "with an unregularised bias)")
@@ -88,8 +88,8 @@ def add_selection_arguments(group: config.FlagGroup) -> None:
     add("--imbalance", type=config.imbalance_ratio, default=DEFAULTS["imbalance"], metavar="R",
         help="the largest class has R times the samples of the smallest (default 1: balanced)")
     add("--imbalance-profile", choices=datasets.IMBALANCE_PROFILES, help="with --imbalance: step (Fang et al. 2021, "
-        "default): the first ceil(K/2) classes keep N samples, the others ceil(N/R); exp: class c keeps "
-        "floor(N R^(-c/(K-1)))")
+        "default): the first ceil(K/2) classes keep n samples, the others ceil(n/R); exp: class c keeps "
+        "floor(n R^(-c/(K-1)))")
     config.add_mixup_arguments(add)
     add("--optimizer", choices=("gd", "sgd"), default=DEFAULTS["optimizer"], help="gd: gradient descent on the "
         "whole training set (default); sgd: on shuffled batches of --batch-size; no momentum")
@@ -118,8 +118,8 @@ def add_run_arguments(group: config.FlagGroup) -> None:
 
 def resolve_config(args: argparse.Namespace) -> dict:
     """Every setting of the run from the flags, a setting the run does not use (a loss's parameter under
-    another loss, the batch size of gd, the profile of a balanced set) None, and what derives from them:
-    the classes' sizes and the figures' names for the run."""
+    another loss, the batch size of gd, the profile of a balanced set, same-class pairs without Mixup)
+    None, and what derives from them: the classes' sizes and the figures' names for the run."""
     regression = args.loss in losses.REGRESSION_LOSSES
     run = {"script": SCRIPT, "time_unit": "step", "dataset": "UFM", "model": f"K={args.classes}, d={args.dim}",
            "classes": args.classes, "num_classes": args.classes, "dim": args.dim,
@@ -132,7 +132,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
            "weight_decay_bias": _used(args.weight_decay_bias, "weight_decay_bias", args.bias),
            "imbalance": args.imbalance,
            "imbalance_profile": _used(args.imbalance_profile, "imbalance_profile", args.imbalance > 1),
-           "mixup_alpha": args.mixup_alpha or 0.0, "mixup_same_class": bool(args.mixup_same_class),
+           "mixup_alpha": args.mixup_alpha or 0.0,
+           "mixup_same_class": _used(args.mixup_same_class, "mixup_same_class", bool(args.mixup_alpha)),
            "optimizer": args.optimizer, "lr": args.lr,
            "batch_size": _used(args.batch_size, "batch_size", args.optimizer == "sgd"), "steps": args.steps,
            "precision": args.precision, "seed": args.seed, "num_checkpoints": args.num_checkpoints}
@@ -203,13 +204,11 @@ def train(model: Model, run: dict, measure_at: set[int],
     pairing, lambdas = _generator(run["seed"], 2), np.random.default_rng([run["seed"], 3])
     tick = time.perf_counter()
     for step, rows in enumerate(_batches(len(model.labels), run), start=1):
-        batch = model.features if rows is None else model.features[rows.to(model.features.device)]
-        labels = model.labels if rows is None else model.labels[rows.to(model.labels.device)]
-        leaf = Model(model.weight.detach().requires_grad_(),
-                     None if model.bias is None else model.bias.detach().requires_grad_(),
-                     batch.detach().requires_grad_(), labels)
-        inputs, targets = (losses.mix_batch(leaf.features, labels, alpha, lambdas, pairing, run["mixup_same_class"])
-                           if alpha > 0 else (leaf.features, labels))
+        rows = rows if rows is None else rows.to(model.labels.device)
+        leaf = _leaves(model, model.features if rows is None else model.features[rows],
+                       model.labels if rows is None else model.labels[rows])
+        inputs, targets = (losses.mix_batch(leaf.features, leaf.labels, alpha, lambdas, pairing,
+                                            run["mixup_same_class"]) if alpha > 0 else (leaf.features, leaf.labels))
         loss = loss_fn(logits(leaf, inputs), targets)
         grads = torch.autograd.grad(loss, leaf.parameters())
         with torch.no_grad():
@@ -220,7 +219,7 @@ def train(model: Model, run: dict, measure_at: set[int],
             if rows is None:
                 model.features.sub_(grads[1], alpha=lr)
             else:
-                model.features.index_add_(0, rows.to(model.features.device), grads[1], alpha=-lr)
+                model.features.index_add_(0, rows, grads[1], alpha=-lr)
             if model.bias is not None:
                 model.bias.sub_(grads[2], alpha=lr)
         if step in measure_at:
@@ -238,10 +237,10 @@ def measure(model: Model, run: dict) -> tuple[dict, dict]:
     gradient's norm; and every metric validate_nc.py records (nc_metrics.py), class-balanced for an
     imbalanced run with its Minority Collapse columns, the test columns empty (there is no test split)."""
     with torch.enable_grad():
-        parameters = [parameter.detach().requires_grad_() for parameter in model.parameters()]
-        probe = Model(parameters[0], parameters[2] if len(parameters) > 2 else None, parameters[1], model.labels)
+        probe = _leaves(model, model.features, model.labels)
         total, loss = objective(probe, run)
-        grad_norm = torch.cat([grad.flatten() for grad in torch.autograd.grad(total, parameters)]).norm().item()
+        grads = torch.autograd.grad(total, probe.parameters())
+        grad_norm = torch.cat([grad.flatten() for grad in grads]).norm().item()
     with torch.no_grad():
         accuracy = losses.correct_count(logits(model, model.features), model.labels).item() / len(model.labels)
         counts = torch.tensor(run["class_counts"])
@@ -306,6 +305,14 @@ def _batches(count: int, run: dict) -> Iterator[torch.Tensor | None]:
                 return
             step += 1
             yield rows
+
+
+def _leaves(model: Model, features: torch.Tensor, labels: torch.Tensor) -> Model:
+    """The model with `features` and `labels` (a batch's, or all) for its own, its tensors shared but each a
+    leaf of its own that records its gradient."""
+    return Model(model.weight.detach().requires_grad_(),
+                 None if model.bias is None else model.bias.detach().requires_grad_(),
+                 features.detach().requires_grad_(), labels)
 
 
 def _penalty(model: Model, run: dict) -> torch.Tensor:
