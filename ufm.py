@@ -6,7 +6,7 @@
 
 The features H (one free d-vector per training sample), the classifier W and its bias b minimise
 (1/N) sum_i loss(W h_i + b, y_i) + (lamW/2)||W||^2 + (lamH/2)||H||^2 with train.py's loss for the same
-flags. The run folder (default runs/UFM-K<K>-d<D>-n<N>-<loss>-seed<seed>[-<non-default settings>]) is an
+flags. The run folder (default runs/UFM-K<K>-d<D>-n<n>-<loss>-seed<seed>[-<non-default settings>]) is an
 ordinary one that every plotting.py command draws: config.json, log.csv and nc_metrics.csv with a row at
 each of --num-checkpoints log-spaced steps (their `epoch` column counts steps; no test split, so the test
 columns are empty), summary.json and, last, final.pt with the tensors {"weight", "bias", "features",

@@ -102,7 +102,7 @@ def add_selection_arguments(group: config.FlagGroup) -> None:
         help="fp64 (default) or fp32 for every tensor and the loss")
     add("--seed", type=config.seed, default=0,
         help="fixes the initialisation, the batches and Mixup's draws (default 0)")
-    add("--run-dir", type=Path, help="the run folder (default: runs/UFM-K<K>-d<D>-n<N>-<loss>-seed<seed>"
+    add("--run-dir", type=Path, help="the run folder (default: runs/UFM-K<K>-d<D>-n<n>-<loss>-seed<seed>"
         "[-<non-default settings>])")
 
 
@@ -146,7 +146,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
 
 
 def run_name(run: dict) -> str:
-    """UFM-K<K>-d<D>-n<N>-<loss>-seed<seed>, then a tag for each setting that is not its default."""
+    """UFM-K<K>-d<D>-n<n>-<loss>-seed<seed>, then a tag for each setting that is not its default."""
     parts = ["UFM", f"K{run['classes']}", f"d{run['dim']}", f"n{run['samples_per_class']}", run["loss"],
              f"seed{run['seed']}"]
     for key, tag in NAME_TAGS:
