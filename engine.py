@@ -26,6 +26,7 @@ import distributed
 import losses
 import models
 import robustness
+from devices import HOST
 from errors import UserError
 from models import classifier
 from nc_metrics import (FEATURE_KEYS, FeatureStats, balancing_weights, calibration_bins, expected_calibration_error,
@@ -75,10 +76,10 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: los
         if config["mixup_alpha"] > 0:
             x, targets = losses.mix_batch(x, y, config["mixup_alpha"], lambdas, pairing,
                                           same_class=config["mixup_same_class"])
+        optimizer.zero_grad(set_to_none=True)
         with autocast(images.device, config["precision"]):
             logits = model(x)
         loss = loss_fn(logits, targets)
-        optimizer.zero_grad(set_to_none=True)
         # DDP averages the processes' gradients; weighting each by its share of the global batch makes
         # that the global batch's mean even when the shares differ in size (in one process the weight is 1).
         share_weight = len(y) * world_size / min(batch_size, count - start)
@@ -252,7 +253,7 @@ def mixup_representations(model: nn.Module, train: Split, config: dict, classes:
     members = []
     for label in classes:
         found = torch.nonzero(labels.cpu() == label).squeeze(1)
-        members.append(found[torch.randperm(len(found), generator=generator)[:per_class]])
+        members.append(found[torch.randperm(len(found), generator=generator, device=HOST)[:per_class]])
     count = min(len(found) for found in members)
     if count < 2:
         raise UserError(f"the Mixup representations need at least 2 training images of each class, and the run "

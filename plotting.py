@@ -63,7 +63,7 @@ from PIL import Image
 import config
 import datasets
 import runs
-import studies
+import study_files
 from errors import ArgumentParser, UserError, run_cli
 
 DPI = 150
@@ -575,9 +575,9 @@ def figure_folder(out: Path, command: str) -> Path:
 def plot_study(study_dir: Path, out_dir: Path | None = None, suffix: str = ".png") -> list[Path]:
     """A study's Figures 2-7 panel (panel.png) and training curves (training_curves.png), with its finished
     runs grouped by the study's varied settings except the seed (each group's mean over seeds, and their
-    min-max band); for a learning-rate grid, each group at its chosen learning rate only. Its tables are
-    refreshed first; the files go to the study's folder, or to `out_dir` with a copy of table.md, in the
-    format of `suffix`. The run folders are read where sweep.py put them, relative to the folder it ran in."""
+    min-max band); for a learning-rate grid, each group at its chosen learning rate only, as the study's
+    tables list them (its jobs rewrite them as each ends). The files go to the study's folder, or to
+    `out_dir` with a copy of table.md, in the format of `suffix`. The run folders are read where sweep.py put them, relative to the folder it ran in."""
     study_dir = Path(study_dir)
     out_dir = Path(out_dir) if out_dir else study_dir
     study, run_dirs = study_runs(study_dir)
@@ -589,19 +589,19 @@ def plot_study(study_dir: Path, out_dir: Path | None = None, suffix: str = ".png
     if any(row.get("cdnv") is not None for run_dir in run_dirs for row in runs.read_nc_metrics(run_dir)):
         written.append(plot_other_measures(run_dirs, out_dir / Path(OTHER_FILE).with_suffix(suffix), group_by))
     if out_dir != study_dir:
-        written.append(out_dir / studies.MARKDOWN_TABLE)
-        runs.write_text(written[-1], (study_dir / studies.MARKDOWN_TABLE).read_text())
+        written.append(out_dir / study_files.MARKDOWN_TABLE)
+        runs.write_text(written[-1], (study_dir / study_files.MARKDOWN_TABLE).read_text())
     return written
 
 
 def study_runs(study_dir: Path) -> tuple[dict, list[Path]]:
     """A study's study.json and the folders of its finished runs (for a learning-rate grid, those at the
-    chosen rate only), after refreshing its tables."""
-    study = studies.read_study(study_dir)
-    drawn = [row for row in studies.refresh_tables(study_dir) if row["status"] == "done" and row.get("selected", True)]
+    chosen rate only), as its tables list them."""
+    study = study_files.read_study(study_dir)
+    drawn = study_files.finished_runs(study_dir)
     if not drawn:
         raise UserError(f"{study_dir} has no finished run yet; run its sweep.py command (see its table.md)")
-    return study, [Path(row["run_dir"]) for row in drawn]
+    return study, drawn
 
 
 def group_series(run_dirs: list[Path], group_by: list[str], column: str,
@@ -690,7 +690,7 @@ def _print_table(args: argparse.Namespace) -> int:
     if args.out is not None and args.out.suffix.lower() not in ("", ".md", ".csv"):
         raise UserError(f"--out {args.out}: Table 1 is written as FILE.md and FILE.csv; name a .md or .csv file")
     run_dirs = [run_dir for path in args.run_dirs
-                for run_dir in (study_runs(path)[1] if (path / studies.STUDY_FILE).is_file() else [path])]
+                for run_dir in (study_runs(path)[1] if (path / study_files.STUDY_FILE).is_file() else [path])]
     rows = table1(run_dirs, args.group_by)
     print(table1_markdown(rows, args.group_by), end="")
     if args.out is not None:

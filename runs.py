@@ -156,11 +156,15 @@ def save_checkpoint(path: Path, state: dict) -> None:
                 raise
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu", epoch: int | None = None) -> dict:
-    """Load a checkpoint written by `save_checkpoint`, once every record of its archive matches the CRC-32
-    stored at write time, with `weights_only=True` (a file that would run code while loading is refused
-    before anything runs); a corrupt, truncated or foreign file, one whose config is not a run's, or one
-    that holds another epoch than `epoch` (the one its name says), gets a message naming it."""
+def load_checkpoint(path: Path, epoch: int | None = None) -> dict:
+    """Load a checkpoint written by `save_checkpoint` into host memory, once every record of its archive
+    matches the CRC-32 stored at write time, with `weights_only=True` (a file that would run code while
+    loading is refused before anything runs); a corrupt, truncated or foreign file, one whose config is not
+    a run's, or one that holds another epoch than `epoch` (the one its name says), gets a message naming it.
+
+    Always to the CPU, whatever device the run trains on: the caller moves what it uses (weights by
+    `load_state_dict`, which copies onto the parameters' device), and what must stay on the host stays
+    there (the RNG states, which torch.set_rng_state takes only as CPU tensors)."""
     try:
         with open(path, "rb") as handle:  # one open file: what is checked is what is loaded
             damage = _damage(handle)
@@ -168,7 +172,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu", epoch: int |
                 raise UserError(f"{path} is corrupt ({damage}: its bytes changed after it was written); restore "
                                 "it from a copy or delete it")
             handle.seek(0)
-            state = torch.load(handle, map_location=device, weights_only=True)
+            state = torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         culprit = re.search(r"GLOBAL ([\w.]+)", str(err))
         if culprit is None:

@@ -71,7 +71,7 @@ def train_run(args: argparse.Namespace, device: torch.device) -> None:
     run_dir = distributed.on_every_rank(runs.usable_run_dir, config.default_run_dir(settings, args))
     with contextlib.ExitStack() as held:
         distributed.on_rank_zero(held.enter_context, runs.training_lock(run_dir))
-        previous, last = distributed.on_every_rank(_previous_run, run_dir, device)
+        previous, last = distributed.on_every_rank(_previous_run, run_dir)
         train, test = distributed.on_every_rank(_prepare, settings, previous, last is not None, run_dir, args, device)
         sync_bn = distributed.on_every_rank(_sync_bn, args.sync_bn, device)
         _set_determinism(args.deterministic, device)
@@ -201,11 +201,11 @@ def train_for(settings: dict, run_dir: Path, step_model: nn.Module, model: nn.Mo
          f"Next, to measure collapse and the TPT onset: python validate_nc.py --run-dir {run_dir}")
 
 
-def _previous_run(run_dir: Path, device: torch.device) -> tuple[dict | None, dict | None]:
+def _previous_run(run_dir: Path) -> tuple[dict | None, dict | None]:
     """The settings of the run already in `run_dir` (from its last.pt, which is what a resume continues,
     checked against config.json) and its last.pt, or (None, None) for a new run."""
     path = run_dir / "last.pt"
-    last = runs.load_checkpoint(path, device) if path.exists() else None
+    last = runs.load_checkpoint(path) if path.exists() else None
     try:
         written = runs.read_config(run_dir)
     except UserError:

@@ -218,7 +218,7 @@ def draw_representations(checkpoints: dict[int, Path], run_config: dict, run_dir
                                          run_config["seed"], args.download, device, *_data_settings(run_config))
     plots_dir = args.plots_dir or plotting.default_plots_dir(run_config, run_dir)
     for epoch in epochs:
-        state = runs.load_checkpoint(checkpoints[epoch], device, epoch)
+        state = runs.load_checkpoint(checkpoints[epoch], epoch)
         model = engine.build_model(state["config"], device)
         model.load_state_dict(state["model"])
         rows = engine.mixup_representations(model, train, state["config"], classes, REPRESENTATION_LAMBDAS,
@@ -266,7 +266,7 @@ def _measure(epoch: int, path: Path, run_config: dict, train: engine.Split, test
     under torchrun, which all skip it together)."""
     error = None
     try:
-        state = runs.load_checkpoint(path, device, epoch)
+        state = runs.load_checkpoint(path, epoch)
     except UserError as err:
         error = str(err)
     error = distributed.first_message(error)

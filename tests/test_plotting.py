@@ -15,6 +15,7 @@ import pytest
 import plotting
 import runs
 import studies
+import study_files
 from errors import UserError, run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -282,7 +283,8 @@ def write_study(root: Path, run_dirs: list[Path], varied: list[str]) -> Path:
              "grid": {key: list(dict.fromkeys(run[key] for run in settings)) for key in varied},
              "runs": [{"run_dir": str(run), "settings": {key: values[key] for key in varied}, "train": [],
                        "validate": [], "epochs": last} for run, values, last in zip(run_dirs, settings, epochs)]}
-    (folder / studies.STUDY_FILE).write_text(json.dumps(study))
+    (folder / study_files.STUDY_FILE).write_text(json.dumps(study))
+    studies.refresh_tables(folder)  # the tables a study's jobs write, which plotting reads
     return folder
 
 
