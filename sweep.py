@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "slurm, the submission; start and write nothing")
     add = slurm.add_argument
     add("--partition", help="the partition (default: the cluster's default)")
-    add("--gpus-per-job", type=_count, default=1, metavar="N", help="GPUs per job (default 1; 0 for CPU nodes)")
+    add("--gpus-per-job", type=config.non_negative_int, default=1, metavar="N", help="GPUs per job (default 1; 0 for CPU nodes)")
     add("--cpus-per-job", type=config.positive_int, default=4, metavar="N",
         help="CPU cores per job, and its OpenMP/MKL threads (default 4)")
     add("--time", type=_minutes, default=240, metavar="MINUTES", help="time limit of each job (default "
@@ -204,12 +204,6 @@ def _minutes(text: str) -> int:
                                          f"up to {SIGNAL_JITTER_S} s earlier than asked, which could leave a "
                                          f"{minutes}-minute job no time to train")
     return minutes
-
-
-def _count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
-    return int(text)
 
 
 def _sbatch_option(text: str) -> tuple[str, str]:

@@ -22,7 +22,9 @@ import copy
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -53,14 +55,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+STOPPED = 128 + signal.SIGTERM  # the exit status of a run stopped by SIGTERM, its files written
+
+
 def main(args: argparse.Namespace) -> int:
     with distributed.process_group(config.resolve_device(args.device)) as device:
-        train_run(args, device)
-    return 0
+        return 0 if train_run(args, device) else STOPPED
 
 
-def train_run(args: argparse.Namespace, device: torch.device) -> None:
-    """Start or continue the run the flags select, on `device`, in this process's part under torchrun.
+def train_run(args: argparse.Namespace, device: torch.device) -> bool:
+    """Start or continue the run the flags select, on `device`, in this process's part under torchrun;
+    whether it reached its last epoch (False: stopped by SIGTERM, see `train_for`).
 
     Process 0 holds the run folder's training lock throughout. Nothing in the folder is written until
     every check has passed: the settings against the run's last.pt and config.json, the data, and the
@@ -101,8 +106,9 @@ def train_run(args: argparse.Namespace, device: torch.device) -> None:
              f"{settings['model']} width {settings['width']}, {settings['loss']}, {settings['precision']} on "
              f"{device.type if processes else device}{processes}" + (f"; resuming after epoch {start}" if start else "")
              + extension)
-        train_for(settings, run_dir, step_model, model, optimizer, scheduler, loss_fn, train, test, start, log,
-                  writer, board)
+        stop = held.enter_context(StopRequest())
+        return train_for(settings, run_dir, step_model, model, optimizer, scheduler, loss_fn, train, test, start,
+                         log, writer, board, stop, every_epoch=args.save_last == "epoch")
 
 
 def load_data(settings: dict, args: argparse.Namespace, device: torch.device) -> tuple[engine.Split, engine.Split]:
@@ -154,9 +160,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, settings: dict) -> torch.op
 def train_for(settings: dict, run_dir: Path, step_model: nn.Module, model: nn.Module,
               optimizer: torch.optim.Optimizer, scheduler, loss_fn: losses.LossFn,
               train: engine.Split, test: engine.Split, start: int, log: list[dict],
-              writer: runs.BackgroundWriter, board=None) -> None:
-    """Train epochs start+1 .. epochs, saving the log, the analysis checkpoints and last.pt each epoch
-    through `writer` (and the log row to TensorBoard's `board`, if any).
+              writer: runs.BackgroundWriter, board=None, stop: "StopRequest | None" = None,
+              every_epoch: bool = True) -> bool:
+    """Train epochs start+1 .. epochs, saving the log each epoch, the analysis checkpoints, and last.pt
+    each epoch (or, without `every_epoch`, at the analysis checkpoints and the last epoch) through
+    `writer` (and the log row to TensorBoard's `board`, if any). Once `stop` is asked (SIGTERM), the epoch
+    in progress is finished and saved with its last.pt, and training stops there: False is returned,
+    True once the last epoch is done.
 
     `step_model` trains (compiled, or under torchrun the DDP wrapper); `model` itself evaluates (the
     wrapper's forward would wait for the other processes; evaluation is a small part of an epoch) and is
@@ -177,7 +187,8 @@ def train_for(settings: dict, run_dir: Path, step_model: nn.Module, model: nn.Mo
                   unit="batch", dynamic_ncols=True, disable=quiet) as batches:
             row = engine.train_epoch(step_model, optimizer, loss_fn, train, settings, epoch, batches.update)
         distributed.broadcast_buffers(model)  # per-process batch norm: all evaluate and save process 0's statistics
-        evaluated = epoch in analysed or epoch == epochs or epoch % settings["eval_every"] == 0
+        every = settings["eval_every"]
+        evaluated = every > 0 and (epoch in analysed or epoch == epochs or epoch % every == 0)
         row |= engine.evaluate(model, loss_fn, test, settings) if evaluated else dict.fromkeys(engine.EVALUATION_KEYS)
         distributed.on_every_rank(_refuse_divergence, model, row, epoch, settings["lr"])
         scheduler.step()
@@ -185,8 +196,10 @@ def train_for(settings: dict, run_dir: Path, step_model: nn.Module, model: nn.Mo
         row = {"epoch": epoch, "lr": lr, **row, "seconds": now - tick}
         tick = now
         log.append(row)
-        distributed.on_rank_zero(_save_epoch, writer, run_dir, settings, epoch in analysed, model, optimizer,
-                                 scheduler, log)
+        stopping = stop is not None and stop.asked_everywhere(train[0].device)
+        resumable = every_epoch or stopping or epoch in analysed or epoch == epochs
+        distributed.on_rank_zero(_save_epoch, writer, run_dir, settings, epoch in analysed, resumable, model,
+                                 optimizer, scheduler, log)
         if board is not None:
             runs.log_scalars(board, "train", row)
         bar.set_postfix(loss=f"{row['train_loss']:.4f}", acc=f"{row['train_acc']:.2%}", lr=f"{lr:.3g}")
@@ -195,10 +208,18 @@ def train_for(settings: dict, run_dir: Path, step_model: nn.Module, model: nn.Mo
             running_full = True
             _say(f"epoch {epoch}: the running training accuracy (train mode, averaged over the epoch) reached "
                  "100%; validate_nc.py measures the TPT onset on the clean training set in eval mode")
+        if stopping:
+            break
     bar.close()
     distributed.on_rank_zero(writer.wait)  # the last epoch's files, before saying they are there
-    _say(f"done: {epochs} epochs in {run_dir} ({time.perf_counter() - began:.0f} s this session). "
+    spent = f"{time.perf_counter() - began:.0f} s this session{_peak_memory(train[0].device)}"
+    if log[-1]["epoch"] < epochs:
+        _say(f"stopped by SIGTERM after epoch {log[-1]['epoch']} of {epochs} ({spent}), its files written: run the "
+             "same command again to continue")
+        return False
+    _say(f"done: {epochs} epochs in {run_dir} ({spent}). "
          f"Next, to measure collapse and the TPT onset: python validate_nc.py --run-dir {run_dir}")
+    return True
 
 
 def _previous_run(run_dir: Path) -> tuple[dict | None, dict | None]:
@@ -282,13 +303,15 @@ class FullBatchesCompiled(nn.Module):
         return (self.compiled if len(x) == self.batch_size else self.model)(x)
 
 
-def _save_epoch(writer: runs.BackgroundWriter, run_dir: Path, settings: dict, analysed: bool, model: nn.Module,
-                optimizer: torch.optim.Optimizer, scheduler, log: list[dict]) -> None:
-    """Hand the epoch's files to `writer`: its analysis checkpoint if it has one, log.csv, last.pt and
-    summary.json, in that order, from a copy of the state taken now (see `_host_copy`). The previous
-    epoch's files are finished first; a failure to write them is raised here."""
-    copied = _host_copy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "rng": _rng_states()})
+def _save_epoch(writer: runs.BackgroundWriter, run_dir: Path, settings: dict, analysed: bool, resumable: bool,
+                model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, log: list[dict]) -> None:
+    """Hand the epoch's files to `writer`: its analysis checkpoint if it has one, log.csv, last.pt if
+    `resumable`, and summary.json, in that order, from a copy of the state taken now (see `_host_copy`).
+    The previous epoch's files are finished first; a failure to write them is raised here."""
+    state = {"model": model.state_dict()} if analysed or resumable else {}
+    if resumable:
+        state |= {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_states()}
+    copied = _host_copy(state)
     on_host = torch.cuda.Event() if any(p.is_cuda for p in model.parameters()) else None
     if on_host is not None:
         on_host.record()
@@ -304,7 +327,8 @@ def _write_epoch(on_host, run_dir: Path, settings: dict, analysed: bool, state: 
         runs.save_checkpoint(runs.checkpoint_path(run_dir, epoch),
                              {"model": state["model"], "epoch": epoch, "config": settings})
     runs.write_log(run_dir, log)  # before last.pt: a resume drops rows past last.pt's epoch
-    runs.save_checkpoint(run_dir / "last.pt", {**state, "epoch": epoch, "config": settings})
+    if "optimizer" in state:
+        runs.save_checkpoint(run_dir / "last.pt", {**state, "epoch": epoch, "config": settings})
     runs.write_summary(run_dir)
 
 
@@ -453,6 +477,42 @@ def _set_rng_states(states: dict) -> None:
                          numpy["has_gauss"], numpy["gauss"]))
     python = states["python"]
     random.setstate((python["version"], tuple(python["internal"]), python["gauss_next"]))
+
+
+class StopRequest:
+    """While held, SIGTERM asks the run to stop after the epoch in progress, its files written (a second
+    SIGTERM stops the process at once, as without it). Under torchrun every process learns at the end of
+    each epoch whether any of them was asked, so that all stop after the same epoch."""
+
+    def __enter__(self) -> "StopRequest":
+        self.asked = False
+        # Python lets the main thread alone set handlers; a run trained on another thread (a test's) keeps them.
+        self._previous = signal.signal(signal.SIGTERM, self._ask) if _main_thread() else None
+        return self
+
+    def __exit__(self, *exception) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def asked_everywhere(self, device: torch.device) -> bool:
+        if distributed.world_size() == 1:
+            return self.asked
+        return bool(distributed.all_reduce_sum(torch.tensor(float(self.asked), device=device)).item())
+
+    def _ask(self, signum: int, frame) -> None:
+        self.asked = True
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _peak_memory(device: torch.device) -> str:
+    """"; peak GPU memory X GiB" on CUDA (what this process's tensors took at most), else ""."""
+    if device.type != "cuda":
+        return ""
+    return f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
 
 
 def _say(text: str) -> None:

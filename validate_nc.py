@@ -113,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
                 if args.recompute or epoch not in table or _lacks(table[epoch], args, run_config)]
         data = _load_data(run_config, args, device) if todo else None
         skipped = measure_checkpoints(todo, run_config, run_dir, table, args, device, data, board)
-        return _finish(run_config, run_dir, table, len(todo) - len(skipped), skipped, args, board)
+        return _finish(run_config, run_dir, table, len(todo) - len(skipped), skipped, args, board, device)
 
 
 def follow(args: argparse.Namespace, device: torch.device, held: contextlib.ExitStack) -> int:
@@ -161,7 +161,7 @@ def follow(args: argparse.Namespace, device: torch.device, held: contextlib.Exit
                   "again to continue it, with validate_nc.py --follow beside it", file=sys.stderr)
             break
         time.sleep(FOLLOW_POLL)
-    return _finish(run_config, run_dir, table, len(tried) - len(skipped), skipped, args, board)
+    return _finish(run_config, run_dir, table, len(tried) - len(skipped), skipped, args, board, device)
 
 
 def measure_checkpoints(todo: list[tuple[int, Path]], run_config: dict, run_dir: Path, table: dict,
@@ -193,10 +193,12 @@ def measure_checkpoints(todo: list[tuple[int, Path]], run_config: dict, run_dir:
 
 
 def _finish(run_config: dict, run_dir: Path, table: dict, measured: int, skipped: list[Path],
-            args: argparse.Namespace, board) -> int:
+            args: argparse.Namespace, board, device: torch.device) -> int:
     """The figures and the TPT table (see `_report`), the checkpoints that could not be measured named;
     the exit status: 1 if there were any."""
     written = distributed.on_rank_zero(_report, run_config, run_dir, table, measured, args.plots_dir, args.format)
+    if device.type == "cuda" and distributed.is_main():
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
     if board is not None and written:
         runs.log_figures(board, written, max(table))
     if skipped and distributed.is_main():
