@@ -40,7 +40,7 @@ import distributed
 import engine
 import losses
 import runs
-from errors import ArgumentParser, UserError, run_cli
+from errors import STOPPED, ArgumentParser, UserError, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,9 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument_group("data and device"),
         parser.add_argument_group("output and monitoring", "What is written besides the run folder."))
     return parser.parse_args(argv)
-
-
-STOPPED = 128 + signal.SIGTERM  # the exit status of a run stopped by SIGTERM, its files written
 
 
 def main(args: argparse.Namespace) -> int:
@@ -85,8 +82,8 @@ def train_run(args: argparse.Namespace, device: torch.device) -> bool:
         model = engine.build_model(settings, device)
         if sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters and state-dict keys
-        optimizer = make_optimizer(model, settings, device)
-        scheduler = make_scheduler(optimizer, settings)
+        optimizer = engine.make_optimizer(model, settings, device)
+        scheduler = engine.make_scheduler(optimizer, settings)
         loss_fn = losses.loss_from_config(settings)
         start, log = distributed.on_every_rank(_resume, run_dir, last, model, optimizer, scheduler)
         extension = _extension_note(last["config"]["epochs"], settings) if last else ""
@@ -99,7 +96,7 @@ def train_run(args: argparse.Namespace, device: torch.device) -> bool:
         if distributed.world_size() > 1:
             step_model = _parallel(model, device, args.compile)
         else:
-            step_model = FullBatchesCompiled(model, device, settings["batch_size"]) if args.compile else model
+            step_model = engine.FullBatchesCompiled(model, device, settings["batch_size"]) if args.compile else model
 
         processes = f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
         _say(f"run {run_dir}: {settings['dataset']} ({len(train[1])} train / {len(test[1])} test images), "
@@ -125,36 +122,6 @@ def load_data(settings: dict, args: argparse.Namespace, device: torch.device) ->
     settings["normalization"] = {"mean": mean, "std": std}
     settings["data_root"] = str(args.data_root)
     return train, test
-
-
-def make_optimizer(model: torch.nn.Module, settings: dict, device: torch.device) -> torch.optim.Optimizer:
-    """SGD with momentum (the paper's), or Adam/AdamW; fused kernels on CUDA. It holds the parameters that
-    train (not a fixed ETF classifier's weight); with --classifier-weight-decay, the last layer's in a
-    group of their own with that weight decay."""
-    groups = parameter_groups(model, settings)
-    common = dict(lr=settings["lr"], weight_decay=settings["weight_decay"])
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    if settings["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, momentum=settings["momentum"], **common, **fast)
-    kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[settings["optimizer"]]
-    return kind(groups, **common, **fast)
-
-
-def parameter_groups(model: torch.nn.Module, settings: dict) -> list[dict]:
-    """The optimizer's parameter groups: every trained parameter in one, or, with a classifier weight decay,
-    the body's (at --weight-decay) then the last layer's (at --classifier-weight-decay)."""
-    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    decay = settings.get("classifier_weight_decay")
-    if decay is None:
-        return [{"params": trained}]
-    last = {id(parameter) for parameter in model.fc.parameters()}
-    return [{"params": [parameter for parameter in trained if id(parameter) not in last]},
-            {"params": [parameter for parameter in trained if id(parameter) in last], "weight_decay": decay}]
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, settings: dict) -> torch.optim.lr_scheduler.MultiStepLR:
-    """The rate is multiplied by lr_gamma after each milestone epoch (stepped once per epoch, after it)."""
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, settings["lr_milestones"], settings["lr_gamma"])
 
 
 def train_for(settings: dict, run_dir: Path, step_model: nn.Module, model: nn.Module,
@@ -281,26 +248,6 @@ def _parallel(model: nn.Module, device: torch.device, compile_model: bool) -> nn
     keep holding `model` itself, so they load in a single process."""
     wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(wrapped) if compile_model else wrapped
-
-
-class FullBatchesCompiled(nn.Module):
-    """The model torch.compile'd for the full batches of an epoch, its smaller last batch run eagerly.
-
-    On CUDA with CUDA graphs ("reduce-overhead"): at batch size 128 a ResNet-18 step is bound by kernel
-    launches, and on an H100 graphs trained 2.75x faster than eager while the default mode was slower
-    than eager. Compiling for one batch size (dynamic=False) keeps the kernels specialised; a second
-    graph for the last batch (80 of CIFAR-10's 50,000 images) would cost another compilation, as long as
-    the first, to save milliseconds per epoch. The parameters are `model`'s: checkpoints hold it alone."""
-
-    def __init__(self, model: nn.Module, device: torch.device, batch_size: int):
-        super().__init__()
-        self.model = model
-        self.compiled = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default",
-                                      dynamic=False)
-        self.batch_size = batch_size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.compiled if len(x) == self.batch_size else self.model)(x)
 
 
 def _save_epoch(writer: runs.BackgroundWriter, run_dir: Path, settings: dict, analysed: bool, resumable: bool,

@@ -75,7 +75,7 @@ def setup(request):
     host = torch.device("cpu")
     train_split, test_split = train.load_data(settings, args, host)
     model = engine.build_model(settings, host)
-    optimizer = train.make_optimizer(model, settings, host)
+    optimizer = engine.make_optimizer(model, settings, host)
     return settings, model, optimizer, losses.loss_from_config(settings), train_split, test_split
 
 

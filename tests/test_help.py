@@ -17,7 +17,8 @@ SELECTION = ["--dataset", "--image-size", "--model", "--width", "--loss", "--tar
              "--lr-milestones", "--lr-gamma", "--samples-per-class", "--imbalance", "--imbalance-profile", "--epochs",
              "--augment", "--mixup-alpha", "--mixup-same-class", "--precision", "--classifier", "--no-bias",
              "--classifier-weight-decay", "--seed", "--run-dir"]
-TRAINING = ["--extend-to", "--num-checkpoints", "--eval-every", "--deterministic", "--compile", "--sync-bn"]
+TRAINING = ["--extend-to", "--num-checkpoints", "--eval-every", "--save-last", "--deterministic", "--compile",
+            "--sync-bn"]
 DATA = ["--data-root", "--download", "--device"]
 MEASUREMENT = ["--layers", "--test-collapse", "--adversarial", "--adversarial-samples"]
 HELP = ["-h"]  # argparse's own group, "options", holds only --help
@@ -60,8 +61,9 @@ def test_paper_scale_groups_preparation_the_run_precision_and_output(capsys, mon
     spec.loader.exec_module(module)
     assert sections(module.parse_args, capsys, monkeypatch) == {
         "options": HELP, "preparation": ["--prepare", "--source"],
-        "the run": ["--tiny", "--data-root", "--seeds", "--epochs", "--num-checkpoints", "-- FLAGS"],
-        "precision and speed": ["--precision", "--probe", "--compile"],
+        "the run": ["--tiny", "--resume", "--skip-check", "--data-root", "--seeds", "--epochs", "--num-checkpoints",
+                    "-- FLAGS"],
+        "precision and speed": ["--precision", "--compile", "--compile-grace"],
         "deadline and output": ["--deadline", "--results", "--out", "--runs-dir"]}
 
 

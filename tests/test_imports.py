@@ -4,8 +4,6 @@ requirements.txt are optional, imported only where they are used: submitit to su
 tensorboard for --tensorboard, foolbox (and eagerpy) by the tests alone."""
 import ast
 import json
-import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,16 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DESIGN = {"torch", "torchvision", "numpy", "scipy", "matplotlib", "tqdm", "pillow", "pytest"}
 TINY = ["--dataset", "synthetic", "--width", "4", "--epochs", "2", "--num-checkpoints", "2",
         "--samples-per-class", "10", "--device", "cpu"]
-
-
-def optional_packages() -> list[str]:
-    """The import names of requirements.txt's packages beyond the design's (each imports as it is named)."""
-    names = [re.split(r"[=<>~!\[; ]", line.strip(), maxsplit=1)[0].lower()
-             for line in (REPO / "requirements.txt").read_text().splitlines() if line.strip() and line[0] != "#"]
-    return [name.replace("-", "_") for name in names if name not in DESIGN]
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -67,7 +57,7 @@ def test_no_module_imports_itself_through_others():
                 todo += graph[module]
 
 
-def test_plotting_needs_neither_the_study_runner_nor_an_optional_package():
+def test_plotting_needs_neither_the_study_runner_nor_an_optional_package(optional_packages):
     graph = import_graph()
     reached, todo = set(), ["plotting"]
     while todo:
@@ -76,7 +66,7 @@ def test_plotting_needs_neither_the_study_runner_nor_an_optional_package():
             reached.add(module)
             todo += graph[module]
     assert "studies" not in reached and "slurm" not in reached
-    optional = set(optional_packages())
+    optional = set(optional_packages)
     assert {"submitit", "tensorboard", "foolbox"} <= optional
     for module in reached:
         assert not third_party_imports(module) & optional, module
@@ -88,21 +78,15 @@ def test_only_the_slurm_module_imports_submitit():
 
 
 @pytest.mark.slow
-def test_every_script_runs_with_only_the_design_packages(tmp_path):
-    blocker = tmp_path / "site"
-    blocker.mkdir()
-    blocked = optional_packages()
-    (blocker / "sitecustomize.py").write_text(  # importing a module that is None in sys.modules fails
-        f"import sys\nsys.modules.update(dict.fromkeys({blocked!r}))\n")
-    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1",
-           "MPLBACKEND": "Agg"}
+def test_every_script_runs_with_only_the_design_packages(tmp_path, design_packages_only, optional_packages):
+    env = {**design_packages_only, "MPLBACKEND": "Agg"}
 
     def run(*words: str) -> subprocess.CompletedProcess:
         done = subprocess.run(list(words), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{words}: {done.stderr[-2000:]}"
         return done
 
-    for name in blocked:
+    for name in optional_packages:
         refused = subprocess.run([sys.executable, "-c", f"import {name}"], env=env, capture_output=True, text=True)
         assert refused.returncode == 1 and "ModuleNotFoundError" in refused.stderr, name
     run_dir = tmp_path / "runs" / "tiny"
@@ -118,6 +102,7 @@ def test_every_script_runs_with_only_the_design_packages(tmp_path):
                               "--tensorboard"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and refused.stderr.startswith("error: --tensorboard needs the tensorboard package")
     assert json.loads((run_dir / "summary.json").read_text())["epochs_done"] == 2
+    # scripts/paper_scale.sh --tiny, with scripts/gpu_check.py --tiny in it, runs so in test_paper_scale.py
 
 
 def _module_name(path: Path) -> str:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import config
+import errors
 import runs
 import train
 from errors import UserError
@@ -93,7 +94,7 @@ def test_sigterm_stops_after_the_epoch_in_progress_with_its_files_and_the_run_re
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=600)
-    assert process.returncode == train.STOPPED, stderr
+    assert process.returncode == errors.STOPPED, stderr
     stopped = runs.read_log(run_dir)[-1]["epoch"]
     assert 1 <= stopped < 12 and f"stopped by SIGTERM after epoch {stopped} of 12" in stdout
     assert runs.load_checkpoint(run_dir / "last.pt")["epoch"] == stopped
