@@ -120,8 +120,12 @@ NC_COLUMNS = ["epoch", "train_acc", "train_loss", "test_acc", "test_loss", "test
 # columns empty) and validate_nc.py measures them again.
 _NC_REQUIRED = [column for column in NC_COLUMNS if column not in OTHER_KEYS]
 # What an imbalanced run's rows add (train.py --imbalance), then its classifier row norms weight_norm_<c>.
-# log.csv leaves the test columns empty on epochs --eval-every skips.
-_MAY_BE_EMPTY = {"log.csv": {"test_loss", "test_acc", "test_ece"}, "nc_metrics.csv": set()}
+# log.csv leaves the test columns empty on epochs --eval-every skips; nc_metrics.csv those that need a classifier
+# or held-out features where measure_features.py had none (validate_nc.py fills them all).
+_MAY_BE_EMPTY = {"log.csv": {"test_loss", "test_acc", "test_ece"},
+                 "nc_metrics.csv": {"train_acc", "train_loss", "test_acc", "test_loss", "test_ece", "equinorm_weights",
+                                    "equiangular_weights", "maxangle_weights", "self_duality", "ncc_mismatch_train",
+                                    "ncc_mismatch_test"}}
 # What a run's config.json must hold for the scripts to rebuild its network and data.
 CONFIG_KEYS = ("dataset", "num_classes", "in_channels", "model", "width", "epochs", "num_checkpoints", "loss",
                "lr_milestones", "seed", "precision", "samples_per_class", "data_root")
