@@ -97,6 +97,9 @@ PAPER_KEYS = ("nc1", "equinorm_means", "equinorm_weights", "equiangular_means", 
 OTHER_KEYS = ("nc1_trace_ratio", "cdnv", "etf_error_means", "etf_error_weights", "wh_alignment",
               "hyperspherical_energy_means", "gnc2_log_distance_var", "unc3_dot_var", "unc3_cosine_var")
 STATS_KEYS = PAPER_KEYS + OTHER_KEYS
+# The keys of STATS_KEYS that need the classifier.
+CLASSIFIER_KEYS = ("equinorm_weights", "equiangular_weights", "maxangle_weights", "self_duality", "etf_error_weights",
+                   "wh_alignment", "unc3_dot_var", "unc3_cosine_var")
 METRIC_KEYS = STATS_KEYS + ("ncc_mismatch",)
 # The keys of STATS_KEYS that depend on the features (the others are the classifier's alone).
 FEATURE_KEYS = ("nc1", "equinorm_means", "equiangular_means", "maxangle_means", "self_duality", "nc1_trace_ratio",
@@ -238,33 +241,37 @@ def collapse_metrics(features: torch.Tensor, labels: torch.Tensor, weight: torch
     return metrics
 
 
-def metrics_from_stats(stats: FeatureStats, weight: torch.Tensor,
+def metrics_from_stats(stats: FeatureStats, weight: torch.Tensor | None,
                        memory: int = PAIRWISE_MEMORY) -> dict[str, float]:
-    """The metrics STATS_KEYS (all but ncc_mismatch) from accumulated statistics and the classifier (C, d);
-    the pairwise passes hold at most about `memory` bytes of tiles at once."""
-    _check_weight(weight, stats.num_classes, stats.dim)
-    w = weight.detach().to(stats.sums.device, torch.float64)
+    """The metrics STATS_KEYS (all but ncc_mismatch) from accumulated statistics and the classifier (C, d); without
+    a classifier (None), those of CLASSIFIER_KEYS left out. The pairwise passes hold about `memory` bytes of tiles."""
     centred_means = stats.class_means() - stats.global_mean()
     within = stats.within_class_covariance()
     means = pair_measures(centred_means, stats.class_variances(), memory)
-    weights = pair_measures(w, memory=memory)
-    dots = (w * centred_means).sum(dim=1)
-    return {
+    measured = {
         "nc1": nc1(within, centred_means),
         "equinorm_means": coefficient_of_variation(centred_means.norm(dim=1)),
-        "equinorm_weights": coefficient_of_variation(w.norm(dim=1)),
         "equiangular_means": means.cosine_std,
-        "equiangular_weights": weights.cosine_std,
         "maxangle_means": means.maxangle,
-        "maxangle_weights": weights.maxangle,
-        "self_duality": self_duality(w, centred_means),
         "nc1_trace_ratio": (within.trace() / (centred_means.pow(2).sum() / len(centred_means))).item(),
         "cdnv": means.cdnv,
         "etf_error_means": means.etf_error,
-        "etf_error_weights": weights.etf_error,
-        "wh_alignment": etf_alignment(w, centred_means, memory),
         "hyperspherical_energy_means": means.energy,
         "gnc2_log_distance_var": means.log_distance_var,
+    }
+    if weight is None:
+        return measured
+    _check_weight(weight, stats.num_classes, stats.dim)
+    w = weight.detach().to(stats.sums.device, torch.float64)
+    weights = pair_measures(w, memory=memory)
+    dots = (w * centred_means).sum(dim=1)
+    return measured | {
+        "equinorm_weights": coefficient_of_variation(w.norm(dim=1)),
+        "equiangular_weights": weights.cosine_std,
+        "maxangle_weights": weights.maxangle,
+        "self_duality": self_duality(w, centred_means),
+        "etf_error_weights": weights.etf_error,
+        "wh_alignment": etf_alignment(w, centred_means, memory),
         "unc3_dot_var": dots.var().item(),
         "unc3_cosine_var": (dots / (w.norm(dim=1) * centred_means.norm(dim=1))).var().item(),
     }
@@ -407,7 +414,7 @@ def ncc_disagreements(features: torch.Tensor, weight: torch.Tensor, bias: torch.
     (so a streaming caller sums batches without waiting for the device)."""
     _check_weight(weight, class_means.shape[0], class_means.shape[1])
     predicted = classifier_logits(features, weight, bias).argmax(dim=1)
-    return (predicted != nearest_class_means(features, class_means)).sum()
+    return (predicted != NearestClassMean(class_means)(features)).sum()
 
 
 def classifier_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -421,15 +428,22 @@ def classifier_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.
     return logits
 
 
-def nearest_class_means(features: torch.Tensor, class_means: torch.Tensor) -> torch.Tensor:
-    """argmin_c ||h - mu_c|| for each of the features (B, d), ties to the lower class index, (B,)."""
-    _check_features(features, class_means.shape[1])
-    h = features.detach().to(torch.float64)
-    means = class_means.to(h.device, torch.float64)
-    # Distances compared around the means' centre: translation-free, and no cancellation far from 0.
-    centre = means.mean(dim=0)
-    centred_means = means - centre
-    return ((h - centre) @ centred_means.T - 0.5 * centred_means.pow(2).sum(dim=1)).argmax(dim=1)
+class NearestClassMean:
+    """The nearest-class-mean rule argmin_c ||h - mu_c|| (ties to the lower class index), for class means (C, d)
+    on the device of the features it is given, its terms computed once."""
+
+    def __init__(self, class_means: torch.Tensor):
+        means = class_means.detach().to(torch.float64)
+        # Distances compared around the means' centre: translation-free, and no cancellation far from 0.
+        self.centre = means.mean(dim=0)
+        self.centred = means - self.centre
+        self.half_squares = 0.5 * self.centred.pow(2).sum(dim=1)
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """The nearest class mean of each of the features (B, d), (B,)."""
+        _check_features(features, self.centred.shape[1])
+        h = features.detach().to(self.centred.device, torch.float64)
+        return ((h - self.centre) @ self.centred.T - self.half_squares).argmax(dim=1)
 
 
 def calibration_bins(logits: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> torch.Tensor:

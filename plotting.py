@@ -76,7 +76,7 @@ VECTOR_METADATA = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}  # no t
 SINGLE_SIZE = (7.0, 5.0)  # every size is that of the figure without its legend, which adds its own height
 CURVES_SIZE = (15.0, 4.8)
 PANEL_SIZE = (12.0, 7.0)
-OTHER_SIZE = (16.0, 7.0)  # Figure 9's 2x4 panels
+OTHER_SIZE = (18.0, 7.0)  # Figure 9's 2x4 panels
 REPRESENTATIONS_SIZE = (6.5, 6.0)
 MAX_LEGEND_COLUMNS = 4
 MIN_WRAP = 12  # characters: a legend label or title is never wrapped narrower than this
@@ -164,10 +164,10 @@ OTHER_PANELS = (
           r"$\mathrm{Avg}_{c \neq c'}\ 1\ /\ \|m_c - m_{c'}\|$" "\n" r"(grey: the simplex ETF's $\sqrt{(C-1)/2C}$)",
           (Quantity("hyperspherical_energy_means"), Quantity("hyperspherical_energy_means_test", TEST)), log_y=False,
           table=NC_TABLE),
-    Panel("Hyperspherical uniformity (Wu & Papyan 2024, GNC2)",
+    Panel("Uniformity (Wu & Papyan 2024, GNC2)",
           r"$\mathrm{Var}_{c \neq c'}\ \log\,(1\ /\ \|m_c - m_{c'}\|)$",
           (Quantity("gnc2_log_distance_var"), Quantity("gnc2_log_distance_var_test", TEST)), log_y=True, table=NC_TABLE),
-    Panel("Uniform duality (Wu & Papyan 2024, UNC3)", r"$\mathrm{Var}_c\ \langle w_c, \mu_c - \mu_G \rangle$",
+    Panel("Uniform duality (Wu & Papyan, UNC3)", r"$\mathrm{Var}_c\ \langle w_c, \mu_c - \mu_G \rangle$",
           (Quantity("unc3_dot_var"), Quantity("unc3_dot_var_test", TEST)), log_y=True, table=NC_TABLE),
     Panel("Uniform duality, cosines (UNC3)", r"$\mathrm{Var}_c\ \cos(w_c, \mu_c - \mu_G)$",
           (Quantity("unc3_cosine_var"), Quantity("unc3_cosine_var_test", TEST)), log_y=True, table=NC_TABLE),

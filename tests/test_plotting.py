@@ -586,7 +586,7 @@ def test_figure_9_overlays_runs_and_groups_them(tmp_path):
                                               "--group-by", "classifier"])) == 0
     assert {path.name for path in out.iterdir()} == NC_FILES | {"fig9_other_measures.png"}
     width, height = png_size(out / "fig9_other_measures.png")
-    assert width == 2400 and height >= 1050  # 16x7 in, taller by its legend
+    assert width == 2700 and height >= 1050  # 18x7 in, taller by its legend
     # A table measured before these columns existed draws Figures 2-7 alone.
     assert {path.name for path in plotting.plot_runs([write_run(tmp_path / "old")], tmp_path / "old_out")} == NC_FILES
 
