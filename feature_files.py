@@ -137,7 +137,10 @@ def _arrays_of(file: Path) -> list[Array]:
             return _pt_arrays(file)
         return _safetensors_arrays(file)
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, struct.error, RuntimeError) as err:
-        raise UserError(f"{file} is not a readable {file.suffix} file ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "CRC-32" in reason:
+            raise UserError(f"{file} is corrupt ({reason}); its bytes changed after it was written") from None
+        raise UserError(f"{file} is not a readable {file.suffix} file ({reason})") from None
 
 
 class _NpyArray(Array):
