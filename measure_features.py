@@ -93,11 +93,11 @@ def measure(checkpoint: Checkpoint, min_samples: int | None, memory: int = PAIRW
     columns = dict.fromkeys(["train_acc", "train_loss", "test_acc", "test_loss", "test_ece", "ncc_mismatch_train",
                              "ncc_mismatch_test"])
     if weight is not None:
-        train_totals, _ = _classify(train, remap, weight, bias, rule, rows)
+        train_totals, _ = _classify(train, remap, weight, bias, rule, rows, calibrate=False)
         columns |= {"train_acc": train_totals[0], "train_loss": train_totals[1], "ncc_mismatch_train": train_totals[2]}
     if weight is not None and test:
         _count_labels(test, len(remap))  # test labels checked in range
-        test_totals, bins = _classify(test, remap, weight, bias, rule, rows)
+        test_totals, bins = _classify(test, remap, weight, bias, rule, rows, calibrate=True)
         columns |= {"test_acc": test_totals[0], "test_loss": test_totals[1], "ncc_mismatch_test": test_totals[2],
                     "test_ece": expected_calibration_error(bins)}
     return columns | measured
@@ -192,9 +192,9 @@ def _windows(parts: list[tuple[Array, Array]], rows: int):
 
 
 def _classify(parts: list[tuple[Array, Array]], remap: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-              rule: NearestClassMean, rows: int) -> tuple[list[float], torch.Tensor]:
+              rule: NearestClassMean, rows: int, calibrate: bool) -> tuple[list[float], torch.Tensor]:
     """[accuracy, mean cross-entropy, NCC mismatch] of the classifier over the samples of the kept classes, and
-    their calibration bins."""
+    (with `calibrate`) their calibration bins."""
     totals = torch.zeros(3, dtype=torch.float64)
     bins = torch.zeros(15, 3, dtype=torch.float64)
     count = 0
@@ -205,7 +205,8 @@ def _classify(parts: list[tuple[Array, Array]], remap: torch.Tensor, weight: tor
         predicted = logits.argmax(dim=1)
         totals += torch.stack([(predicted == y).sum(), F.cross_entropy(logits, y, reduction="sum"),
                                (predicted != rule(h)).sum()]).to(torch.float64)
-        bins += calibration_bins(logits, y)
+        if calibrate:
+            bins += calibration_bins(logits, y)
         count += len(y)
     return (totals / max(count, 1)).tolist(), bins
 

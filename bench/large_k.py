@@ -14,8 +14,8 @@ features. Then, each in a fresh process with --threads torch threads:
               features): wall time and peak resident set (Linux's VmHWM, which counts mapped file pages).
     tiled     the statistics pass, then nc_metrics' `metrics_from_stats`: the time of the metrics alone.
     dense     the same pass, then the pairwise measures as nc_metrics.py computed them before its tiles: whole
-              C x C matrices, and a difference vector per pair for the CDNV and the energy (C^2 d / 2 numbers);
-              run only where that fits --dense-limit GiB. Reported beside `tiled`: time, peak resident set and
+              C x C matrices, and a difference vector per pair for the CDNV and the energy (C^2 d / 2 numbers,
+              twice); run only where that fits --dense-limit GiB and half the memory available. Reported beside `tiled`: time, peak resident set and
               the largest relative difference of the pairwise measures.
 
 Every line printed is also a row of --out's CSV, with the machine's one-minute load average when it began.
@@ -48,8 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: K = 20 and 60, d = 16, N = 600")
     parser.add_argument("--classes", type=int, nargs="+", help=f"the values of K (default {FULL['classes']})")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each process (default 2)")
-    parser.add_argument("--dense-limit", type=float, default=6.0, help="GiB the dense computation may take "
-                        "(default 6)")
+    parser.add_argument("--dense-limit", type=float, default=8.0, help="GiB the dense computation may take, at "
+                        "most half the memory available when it starts (default 8)")
     parser.add_argument("--out", type=Path, help="also write the rows to this CSV file")
     parser.add_argument("--child", nargs=3, metavar=("WHAT", "FOLDER", "THREADS"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -66,8 +66,8 @@ def main(args: argparse.Namespace) -> int:
             write_features(folder, classes, sizes["dim"], sizes["samples"])
             common = {"classes": classes, "dim": sizes["dim"], "samples": sizes["samples"], "threads": args.threads}
             rows.append(report({"what": "measure", **common, **run_child("measure", folder, args.threads)}))
-            dense_bytes = 8 * classes * classes * sizes["dim"] / 2
-            if dense_bytes <= args.dense_limit * 2 ** 30:
+            dense_bytes = 2 * 8 * classes * classes * sizes["dim"] / 2  # a difference per pair, and its square
+            if dense_bytes <= min(args.dense_limit * 2 ** 30, available_memory() / 2):
                 tiled = run_child("tiled", folder, args.threads)
                 dense = run_child("dense", folder, args.threads)
                 difference = max(abs(dense["values"][key] - tiled["values"][key]) / abs(dense["values"][key])
@@ -181,6 +181,14 @@ def dense_pairwise(stats, weight) -> dict:
             "wh_alignment": etf_error(weight @ centred.T),
             "hyperspherical_energy_means": unit_distances.reciprocal().mean().item(),
             "gnc2_log_distance_var": unit_distances.reciprocal().log().var(unbiased=False).item()}
+
+
+def available_memory() -> int:
+    """The bytes of memory available to a new process (MemAvailable)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def peak_rss() -> int:
