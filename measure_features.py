@@ -61,16 +61,17 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for number, checkpoint in zip(numbers, checkpoints):
         started = time.perf_counter()
-        row = {"epoch": number, **measure(checkpoint, args.min_class_samples)}
-        runs.merge_nc_metrics(out, [row])
-        print(f"{checkpoint.path}: row {number} of {out / 'nc_metrics.csv'} in {time.perf_counter() - started:.1f} s",
-              file=sys.stderr)
+        row, samples, classes = measure(checkpoint, args.min_class_samples)
+        runs.merge_nc_metrics(out, [{"epoch": number, **row}])
+        print(f"{checkpoint.path}: {samples:,} samples of {classes:,} classes, row {number} of {out / 'nc_metrics.csv'}, "
+              f"in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
 
 
-def measure(checkpoint: Checkpoint, min_samples: int | None, memory: int = PAIRWISE_MEMORY) -> dict:
-    """The columns of nc_metrics.csv for one checkpoint; those needing a classifier or held-out features None
-    where it has none."""
+def measure(checkpoint: Checkpoint, min_samples: int | None,
+            memory: int = PAIRWISE_MEMORY) -> tuple[dict, int, int]:
+    """The columns of nc_metrics.csv for one checkpoint (those needing a classifier or held-out features None where
+    it has none), and the numbers of samples and classes measured."""
     train, test = checkpoint.parts(), checkpoint.parts("test_")
     dim = train[0][0].shape[1]
     weight, bias = _classifier(checkpoint, dim)
@@ -79,7 +80,7 @@ def measure(checkpoint: Checkpoint, min_samples: int | None, memory: int = PAIRW
     kept = torch.from_numpy(kept)
     remap = torch.full((len(counts),), -1, dtype=torch.int64)
     remap[kept] = torch.arange(len(kept))
-    stats = FeatureStats(len(kept), dim, class_weights=balancing_weights(torch.from_numpy(counts[kept])))
+    stats = FeatureStats(len(kept), dim, class_weights=balancing_weights(torch.from_numpy(counts[kept.numpy()])))
     for features, labels in _windows(train, memory // (8 * WINDOW_MATRICES * dim)):
         keep = remap[labels] >= 0
         stats.update(features[keep], remap[labels[keep]])
@@ -87,7 +88,7 @@ def measure(checkpoint: Checkpoint, min_samples: int | None, memory: int = PAIRW
         weight = weight[kept]
         bias = None if bias is None else bias[kept]
     measured = metrics_from_stats(stats, weight, memory)
-    rule = NearestClassMean(stats.class_means())
+    rule, samples = NearestClassMean(stats.class_means()), stats.num_samples
     del stats
     rows = max(1, memory // (8 * WINDOW_MATRICES * max(dim, len(kept))))
     columns = dict.fromkeys(["train_acc", "train_loss", "test_acc", "test_loss", "test_ece", "ncc_mismatch_train",
@@ -100,7 +101,7 @@ def measure(checkpoint: Checkpoint, min_samples: int | None, memory: int = PAIRW
         test_totals, bins = _classify(test, remap, weight, bias, rule, rows, calibrate=True)
         columns |= {"test_acc": test_totals[0], "test_loss": test_totals[1], "ncc_mismatch_test": test_totals[2],
                     "test_ece": expected_calibration_error(bins)}
-    return columns | measured
+    return columns | measured, samples, len(kept)
 
 
 def _classifier(checkpoint: Checkpoint, dim: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
