@@ -107,8 +107,8 @@ FEATURE_KEYS = ("nc1", "equinorm_means", "equiangular_means", "maxangle_means", 
                 "unc3_dot_var", "unc3_cosine_var")
 PAIRWISE_MEMORY = 2 ** 28  # bytes the tiles of a pairwise pass may hold at once (256 MiB)
 _TILE_MATRICES = 12  # float64 tile x tile matrices that a tile of `pair_measures` holds at once, at most
-# Pairs whose squared distance is below CLOSE times the sum of their squared norms are measured from their
-# difference: from the Gram matrix, the rounding of the norms (relative 1e-16) would be 1e-13 of it there.
+# Pairs at cosine above 1 - CLOSE are measured from their difference: from the Gram matrix, the rounding of the
+# norms (relative 1e-16) would be 1e-13 or more of their squared distance there.
 CLOSE = 1e-3
 
 
@@ -360,23 +360,27 @@ def pair_measures(vectors: torch.Tensor, variances: torch.Tensor | None = None,
     v = vectors.to(torch.float64)
     classes = len(v)
     squares = v.pow(2).sum(dim=1)
-    norms = squares.sqrt()
+    inverse = squares.rsqrt()  # 1 / ||v_c||
     scale = (v.T @ v).norm()  # ||V V^T||_F
-    cosines, deviations, energies, logs, ratios = (_Moments() for _ in range(5))
+    cosines, logs = _Moments(), _Moments()
+    deviations, energies, ratios = _Mean(), _Mean(), _Mean()
     etf_residual = 0.0
     for rows, cols, times in _tiles(classes, tile_size(memory), symmetric=True):
+        diagonal = rows == cols
         gram = v[rows] @ v[cols].T
-        etf_residual += times * _etf_residual(gram / scale, rows == cols, classes)
-        off = _off_diagonal(gram, rows == cols)
-        cosine = gram / (norms[rows, None] * norms[None, cols])
-        cosines.add(cosine[off], times)
-        deviations.add((cosine[off] + 1.0 / (classes - 1)).abs(), times)
+        etf_residual += times * _etf_residual(gram / scale, diagonal, classes)
+        cosine = gram * inverse[rows, None]
+        cosine *= inverse[None, cols]
+        pairs = _pairs(cosine, diagonal)
+        cosines.add(pairs, times)
+        deviations.add((pairs + 1.0 / (classes - 1)).abs_(), times)
         if variances is None:
             continue
-        unit, whole = _squared_distances(v, norms, squares, gram, cosine, off, rows, cols)
-        energies.add(unit[off].rsqrt(), times)
-        logs.add(-0.5 * unit[off].log(), times)
-        ratios.add(((variances[rows, None] + variances[None, cols]) / (2 * whole))[off], times)
+        unit, whole = (_pairs(distances, diagonal) for distances in
+                       _squared_distances(v, inverse, squares, gram, cosine, diagonal, rows, cols))
+        energies.add(unit.rsqrt(), times)
+        logs.add(unit.log_().mul_(-0.5), times)
+        ratios.add(_pairs(variances[rows, None] + variances[None, cols], diagonal).div_(whole).mul_(0.5), times)
     measured = PairMeasures(cosines.mean, cosines.std(), deviations.mean, math.sqrt(etf_residual))
     if variances is None:
         return measured
@@ -521,11 +525,11 @@ class _Moments:
     def add(self, values: torch.Tensor, times: int = 1) -> None:
         if values.numel() == 0:
             return
-        count, mean = times * values.numel(), values.mean().item()
-        squares = times * (values - mean).pow(2).sum().item()
+        variance, mean = torch.var_mean(values, correction=0)
+        count, mean = times * values.numel(), mean.item()
         total, delta = self.count + count, mean - self.mean
         self.mean += delta * count / total
-        self.squares += squares + delta * delta * self.count * count / total
+        self.squares += count * variance.item() + delta * delta * self.count * count / total
         self.count = total
 
     def std(self) -> float:
@@ -535,6 +539,21 @@ class _Moments:
     def variance(self) -> float:
         """The population variance."""
         return self.squares / self.count
+
+
+class _Mean:
+    """The mean of values added tile by tile, each tile's sum in float64; `times` as for `_Moments`."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def add(self, values: torch.Tensor, times: int = 1) -> None:
+        self.total += times * values.sum().item()
+        self.count += times * values.numel()
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count
 
 
 def _tiles(count: int, tile: int, symmetric: bool):
@@ -548,38 +567,42 @@ def _tiles(count: int, tile: int, symmetric: bool):
                        2 if symmetric and second > first else 1)
 
 
-def _off_diagonal(tile: torch.Tensor, on_diagonal: bool) -> torch.Tensor:
-    """The mask of a tile's entries c != c' (all of them in a tile off the diagonal)."""
-    mask = torch.ones_like(tile, dtype=torch.bool)
-    if on_diagonal:
-        mask.fill_diagonal_(False)
-    return mask
+def _pairs(tile: torch.Tensor, on_diagonal: bool) -> torch.Tensor:
+    """A tile's entries c != c': the tile itself off the diagonal, its off-diagonal entries (flattened) on it."""
+    if not on_diagonal:
+        return tile
+    return tile[~torch.eye(len(tile), tile.shape[1], dtype=torch.bool, device=tile.device)]
 
 
 def _etf_residual(scaled: torch.Tensor, on_diagonal: bool, classes: int) -> float:
-    """The sum of squares of a tile of G / ||G||_F - (I - 1 1^T / C) / sqrt(C - 1)."""
-    residual = scaled + 1.0 / (classes * math.sqrt(classes - 1))
+    """The sum of squares of a tile of G / ||G||_F - (I - 1 1^T / C) / sqrt(C - 1), from the tile of G / ||G||_F
+    (overwritten)."""
+    residual = scaled.add_(1.0 / (classes * math.sqrt(classes - 1)))
     if on_diagonal:
         residual.diagonal().sub_(1.0 / math.sqrt(classes - 1))
-    return residual.pow(2).sum().item()
+    return residual.square_().sum().item()
 
 
-def _squared_distances(v: torch.Tensor, norms: torch.Tensor, squares: torch.Tensor, gram: torch.Tensor,
-                       cosine: torch.Tensor, off: torch.Tensor, rows: slice,
+def _squared_distances(v: torch.Tensor, inverse: torch.Tensor, squares: torch.Tensor, gram: torch.Tensor,
+                       cosine: torch.Tensor, on_diagonal: bool, rows: slice,
                        cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
     """The squared distances ||u_c - u_c'||^2 between the unit rows and ||v_c - v_c'||^2 between the rows of a
-    tile, from its Gram matrix, the pairs closer than CLOSE measured again from their differences (a few
-    rows at a time: as many values as a tile holds)."""
-    unit = (2 - 2 * cosine).clamp(min=0)
-    norm_sums = squares[rows, None] + squares[None, cols]
-    whole = (norm_sums - 2 * gram).clamp(min=0)
-    first, second = (off & ((unit < 2 * CLOSE) | (whole < CLOSE * norm_sums))).nonzero(as_tuple=True)
+    tile, from its Gram matrix; the pairs at cosine above 1 - CLOSE are measured again from their differences
+    (a few rows at a time: as many values as a tile holds). Elsewhere ||v_c - v_c'||^2 >= (1 - cos)(||v_c||^2 +
+    ||v_c'||^2) > CLOSE (||v_c||^2 + ||v_c'||^2), so both distances keep a relative accuracy near 1e-13."""
+    unit = cosine.mul(-2).add_(2).clamp_(min=0)
+    whole = gram.mul(-2)
+    whole += squares[rows, None]
+    whole += squares[None, cols]
+    whole.clamp_(min=0)
+    close = cosine > 1 - CLOSE
+    if on_diagonal:
+        close.fill_diagonal_(False)
+    first, second = close.nonzero(as_tuple=True)
     step = max(1, gram.numel() // v.shape[1])
     for start in range(0, len(first), step):
         a, b = first[start:start + step] + rows.start, second[start:start + step] + cols.start
-        difference = v[a] - v[b]
-        whole[a - rows.start, b - cols.start] = difference.pow(2).sum(dim=1)
-        unit_difference = v[a] / norms[a, None] - v[b] / norms[b, None]
+        whole[a - rows.start, b - cols.start] = (v[a] - v[b]).pow(2).sum(dim=1)
+        unit_difference = v[a] * inverse[a, None] - v[b] * inverse[b, None]
         unit[a - rows.start, b - cols.start] = unit_difference.pow(2).sum(dim=1)
     return unit, whole
-
