@@ -562,7 +562,8 @@ def test_the_help_offers_table_1_as_the_table_subcommand(capsys):
     assert "Table 1" in capsys.readouterr().out
 
 
-OTHER_COLUMNS = ",nc1_trace_ratio,cdnv,etf_error_means,etf_error_weights,wh_alignment,hyperspherical_energy_means"
+OTHER_COLUMNS = (",nc1_trace_ratio,cdnv,etf_error_means,etf_error_weights,wh_alignment,hyperspherical_energy_means,"
+                 "gnc2_log_distance_var,unc3_dot_var,unc3_cosine_var")
 
 
 def with_other_measures(folder: Path) -> Path:
@@ -570,7 +571,7 @@ def with_other_measures(folder: Path) -> Path:
     (the energy towards the simplex value of its 4 classes, sqrt(3/8))."""
     rows = (folder / "nc_metrics.csv").read_text().splitlines()
     extended = [rows[0] + OTHER_COLUMNS] + [row + "," + ",".join(f"{value / (index + 1):.6g}" for value in
-                                                                 (2.0, 5.0, 0.9, 0.5, 1.1, 0.3))
+                                                                 (2.0, 5.0, 0.9, 0.5, 1.1, 0.3, 0.2, 4.0, 0.1))
                                             for index, row in enumerate(rows[1:])]
     (folder / "nc_metrics.csv").write_text("\n".join(extended) + "\n")
     return folder
