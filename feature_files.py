@@ -17,7 +17,8 @@ split alike, shard by shard. The weight and the bias are read whole, from one fi
 process's resident memory stays bounded); the arrays of an .npz are read as streams from its zip archive,
 whose CRC-32 is checked when a stream ends; a .pt file must be a dict of tensors, loaded with
 `torch.load(weights_only=True, map_location="cpu", mmap=True)` once every record of its zip archive matches
-its CRC-32. Floating-point arrays may be float16, bfloat16, float32 or float64, labels any integer type.
+its CRC-32 (mapped whole: the pages read stay resident, so features larger than memory belong in .npy or
+.safetensors files). Floating-point arrays may be float16, bfloat16, float32 or float64, labels any integer type.
 Anything else (a missing array, a shape or type that does not fit, a corrupt or foreign file) is a UserError
 naming the file.
 """
