@@ -121,6 +121,18 @@ def test_min_class_samples_leaves_out_the_small_classes_their_samples_and_rows(t
         assert row[key] == pytest.approx(expected[key], rel=1e-9), key
 
 
+def test_shards_are_read_in_the_order_of_the_numbers_in_their_names(tmp_path):
+    arrays = problem()
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for index, rows in enumerate(np.array_split(np.arange(len(arrays["labels"])), 12)):  # shard 10 after shard 9
+        np.save(folder / f"features.{index}.npy", arrays["features"][rows])
+        np.save(folder / f"labels.{index}.npy", arrays["labels"][rows])
+    checkpoint = open_checkpoint(folder)
+    features = torch.cat([part.whole() for part, _ in checkpoint.parts()])
+    assert torch.equal(features, torch.from_numpy(arrays["features"]))
+
+
 def test_bfloat16_and_float16_features_read_as_their_values(tmp_path):
     arrays = problem()
     features = torch.from_numpy(arrays["features"]).to(torch.bfloat16)
