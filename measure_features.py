@@ -114,6 +114,9 @@ def _classifier(checkpoint: Checkpoint, dim: int) -> tuple[torch.Tensor | None, 
     if len(weight_array.shape) != 2 or weight_array.shape[1] != dim or weight_array.kind != "float":
         raise UserError(f"{weight_array.path}: the weight must be floating point of shape (K, {dim}) for features of "
                         f"width {dim}, got {list(weight_array.shape)}")
+    if weight_array.shape[0] < 2:
+        raise UserError(f"{weight_array.path}: a weight of {weight_array.shape[0]} row(s); a classifier has two classes "
+                        "at least")
     if bias_array is not None and (bias_array.shape != weight_array.shape[:1] or bias_array.kind != "float"):
         raise UserError(f"{bias_array.path}: the bias must be floating point of shape ({weight_array.shape[0]},), got "
                         f"{list(bias_array.shape)}")
@@ -123,8 +126,6 @@ def _classifier(checkpoint: Checkpoint, dim: int) -> tuple[torch.Tensor | None, 
         if values is not None and not values.isfinite().all():
             row = (~values.isfinite()).reshape(len(values), -1).any(dim=1).nonzero()[0].item()
             raise UserError(f"{array.path}, row {row}: the {array.name} holds NaN or Inf")
-    if len(weight) < 2:
-        raise UserError(f"{weight_array.path}: a weight of {len(weight)} row; a classifier has two classes at least")
     return weight, bias
 
 
