@@ -76,17 +76,21 @@ def main(args: argparse.Namespace) -> int:
                          for name, values in (("tiled", tiled), ("dense", dense))]
         finally:
             shutil.rmtree(folder)
+        if args.out:  # after each K: a long run stopped early keeps what it measured
+            write_rows(args.out, rows)
     measured = [row for row in rows if row["what"] == "measure"]
     if len(measured) > 1:
         first, last = measured[0], measured[-1]
         print(f"growth: K x{last['classes'] / first['classes']:.0f} -> time x{last['seconds'] / first['seconds']:.1f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, COLUMNS, extrasaction="ignore", lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
     return 0
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def report(row: dict) -> dict:
