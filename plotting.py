@@ -76,6 +76,7 @@ VECTOR_METADATA = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}  # no t
 SINGLE_SIZE = (7.0, 5.0)  # every size is that of the figure without its legend, which adds its own height
 CURVES_SIZE = (15.0, 4.8)
 PANEL_SIZE = (12.0, 7.0)
+OTHER_SIZE = (18.0, 7.0)  # Figure 9's 2x4 panels
 REPRESENTATIONS_SIZE = (6.5, 6.0)
 MAX_LEGEND_COLUMNS = 4
 MIN_WRAP = 12  # characters: a legend label or title is never wrapped narrower than this
@@ -163,7 +164,15 @@ OTHER_PANELS = (
           r"$\mathrm{Avg}_{c \neq c'}\ 1\ /\ \|m_c - m_{c'}\|$" "\n" r"(grey: the simplex ETF's $\sqrt{(C-1)/2C}$)",
           (Quantity("hyperspherical_energy_means"), Quantity("hyperspherical_energy_means_test", TEST)), log_y=False,
           table=NC_TABLE),
+    Panel("Uniformity (Wu & Papyan 2024, GNC2)",
+          r"$\mathrm{Var}_{c \neq c'}\ \log\,(1\ /\ \|m_c - m_{c'}\|)$",
+          (Quantity("gnc2_log_distance_var"), Quantity("gnc2_log_distance_var_test", TEST)), log_y=True, table=NC_TABLE),
+    Panel("Uniform duality (Wu & Papyan, UNC3)", r"$\mathrm{Var}_c\ \langle w_c, \mu_c - \mu_G \rangle$",
+          (Quantity("unc3_dot_var"), Quantity("unc3_dot_var_test", TEST)), log_y=True, table=NC_TABLE),
+    Panel("Uniform duality, cosines (UNC3)", r"$\mathrm{Var}_c\ \cos(w_c, \mu_c - \mu_G)$",
+          (Quantity("unc3_cosine_var"), Quantity("unc3_cosine_var_test", TEST)), log_y=True, table=NC_TABLE),
 )
+ENERGY_PANEL = 4  # the index in OTHER_PANELS of the energy, whose panel marks the simplex ETF's value
 LAYERS_FILE = "layerwise_nc1.png"
 CURVE_PANELS = (
     Panel("Loss", "loss", (Quantity("train_loss"), Quantity("test_loss", TEST)), log_y=True, table=LOG_TABLE),
@@ -312,12 +321,11 @@ def other_measures_figure(lines: list["_Line"]) -> plt.Figure:
     """Figure 9: the field's other measures, one panel each, the runs (or groups) of `lines` overlaid; the
     energy panel marks the simplex ETF's value, sqrt((C - 1) / (2 C)), its minimum."""
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(2, 3, figsize=PANEL_SIZE, layout="constrained")
+        fig, axes = plt.subplots(2, 4, figsize=OTHER_SIZE, layout="constrained")
         styles = set().union(*(_draw(ax, panel, lines) for ax, panel in zip(axes.flat, OTHER_PANELS)))
         for classes in sorted({run["num_classes"] for line in lines for run in line.configs if "num_classes" in run}):
             energy = np.sqrt((classes - 1) / (2 * classes))
-            axes.flat[len(OTHER_PANELS) - 1].axhline(energy, color="0.5", linewidth=1)
-        axes.flat[-1].axis("off")
+            axes.flat[ENERGY_PANEL].axhline(energy, color="0.5", linewidth=1)
         _finish(fig, lines, styles, STYLE_NAMES[NC_TABLE])
     return fig
 
@@ -1011,8 +1019,9 @@ def _table1_row(run_dir: Path) -> dict:
     return {"run_dir": str(run_dir), "dataset": settings.get("dataset"), "model": settings.get("model"),
             "tpt_epoch": onset["epoch"] if onset else None, "tpt_test_acc": onset["test_acc"] if onset else None,
             "last_epoch": last["epoch"], "last_test_acc": last["test_acc"],
-            "change": last["test_acc"] - onset["test_acc"] if onset else None,
-            "best_train_acc": max(row["train_acc"] for row in measured)}
+            "change": last["test_acc"] - onset["test_acc"] if onset and None not in (onset["test_acc"], last["test_acc"])
+            else None,
+            "best_train_acc": max((row["train_acc"] for row in measured if row["train_acc"] is not None), default=None)}
 
 
 def _distinct(values) -> str:

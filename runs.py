@@ -52,7 +52,7 @@ from PIL import Image
 
 import config
 from errors import UserError
-from nc_metrics import FEATURE_KEYS, OTHER_KEYS, PAPER_KEYS
+from nc_metrics import CLASSIFIER_KEYS, FEATURE_KEYS, OTHER_KEYS, PAPER_KEYS
 
 TMP_SUFFIX = ".tmp"
 TRAIN_LOCK, TABLES_LOCK = ".train.lock", ".tables.lock"
@@ -120,8 +120,11 @@ NC_COLUMNS = ["epoch", "train_acc", "train_loss", "test_acc", "test_loss", "test
 # columns empty) and validate_nc.py measures them again.
 _NC_REQUIRED = [column for column in NC_COLUMNS if column not in OTHER_KEYS]
 # What an imbalanced run's rows add (train.py --imbalance), then its classifier row norms weight_norm_<c>.
-# log.csv leaves the test columns empty on epochs --eval-every skips.
-_MAY_BE_EMPTY = {"log.csv": {"test_loss", "test_acc", "test_ece"}, "nc_metrics.csv": set()}
+# log.csv leaves the test columns empty on epochs --eval-every skips; nc_metrics.csv those that need a classifier
+# or held-out features where measure_features.py had none (validate_nc.py fills them all).
+_MAY_BE_EMPTY = {"log.csv": {"test_loss", "test_acc", "test_ece"},
+                 "nc_metrics.csv": {"train_acc", "train_loss", "test_acc", "test_loss", "test_ece", "ncc_mismatch_train",
+                                    "ncc_mismatch_test", *CLASSIFIER_KEYS}}
 # What a run's config.json must hold for the scripts to rebuild its network and data.
 CONFIG_KEYS = ("dataset", "num_classes", "in_channels", "model", "width", "epochs", "num_checkpoints", "loss",
                "lr_milestones", "seed", "precision", "samples_per_class", "data_root")

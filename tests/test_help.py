@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import measure_features
 import sweep
 import train
 import validate_nc
@@ -53,6 +54,11 @@ def test_sweep_py_groups_the_grid_training_measurement_the_study_and_slurm(capsy
         "training": [*TRAINING, *DATA, "--tensorboard"], "measurement": MEASUREMENT,
         "the study": ["--name", "--executor", "--parallel", "--dry-run"],
         "Slurm": ["--partition", "--gpus-per-job", "--cpus-per-job", "--time", "--max-parallel", "--sbatch"]}
+
+
+def test_measure_features_py_groups_its_input_and_output(capsys, monkeypatch):
+    assert sections(measure_features.parse_args, capsys, monkeypatch) == {
+        "options": HELP, "input": ["FILE", "--min-class-samples"], "output": ["--out"]}
 
 
 def test_paper_scale_groups_preparation_the_run_precision_and_output(capsys, monkeypatch):
