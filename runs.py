@@ -119,7 +119,6 @@ NC_COLUMNS = ["epoch", "train_acc", "train_loss", "test_acc", "test_loss", "test
 # Tables measured before the field's other measures existed lack their columns: their rows are read (those
 # columns empty) and validate_nc.py measures them again.
 _NC_REQUIRED = [column for column in NC_COLUMNS if column not in OTHER_KEYS]
-# What an imbalanced run's rows add (train.py --imbalance), then its classifier row norms weight_norm_<c>.
 # log.csv leaves the test columns empty on epochs --eval-every skips; nc_metrics.csv those that need a classifier
 # or held-out features where measure_features.py had none (validate_nc.py fills them all).
 _MAY_BE_EMPTY = {"log.csv": {"test_loss", "test_acc", "test_ece"},
