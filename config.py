@@ -161,9 +161,15 @@ def add_training_arguments(training: FlagGroup, data: FlagGroup | None = None,
         "at the learning rate its schedule ends with (its milestones stay); recorded in config.json's extended_from")
     add("--num-checkpoints", type=positive_int, help="analysis checkpoints, log-spaced in 1..epochs, "
         "the last epoch always included (default 50; 15 on synthetic)")
-    add("--eval-every", type=positive_int, metavar="K", help="evaluate the test split every K epochs, and at "
-        "every analysis checkpoint and the last epoch (default 1); log.csv leaves the other epochs' test columns "
-        "empty. Training is the same whatever K: on small training sets evaluation is most of an epoch's time")
+    add("--eval-every", type=non_negative_int, metavar="K", help="evaluate the test split every K epochs, and at "
+        "every analysis checkpoint and the last epoch (default 1); 0: never, leaving the test split to "
+        "validate_nc.py's measurement of the checkpoints. log.csv leaves the other epochs' test columns empty. "
+        "Training is the same whatever K: on small training sets evaluation is most of an epoch's time")
+    add("--save-last", choices=("epoch", "checkpoint"), default="epoch", help="when last.pt, the state a run "
+        "resumes from, is rewritten: after every epoch (default: a crash loses at most the epoch in progress), "
+        "or at the analysis checkpoints, the last epoch and a stop by SIGTERM only (on a GPU each write costs "
+        "the training thread about 0.2 s, a sixth of a compiled ResNet-18 epoch; see docs/performance.md). "
+        "Resuming gives the same run either way")
     add("--deterministic", action="store_true", help="bit-identical reruns: PyTorch's deterministic "
         "algorithms, no cuDNN autotuning (on a GPU this costs speed, often 10-30%%)")
     add("--compile", action="store_true", help="torch.compile the training step, with CUDA graphs on a GPU "
@@ -459,6 +465,10 @@ def seed(text: str) -> int:
 
 def positive_int(text: str) -> int:
     return _checked(int(text), lambda v: v > 0, "must be a positive integer", text)
+
+
+def non_negative_int(text: str) -> int:
+    return _checked(int(text), lambda v: v >= 0, "must be 0 or a positive integer", text)
 
 
 def positive_float(text: str) -> float:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from devices import HOST, to_device
 from errors import UserError
 
 
@@ -309,13 +310,21 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     return mean.tolist(), variance.sqrt().tolist()
 
 
-def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 images (B, C, H, W) as float32 (x/255 - mean)/std per channel, in channels_last memory format."""
-    shape = (1, len(mean), 1, 1)
-    mean_t = _to_device(torch.tensor(mean, dtype=torch.float32).view(shape), images.device)
-    std_t = _to_device(torch.tensor(std, dtype=torch.float32).view(shape), images.device)
+def normalize(images: torch.Tensor, mean: list[float] | torch.Tensor, std: list[float] | torch.Tensor) -> torch.Tensor:
+    """uint8 images (B, C, H, W) as float32 (x/255 - mean)/std per channel, in channels_last memory format;
+    `mean` and `std` as lists, or as `channel_tensors` on the images' device (what `batches` passes, so
+    that they are copied to the device once, not at every batch)."""
+    if not isinstance(mean, torch.Tensor):
+        mean, std = channel_tensors(mean, std, images.device)
     scaled = images.to(dtype=torch.float32, memory_format=torch.channels_last)
-    return scaled.div_(255).sub_(mean_t).div_(std_t)
+    return scaled.div_(255).sub_(mean).div_(std)
+
+
+def channel_tensors(mean: list[float], std: list[float], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel normalisation constants as float32 tensors (1, C, 1, 1) on `device`."""
+    shape = (1, len(mean), 1, 1)
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(shape),
+            torch.tensor(std, dtype=torch.float32, device=device).view(shape))
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -323,8 +332,8 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     CROP_PADDING) and flipped left-right with probability 1/2; randomness from the CPU `generator`."""
     count, _, height, width = images.shape
     device = images.device
-    offsets = _to_device(torch.randint(0, 2 * CROP_PADDING + 1, (count, 2), generator=generator), device)
-    flips = _to_device(torch.randint(0, 2, (count, 1), generator=generator, dtype=torch.bool), device)
+    offsets = to_device(torch.randint(0, 2 * CROP_PADDING + 1, (count, 2), generator=generator, device=HOST), device)
+    flips = to_device(torch.randint(0, 2, (count, 1), generator=generator, dtype=torch.bool, device=HOST), device)
     rows = torch.arange(height, device=device)
     columns = torch.arange(width, device=device)
     columns = torch.where(flips, width - 1 - columns, columns)
@@ -349,7 +358,8 @@ def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean: l
     if shuffle is None:
         order = torch.arange(count, device=images.device)
     else:
-        order = _to_device(torch.randperm(count, generator=shuffle), images.device)
+        order = to_device(torch.randperm(count, generator=shuffle, device=HOST), images.device)
+    mean, std = channel_tensors(mean, std, images.device)
     for start in range(0, count, batch_size):
         window = order[start:start + batch_size]
         share = _share(len(window), rank, world_size)
@@ -637,8 +647,3 @@ def _reflected(index: torch.Tensor, size: int) -> torch.Tensor:
     """Indices past either edge mirrored back inside [0, size), the edge itself not repeated."""
     index = torch.where(index < 0, -index, index)
     return torch.where(index >= size, 2 * (size - 1) - index, index)
-
-
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # non_blocking: a blocking host-to-GPU copy would wait for every queued kernel at each batch.
-    return tensor.to(device, non_blocking=True)

@@ -2,8 +2,9 @@
 
 Under `torchrun --nproc_per_node=K script.py ...` every process runs the whole script; torchrun sets
 RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address. `process_group` joins the group (NCCL with
-GPU LOCAL_RANK on CUDA, gloo on the CPU); in a plain `python` process it does nothing, the world has
-size 1 and every function here is the identity, so single-process runs are untouched.
+GPU LOCAL_RANK on CUDA, gloo on the CPU); in a plain `python` process it does nothing. With one
+process (plain or under torchrun) every function here is the identity, so single-process runs are
+untouched.
 
 A user error must stop every process together: a process that stopped alone would leave the others
 waiting in their next collective. `on_every_rank` and `on_rank_zero` run a step and share its
@@ -29,8 +30,10 @@ T = TypeVar("T")
 @contextlib.contextmanager
 def process_group(device: torch.device) -> Iterator[torch.device]:
     """Join torchrun's process group for the duration and yield this process's device (CUDA device
-    LOCAL_RANK on a GPU machine); outside torchrun, or with one process, yield `device` unchanged."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    LOCAL_RANK on a GPU machine); outside torchrun, yield `device` unchanged. A one-process torchrun
+    joins a group of one, so that it starts the backend (NCCL on a GPU) as a larger one would; every
+    function below still treats it as the single process it is."""
+    if "RANK" not in os.environ:
         yield device
         return
     if device.type == "cuda":

@@ -12,6 +12,9 @@ import textwrap
 from typing import Callable, NoReturn
 
 
+STOPPED = 128 + 15  # the exit status of train.py stopped by SIGTERM (15) after an epoch, its files written
+
+
 class UserError(Exception):
     """An error the user can fix; its message says what is wrong and what to do."""
 

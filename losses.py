@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from devices import HOST, to_device
+
 LOSSES = ("ce", "mse", "mae", "smooth_l1", "label_smoothing", "focal")
 ALIASES = {"cross_entropy": "ce"}
 REGRESSION_LOSSES = ("mse", "mae", "smooth_l1")
@@ -109,14 +111,14 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, alpha: float, rng: np.random.Gen
     device."""
     lam = float(rng.beta(alpha, alpha))
     perm = (same_class_partners(y, generator) if same_class
-            else _to_device(torch.randperm(len(y), generator=generator), y.device))
+            else to_device(torch.randperm(len(y), generator=generator, device=HOST), y.device))
     return lam * x + (1 - lam) * x[perm], Mixed(y, y[perm], lam)
 
 
 def same_class_partners(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A partner index for each example, of the same class and (when its class has two or more
     examples in the batch) never itself: a random cycle through each class's examples."""
-    keys = _to_device(torch.rand(len(labels), generator=generator, dtype=torch.float64), labels.device)
+    keys = to_device(torch.rand(len(labels), generator=generator, dtype=torch.float64, device=HOST), labels.device)
     order = torch.argsort(labels.to(torch.float64) + keys)  # grouped by class, shuffled within
     grouped = labels[order]
     positions = torch.arange(len(labels), device=labels.device)
@@ -127,8 +129,3 @@ def same_class_partners(labels: torch.Tensor, generator: torch.Generator) -> tor
     partners = torch.empty_like(order)
     partners[order] = order[next_in_class]
     return partners
-
-
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # non_blocking: a blocking host-to-GPU copy would wait for every queued kernel at each mixed batch.
-    return tensor.to(device, non_blocking=True)

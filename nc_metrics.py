@@ -36,8 +36,29 @@ ETF's Gram matrix scaled to Frobenius norm 1):
                          for a simplex ETF, where it is sqrt((C - 1) / (2 C)).
                                                    (Liu et al. 2023, ICLR, GNC2)
 
+The measures of Wu & Papyan (2024, "Linguistic Collapse") for many classes, m_c as above:
+
+    gnc2_log_distance_var
+                         Var over c != c' of log(1 / ||m_c - m_c'||) (population variance), their GNC2, the
+                         hyperspherical uniformity of the centred class means: 0 when all pairwise distances
+                         are equal, as in a simplex ETF.
+    unc3_dot_var         Var_c <w_c, mu_c - mu_G> (unbiased), their UNC3, uniform duality.
+    unc3_cosine_var      Var_c cos(w_c, mu_c - mu_G) (unbiased), its cosine variant.
+
 All but the energy are 0 at full collapse; the trace ratio and the CDNV are 0 as soon as every feature
 sits on its class mean.
+
+Pairwise quantities at any number of classes. The cosines, the CDNV, the energy, GNC2 and the ETF errors
+are sums over the C x C matrices V V^T (V the means or the classifier rows) and W M~^T, which are never held
+whole: `pair_measures` and `etf_alignment` walk them in square tiles whose side `tile_size` derives from a
+memory budget (PAIRWISE_MEMORY), so peak memory is O(C d + d^2 + tile^2) whatever C. Symmetric matrices are
+walked on and above the diagonal, each tile off it standing for its mirror. Each tile's values are
+reduced in float64 at once: means and variances merged tile by tile with Chan et al.'s pairwise update,
+exact whatever the tiling up to rounding. The Frobenius norms the ETF errors divide by come first, from
+the d x d matrices (||V V^T||_F = ||V^T V||_F, ||W M~^T||_F^2 = <W^T W, M~^T M~>). Distances come from
+the Gram tile (||a - b||^2 = ||a||^2 + ||b||^2 - 2 a.b), except for pairs closer than CLOSE relative to
+their norms, which are measured again from their difference, where the Gram matrix's rounding would show.
+A small C is one tile: the same arithmetic, no second code path.
 
 Which mean and which Sigma_W. The paper's classes are balanced, and there mu_G, the mean of all features,
 is also the mean of the class means, and Sigma_W, the average over samples, is also the average of the
@@ -65,17 +86,30 @@ batch with `ncc_disagreements` once the class means are known. `collapse_metrics
 full tensors. The expected calibration error, reported beside the collapse metrics, is here too, and
 the plane of three classes' simplex onto which the Mixup representation figure projects features.
 """
+import dataclasses
+import math
+from dataclasses import dataclass
+
 import torch
 
 PAPER_KEYS = ("nc1", "equinorm_means", "equinorm_weights", "equiangular_means", "equiangular_weights",
               "maxangle_means", "maxangle_weights", "self_duality")
 OTHER_KEYS = ("nc1_trace_ratio", "cdnv", "etf_error_means", "etf_error_weights", "wh_alignment",
-              "hyperspherical_energy_means")
+              "hyperspherical_energy_means", "gnc2_log_distance_var", "unc3_dot_var", "unc3_cosine_var")
 STATS_KEYS = PAPER_KEYS + OTHER_KEYS
+# The keys of STATS_KEYS that need the classifier.
+CLASSIFIER_KEYS = ("equinorm_weights", "equiangular_weights", "maxangle_weights", "self_duality", "etf_error_weights",
+                   "wh_alignment", "unc3_dot_var", "unc3_cosine_var")
 METRIC_KEYS = STATS_KEYS + ("ncc_mismatch",)
 # The keys of STATS_KEYS that depend on the features (the others are the classifier's alone).
 FEATURE_KEYS = ("nc1", "equinorm_means", "equiangular_means", "maxangle_means", "self_duality", "nc1_trace_ratio",
-                "cdnv", "etf_error_means", "wh_alignment", "hyperspherical_energy_means")
+                "cdnv", "etf_error_means", "wh_alignment", "hyperspherical_energy_means", "gnc2_log_distance_var",
+                "unc3_dot_var", "unc3_cosine_var")
+PAIRWISE_MEMORY = 2 ** 28  # bytes the tiles of a pairwise pass may hold at once (256 MiB)
+_TILE_MATRICES = 12  # float64 tile x tile matrices that a tile of `pair_measures` holds at once, at most
+# Pairs at cosine above 1 - CLOSE are measured from their difference: from the Gram matrix, the rounding of the
+# norms (relative 1e-16) would be 1e-13 or more of their squared distance there.
+CLOSE = 1e-3
 
 
 class FeatureStats:
@@ -207,27 +241,39 @@ def collapse_metrics(features: torch.Tensor, labels: torch.Tensor, weight: torch
     return metrics
 
 
-def metrics_from_stats(stats: FeatureStats, weight: torch.Tensor) -> dict[str, float]:
-    """The metrics STATS_KEYS (all but ncc_mismatch) from accumulated statistics and the classifier (C, d)."""
-    _check_weight(weight, stats.num_classes, stats.dim)
-    w = weight.detach().to(stats.sums.device, torch.float64)
+def metrics_from_stats(stats: FeatureStats, weight: torch.Tensor | None,
+                       memory: int = PAIRWISE_MEMORY) -> dict[str, float]:
+    """The metrics STATS_KEYS (all but ncc_mismatch) from accumulated statistics and the classifier (C, d); without
+    a classifier (None), those of CLASSIFIER_KEYS left out. The pairwise passes hold about `memory` bytes of tiles."""
     centred_means = stats.class_means() - stats.global_mean()
     within = stats.within_class_covariance()
-    return {
+    means = pair_measures(centred_means, stats.class_variances(), memory)
+    measured = {
         "nc1": nc1(within, centred_means),
         "equinorm_means": coefficient_of_variation(centred_means.norm(dim=1)),
-        "equinorm_weights": coefficient_of_variation(w.norm(dim=1)),
-        "equiangular_means": pair_cosines(centred_means).std().item(),
-        "equiangular_weights": pair_cosines(w).std().item(),
-        "maxangle_means": simplex_angle_deviation(centred_means),
-        "maxangle_weights": simplex_angle_deviation(w),
-        "self_duality": self_duality(w, centred_means),
+        "equiangular_means": means.cosine_std,
+        "maxangle_means": means.maxangle,
         "nc1_trace_ratio": (within.trace() / (centred_means.pow(2).sum() / len(centred_means))).item(),
-        "cdnv": cdnv(stats.class_variances(), centred_means),
-        "etf_error_means": etf_error(centred_means @ centred_means.T),
-        "etf_error_weights": etf_error(w @ w.T),
-        "wh_alignment": etf_error(w @ centred_means.T),
-        "hyperspherical_energy_means": hyperspherical_energy(centred_means),
+        "cdnv": means.cdnv,
+        "etf_error_means": means.etf_error,
+        "hyperspherical_energy_means": means.energy,
+        "gnc2_log_distance_var": means.log_distance_var,
+    }
+    if weight is None:
+        return measured
+    _check_weight(weight, stats.num_classes, stats.dim)
+    w = weight.detach().to(stats.sums.device, torch.float64)
+    weights = pair_measures(w, memory=memory)
+    dots = (w * centred_means).sum(dim=1)
+    return measured | {
+        "equinorm_weights": coefficient_of_variation(w.norm(dim=1)),
+        "equiangular_weights": weights.cosine_std,
+        "maxangle_weights": weights.maxangle,
+        "self_duality": self_duality(w, centred_means),
+        "etf_error_weights": weights.etf_error,
+        "wh_alignment": etf_alignment(w, centred_means, memory),
+        "unc3_dot_var": dots.var().item(),
+        "unc3_cosine_var": (dots / (w.norm(dim=1) * centred_means.norm(dim=1))).var().item(),
     }
 
 
@@ -272,7 +318,7 @@ def mean_pair_cosine(vectors: torch.Tensor) -> float:
     least (a simplex); NaN for fewer than two rows."""
     if len(vectors) < 2:
         return float("nan")
-    return pair_cosines(vectors.to(torch.float64)).mean().item()
+    return pair_measures(vectors.to(torch.float64)).cosine_mean
 
 
 def coefficient_of_variation(values: torch.Tensor) -> float:
@@ -280,45 +326,81 @@ def coefficient_of_variation(values: torch.Tensor) -> float:
     return (values.std() / values.mean()).item()
 
 
-def pair_cosines(vectors: torch.Tensor) -> torch.Tensor:
-    """The cosines between rows c != c' of a (C, d) matrix: the C (C - 1) ordered off-diagonal entries of
-    the cosine matrix, each unordered pair twice, as Std_{c, c' != c} in the paper counts them."""
-    unit = vectors / vectors.norm(dim=1, keepdim=True)
-    off_diagonal = ~torch.eye(len(vectors), dtype=torch.bool, device=vectors.device)
-    return (unit @ unit.T)[off_diagonal]
-
-
-def simplex_angle_deviation(vectors: torch.Tensor) -> float:
-    """Avg over c != c' of |cos(v_c, v_c') + 1/(C - 1)|: zero exactly for a simplex ETF."""
-    return (pair_cosines(vectors) + 1.0 / (len(vectors) - 1)).abs().mean().item()
-
-
 def self_duality(weight: torch.Tensor, centred_means: torch.Tensor) -> float:
     """|| W / ||W||_F - M~ / ||M~||_F ||_F^2."""
     return (weight / weight.norm() - centred_means / centred_means.norm()).pow(2).sum().item()
 
 
-def cdnv(variances: torch.Tensor, centred_means: torch.Tensor) -> float:
-    """Avg over pairs c < c' of (V_c + V_c') / (2 ||mu_c - mu_c'||^2), from the class variances (C,) and the
-    (centred or not) class means (C, d)."""
-    first, second = torch.triu_indices(len(variances), len(variances), offset=1, device=variances.device)
-    distances = (centred_means[first] - centred_means[second]).pow(2).sum(dim=1)
-    return ((variances[first] + variances[second]) / (2 * distances)).mean().item()
+@dataclass(frozen=True)
+class PairMeasures:
+    """What `pair_measures` gives for C vectors v_c (the rows of V), u_c = v_c / ||v_c||:
+
+    cosine_mean, cosine_std  Avg and unbiased Std of cos(v_c, v_c') over the C (C - 1) ordered pairs c != c'
+                             (each unordered pair twice, as Std_{c, c' != c} in the paper counts them)
+    maxangle                 Avg over c != c' of |cos(v_c, v_c') + 1/(C - 1)|: zero exactly for a simplex ETF
+    etf_error                || V V^T / ||V V^T||_F - (I - 1 1^T / C) / sqrt(C - 1) ||_F (Zhu et al.'s NC2)
+    and, given the class variances V_c (the rows being centred class means; None otherwise):
+    energy                   Avg over c != c' of 1 / ||u_c - u_c'||, the Riesz s = 1 energy on the unit sphere
+    log_distance_var         the population variance over c != c' of log(1 / ||u_c - u_c'||) (Wu & Papyan's GNC2)
+    cdnv                     Avg over c != c' of (V_c + V_c') / (2 ||v_c - v_c'||^2)
+    """
+    cosine_mean: float
+    cosine_std: float
+    maxangle: float
+    etf_error: float
+    energy: float | None = None
+    log_distance_var: float | None = None
+    cdnv: float | None = None
 
 
-def etf_error(gram: torch.Tensor) -> float:
-    """|| G / ||G||_F - (I - 1 1^T / C) / sqrt(C - 1) ||_F of a C x C matrix G (Zhu et al.'s NC2 and NC3)."""
-    classes = len(gram)
-    simplex = torch.eye(classes, dtype=gram.dtype, device=gram.device) - 1.0 / classes
-    return (gram / gram.norm() - simplex / (classes - 1) ** 0.5).norm().item()
+def pair_measures(vectors: torch.Tensor, variances: torch.Tensor | None = None,
+                  memory: int = PAIRWISE_MEMORY) -> PairMeasures:
+    """The `PairMeasures` of the rows of `vectors` (C, d), C >= 2, in one pass over the tiles of V V^T on and
+    above its diagonal (see the module docstring), holding about `memory` bytes of tiles at once."""
+    v = vectors.to(torch.float64)
+    classes = len(v)
+    squares = v.pow(2).sum(dim=1)
+    inverse = squares.rsqrt()  # 1 / ||v_c||
+    scale = (v.T @ v).norm()  # ||V V^T||_F
+    cosines, logs = _Moments(), _Moments()
+    deviations, energies, ratios = _Mean(), _Mean(), _Mean()
+    etf_residual = 0.0
+    for rows, cols, times in _tiles(classes, tile_size(memory), symmetric=True):
+        diagonal = rows == cols
+        gram = v[rows] @ v[cols].T
+        etf_residual += times * _etf_residual(gram / scale, diagonal, classes)
+        cosine = gram * inverse[rows, None]
+        cosine *= inverse[None, cols]
+        pairs = _pairs(cosine, diagonal)
+        cosines.add(pairs, times)
+        deviations.add((pairs + 1.0 / (classes - 1)).abs_(), times)
+        if variances is None:
+            continue
+        unit, whole = (_pairs(distances, diagonal) for distances in
+                       _squared_distances(v, inverse, squares, gram, cosine, diagonal, rows, cols))
+        energies.add(unit.rsqrt(), times)
+        logs.add(unit.log_().mul_(-0.5), times)
+        ratios.add(_pairs(variances[rows, None] + variances[None, cols], diagonal).div_(whole).mul_(0.5), times)
+    measured = PairMeasures(cosines.mean, cosines.std(), deviations.mean, math.sqrt(etf_residual))
+    if variances is None:
+        return measured
+    return dataclasses.replace(measured, energy=energies.mean, log_distance_var=logs.variance(), cdnv=ratios.mean)
 
 
-def hyperspherical_energy(vectors: torch.Tensor) -> float:
-    """Avg over c != c' of 1 / ||v_c / ||v_c|| - v_c' / ||v_c'|| ||: the Riesz s = 1 energy of the rows on the
-    unit sphere."""
-    unit = vectors / vectors.norm(dim=1, keepdim=True)
-    first, second = torch.triu_indices(len(unit), len(unit), offset=1, device=unit.device)
-    return (unit[first] - unit[second]).norm(dim=1).reciprocal().mean().item()
+def etf_alignment(weight: torch.Tensor, centred_means: torch.Tensor, memory: int = PAIRWISE_MEMORY) -> float:
+    """|| W M~^T / ||W M~^T||_F - (I - 1 1^T / C) / sqrt(C - 1) ||_F (Zhu et al.'s NC3), over the tiles of the C x C
+    matrix W M~^T, holding about `memory` bytes of tiles at once."""
+    w, m = weight.to(torch.float64), centred_means.to(torch.float64)
+    scale = ((w.T @ w) * (m.T @ m)).sum().sqrt()  # ||W M~^T||_F
+    residual = sum(_etf_residual(w[rows] @ m[cols].T / scale, rows == cols, len(w))
+                   for rows, cols, _ in _tiles(len(w), tile_size(memory), symmetric=False))
+    return math.sqrt(residual)
+
+
+def tile_size(memory: int = PAIRWISE_MEMORY) -> int:
+    """The side of the square tiles of the pairwise passes: as many entries as `memory` bytes hold for each of
+    the float64 matrices a tile needs at once."""
+    return max(1, math.isqrt(memory // (8 * _TILE_MATRICES)))
 
 
 def ncc_mismatch(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -335,18 +417,37 @@ def ncc_disagreements(features: torch.Tensor, weight: torch.Tensor, bias: torch.
     """The number of samples counted by `ncc_mismatch`, as a 0-dim tensor on the features' device
     (so a streaming caller sums batches without waiting for the device)."""
     _check_weight(weight, class_means.shape[0], class_means.shape[1])
-    _check_features(features, class_means.shape[1])
+    predicted = classifier_logits(features, weight, bias).argmax(dim=1)
+    return (predicted != NearestClassMean(class_means)(features)).sum()
+
+
+def classifier_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The logits w_c . h + b_c of features (B, d) under the classifier (C, d) and bias (C,) (zero if None),
+    (B, C), in float64 on the features' device."""
+    _check_features(features, weight.shape[1])
     h = features.detach().to(torch.float64)
-    w = weight.detach().to(h.device, torch.float64)
-    logits = h @ w.T
+    logits = h @ weight.detach().to(h.device, torch.float64).T
     if bias is not None:
         logits += bias.detach().to(h.device, torch.float64)
-    means = class_means.to(h.device, torch.float64)
-    # Distances compared around the means' centre: translation-free, and no cancellation far from 0.
-    centre = means.mean(dim=0)
-    centred_means = means - centre
-    closeness = (h - centre) @ centred_means.T - 0.5 * centred_means.pow(2).sum(dim=1)
-    return (logits.argmax(dim=1) != closeness.argmax(dim=1)).sum()
+    return logits
+
+
+class NearestClassMean:
+    """The nearest-class-mean rule argmin_c ||h - mu_c|| (ties to the lower class index), for class means (C, d)
+    on the device of the features it is given, its terms computed once."""
+
+    def __init__(self, class_means: torch.Tensor):
+        means = class_means.detach().to(torch.float64)
+        # Distances compared around the means' centre: translation-free, and no cancellation far from 0.
+        self.centre = means.mean(dim=0)
+        self.centred = means - self.centre
+        self.half_squares = 0.5 * self.centred.pow(2).sum(dim=1)
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """The nearest class mean of each of the features (B, d), (B,)."""
+        _check_features(features, self.centred.shape[1])
+        h = features.detach().to(self.centred.device, torch.float64)
+        return ((h - self.centre) @ self.centred.T - self.half_squares).argmax(dim=1)
 
 
 def calibration_bins(logits: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> torch.Tensor:
@@ -411,3 +512,97 @@ def _check_weight(weight: torch.Tensor, num_classes: int, dim: int) -> None:
                          f"got {tuple(weight.shape)}")
     if num_classes < 2:
         raise ValueError(f"need at least 2 classes, got {num_classes}")
+
+
+class _Moments:
+    """The count, mean and sum of squared deviations from the mean of values added tile by tile, each tile's
+    own merged in with Chan, Golub & LeVeque's pairwise update (no cancellation however many tiles), in
+    float64; a tile added `times` times stands for itself and its mirror."""
+
+    def __init__(self):
+        self.count, self.mean, self.squares = 0, 0.0, 0.0
+
+    def add(self, values: torch.Tensor, times: int = 1) -> None:
+        if values.numel() == 0:
+            return
+        variance, mean = torch.var_mean(values, correction=0)
+        count, mean = times * values.numel(), mean.item()
+        total, delta = self.count + count, mean - self.mean
+        self.mean += delta * count / total
+        self.squares += count * variance.item() + delta * delta * self.count * count / total
+        self.count = total
+
+    def std(self) -> float:
+        """The unbiased standard deviation."""
+        return math.sqrt(self.squares / (self.count - 1))
+
+    def variance(self) -> float:
+        """The population variance."""
+        return self.squares / self.count
+
+
+class _Mean:
+    """The mean of values added tile by tile, each tile's sum in float64; `times` as for `_Moments`."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def add(self, values: torch.Tensor, times: int = 1) -> None:
+        self.total += times * values.sum().item()
+        self.count += times * values.numel()
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count
+
+
+def _tiles(count: int, tile: int, symmetric: bool):
+    """(rows, cols, times) for the square tiles of a count x count matrix: with `symmetric`, those on and above
+    the diagonal, a tile off it counting twice (for its mirror); otherwise all of them, once."""
+    starts = range(0, count, tile)
+    for first in starts:
+        for second in starts:
+            if not symmetric or second >= first:
+                yield (slice(first, min(first + tile, count)), slice(second, min(second + tile, count)),
+                       2 if symmetric and second > first else 1)
+
+
+def _pairs(tile: torch.Tensor, on_diagonal: bool) -> torch.Tensor:
+    """A tile's entries c != c': the tile itself off the diagonal, its off-diagonal entries (flattened) on it."""
+    if not on_diagonal:
+        return tile
+    return tile[~torch.eye(len(tile), tile.shape[1], dtype=torch.bool, device=tile.device)]
+
+
+def _etf_residual(scaled: torch.Tensor, on_diagonal: bool, classes: int) -> float:
+    """The sum of squares of a tile of G / ||G||_F - (I - 1 1^T / C) / sqrt(C - 1), from the tile of G / ||G||_F
+    (overwritten)."""
+    residual = scaled.add_(1.0 / (classes * math.sqrt(classes - 1)))
+    if on_diagonal:
+        residual.diagonal().sub_(1.0 / math.sqrt(classes - 1))
+    return residual.square_().sum().item()
+
+
+def _squared_distances(v: torch.Tensor, inverse: torch.Tensor, squares: torch.Tensor, gram: torch.Tensor,
+                       cosine: torch.Tensor, on_diagonal: bool, rows: slice,
+                       cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """The squared distances ||u_c - u_c'||^2 between the unit rows and ||v_c - v_c'||^2 between the rows of a
+    tile, from its Gram matrix; the pairs at cosine above 1 - CLOSE are measured again from their differences
+    (a few rows at a time: as many values as a tile holds). Elsewhere ||v_c - v_c'||^2 >= (1 - cos)(||v_c||^2 +
+    ||v_c'||^2) > CLOSE (||v_c||^2 + ||v_c'||^2), so both distances keep a relative accuracy near 1e-13."""
+    unit = cosine.mul(-2).add_(2).clamp_(min=0)
+    whole = gram.mul(-2)
+    whole += squares[rows, None]
+    whole += squares[None, cols]
+    whole.clamp_(min=0)
+    close = cosine > 1 - CLOSE
+    if on_diagonal:
+        close.fill_diagonal_(False)
+    first, second = close.nonzero(as_tuple=True)
+    step = max(1, gram.numel() // v.shape[1])
+    for start in range(0, len(first), step):
+        a, b = first[start:start + step] + rows.start, second[start:start + step] + cols.start
+        whole[a - rows.start, b - cols.start] = (v[a] - v[b]).pow(2).sum(dim=1)
+        unit_difference = v[a] * inverse[a, None] - v[b] * inverse[b, None]
+        unit[a - rows.start, b - cols.start] = unit_difference.pow(2).sum(dim=1)
+    return unit, whole

@@ -63,7 +63,7 @@ from PIL import Image
 import config
 import datasets
 import runs
-import studies
+import study_files
 from errors import ArgumentParser, UserError, run_cli
 
 DPI = 150
@@ -77,6 +77,7 @@ SINGLE_SIZE = (7.0, 5.0)  # every size is that of the figure without its legend,
 CURVES_SIZE = (15.0, 4.8)
 PANEL_SIZE = (12.0, 7.0)
 MINORITY_UNTESTED_SIZE = (12.0, 3.8)  # the Minority Collapse figure's top row alone
+OTHER_SIZE = (18.0, 7.0)  # Figure 9's 2x4 panels
 REPRESENTATIONS_SIZE = (6.5, 6.0)
 MAX_LEGEND_COLUMNS = 4
 MIN_WRAP = 12  # characters: a legend label or title is never wrapped narrower than this
@@ -164,7 +165,15 @@ OTHER_PANELS = (
           r"$\mathrm{Avg}_{c \neq c'}\ 1\ /\ \|m_c - m_{c'}\|$" "\n" r"(grey: the simplex ETF's $\sqrt{(C-1)/2C}$)",
           (Quantity("hyperspherical_energy_means"), Quantity("hyperspherical_energy_means_test", TEST)), log_y=False,
           table=NC_TABLE),
+    Panel("Uniformity (Wu & Papyan 2024, GNC2)",
+          r"$\mathrm{Var}_{c \neq c'}\ \log\,(1\ /\ \|m_c - m_{c'}\|)$",
+          (Quantity("gnc2_log_distance_var"), Quantity("gnc2_log_distance_var_test", TEST)), log_y=True, table=NC_TABLE),
+    Panel("Uniform duality (Wu & Papyan, UNC3)", r"$\mathrm{Var}_c\ \langle w_c, \mu_c - \mu_G \rangle$",
+          (Quantity("unc3_dot_var"), Quantity("unc3_dot_var_test", TEST)), log_y=True, table=NC_TABLE),
+    Panel("Uniform duality, cosines (UNC3)", r"$\mathrm{Var}_c\ \cos(w_c, \mu_c - \mu_G)$",
+          (Quantity("unc3_cosine_var"), Quantity("unc3_cosine_var_test", TEST)), log_y=True, table=NC_TABLE),
 )
+ENERGY_PANEL = 4  # the index in OTHER_PANELS of the energy, whose panel marks the simplex ETF's value
 LAYERS_FILE = "layerwise_nc1.png"
 CURVE_PANELS = (
     Panel("Loss", "loss", (Quantity("train_loss"), Quantity("test_loss", TEST)), log_y=True, table=LOG_TABLE),
@@ -313,12 +322,11 @@ def other_measures_figure(lines: list["_Line"]) -> plt.Figure:
     """Figure 9: the field's other measures, one panel each, the runs (or groups) of `lines` overlaid; the
     energy panel marks the simplex ETF's value, sqrt((C - 1) / (2 C)), its minimum."""
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(2, 3, figsize=PANEL_SIZE, layout="constrained")
+        fig, axes = plt.subplots(2, 4, figsize=OTHER_SIZE, layout="constrained")
         styles = set().union(*(_draw(ax, panel, lines) for ax, panel in zip(axes.flat, OTHER_PANELS)))
         for classes in sorted({run["num_classes"] for line in lines for run in line.configs if "num_classes" in run}):
             energy = np.sqrt((classes - 1) / (2 * classes))
-            axes.flat[len(OTHER_PANELS) - 1].axhline(energy, color="0.5", linewidth=1)
-        axes.flat[-1].axis("off")
+            axes.flat[ENERGY_PANEL].axhline(energy, color="0.5", linewidth=1)
         _finish(fig, lines, styles, STYLE_NAMES[NC_TABLE])
     return fig
 
@@ -579,9 +587,9 @@ def figure_folder(out: Path, command: str) -> Path:
 def plot_study(study_dir: Path, out_dir: Path | None = None, suffix: str = ".png") -> list[Path]:
     """A study's Figures 2-7 panel (panel.png) and training curves (training_curves.png), with its finished
     runs grouped by the study's varied settings except the seed (each group's mean over seeds, and their
-    min-max band); for a learning-rate grid, each group at its chosen learning rate only. Its tables are
-    refreshed first; the files go to the study's folder, or to `out_dir` with a copy of table.md, in the
-    format of `suffix`. The run folders are read where sweep.py put them, relative to the folder it ran in."""
+    min-max band); for a learning-rate grid, each group at its chosen learning rate only, as the study's
+    tables list them (its jobs rewrite them as each ends). The files go to the study's folder, or to
+    `out_dir` with a copy of table.md, in the format of `suffix`. The run folders are read where sweep.py put them, relative to the folder it ran in."""
     study_dir = Path(study_dir)
     out_dir = Path(out_dir) if out_dir else study_dir
     study, run_dirs = study_runs(study_dir)
@@ -593,19 +601,19 @@ def plot_study(study_dir: Path, out_dir: Path | None = None, suffix: str = ".png
     if any(row.get("cdnv") is not None for run_dir in run_dirs for row in runs.read_nc_metrics(run_dir)):
         written.append(plot_other_measures(run_dirs, out_dir / Path(OTHER_FILE).with_suffix(suffix), group_by))
     if out_dir != study_dir:
-        written.append(out_dir / studies.MARKDOWN_TABLE)
-        runs.write_text(written[-1], (study_dir / studies.MARKDOWN_TABLE).read_text())
+        written.append(out_dir / study_files.MARKDOWN_TABLE)
+        runs.write_text(written[-1], (study_dir / study_files.MARKDOWN_TABLE).read_text())
     return written
 
 
 def study_runs(study_dir: Path) -> tuple[dict, list[Path]]:
     """A study's study.json and the folders of its finished runs (for a learning-rate grid, those at the
-    chosen rate only), after refreshing its tables."""
-    study = studies.read_study(study_dir)
-    drawn = [row for row in studies.refresh_tables(study_dir) if row["status"] == "done" and row.get("selected", True)]
+    chosen rate only), as its tables list them."""
+    study = study_files.read_study(study_dir)
+    drawn = study_files.finished_runs(study_dir)
     if not drawn:
         raise UserError(f"{study_dir} has no finished run yet; run its sweep.py command (see its table.md)")
-    return study, [Path(row["run_dir"]) for row in drawn]
+    return study, drawn
 
 
 def group_series(run_dirs: list[Path], group_by: list[str], column: str,
@@ -694,7 +702,7 @@ def _print_table(args: argparse.Namespace) -> int:
     if args.out is not None and args.out.suffix.lower() not in ("", ".md", ".csv"):
         raise UserError(f"--out {args.out}: Table 1 is written as FILE.md and FILE.csv; name a .md or .csv file")
     run_dirs = [run_dir for path in args.run_dirs
-                for run_dir in (study_runs(path)[1] if (path / studies.STUDY_FILE).is_file() else [path])]
+                for run_dir in (study_runs(path)[1] if (path / study_files.STUDY_FILE).is_file() else [path])]
     rows = table1(run_dirs, args.group_by)
     print(table1_markdown(rows, args.group_by), end="")
     if args.out is not None:
@@ -1022,8 +1030,9 @@ def _table1_row(run_dir: Path) -> dict:
     return {"run_dir": str(run_dir), "dataset": settings.get("dataset"), "model": settings.get("model"),
             "tpt_epoch": onset["epoch"] if onset else None, "tpt_test_acc": onset["test_acc"] if onset else None,
             "last_epoch": last["epoch"], "last_test_acc": last["test_acc"],
-            "change": last["test_acc"] - onset["test_acc"] if onset and last["test_acc"] is not None else None,
-            "best_train_acc": max(row["train_acc"] for row in measured)}
+            "change": last["test_acc"] - onset["test_acc"] if onset and None not in (onset["test_acc"], last["test_acc"])
+            else None,
+            "best_train_acc": max((row["train_acc"] for row in measured if row["train_acc"] is not None), default=None)}
 
 
 def _distinct(values) -> str:

@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from devices import HOST
+
 Model = Callable[[torch.Tensor], torch.Tensor]  # a batch of inputs to its logits
 
 # Added to every step's length, as in DeepFool's Python code (since its "numerical stability" fix) and
@@ -99,7 +101,7 @@ def sample_indices(num_images: int, n: int, seed: int) -> torch.Tensor:
     if not 0 <= n <= num_images:
         raise ValueError(f"cannot pick {n} distinct images out of {num_images}")
     generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(num_images, generator=generator)[:n].sort().values
+    return torch.randperm(num_images, generator=generator, device=HOST)[:n].sort().values
 
 
 def _deepfool(model: Model, images: torch.Tensor, labels: torch.Tensor, overshoot: float, max_iter: int,

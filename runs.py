@@ -55,7 +55,7 @@ from PIL import Image
 
 import config
 from errors import UserError
-from nc_metrics import FEATURE_KEYS, OTHER_KEYS, PAPER_KEYS
+from nc_metrics import CLASSIFIER_KEYS, FEATURE_KEYS, OTHER_KEYS, PAPER_KEYS
 
 TMP_SUFFIX = ".tmp"
 TRAIN_LOCK, TABLES_LOCK = ".train.lock", ".tables.lock"
@@ -122,11 +122,12 @@ NC_COLUMNS = ["epoch", "train_acc", "train_loss", "test_acc", "test_loss", "test
 # Tables measured before the field's other measures existed lack their columns: their rows are read (those
 # columns empty) and validate_nc.py measures them again.
 _NC_REQUIRED = [column for column in NC_COLUMNS if column not in OTHER_KEYS]
-# What an imbalanced run's rows add (train.py --imbalance), then its classifier row norms weight_norm_<c>.
-# log.csv leaves the test columns empty on epochs --eval-every skips; both tables leave them empty for a run
-# without a test split (ufm.py's, whose `epoch` column counts its steps: config.json's time_unit says so).
+# log.csv leaves the test columns empty on epochs --eval-every skips; nc_metrics.csv those that need a classifier
+# or held-out features where measure_features.py had none (validate_nc.py fills them all), and the test columns
+# of ufm.py's runs, which have no test split (both tables' `epoch` column counts its steps: config.json's time_unit).
 _MAY_BE_EMPTY = {"log.csv": {"test_loss", "test_acc", "test_ece"},
-                 "nc_metrics.csv": {"test_loss", "test_acc", "test_ece", "ncc_mismatch_test"}}
+                 "nc_metrics.csv": {"train_acc", "train_loss", "test_acc", "test_loss", "test_ece", "ncc_mismatch_train",
+                                    "ncc_mismatch_test", *CLASSIFIER_KEYS}}
 # What a run's config.json must hold for the scripts to rebuild its network and data.
 CONFIG_KEYS = ("dataset", "num_classes", "in_channels", "model", "width", "epochs", "num_checkpoints", "loss",
                "lr_milestones", "seed", "precision", "samples_per_class", "data_root")
@@ -161,11 +162,15 @@ def save_checkpoint(path: Path, state: dict) -> None:
                 raise
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu", epoch: int | None = None) -> dict:
-    """Load a checkpoint written by `save_checkpoint` (see `load_archive`); a corrupt, truncated or foreign
-    file, one whose config is not a run's, or one that holds another epoch than `epoch` (the one its name
-    says), gets a message naming it."""
-    state = load_archive(path, device)
+def load_checkpoint(path: Path, epoch: int | None = None) -> dict:
+    """Load a checkpoint written by `save_checkpoint` into host memory (see `load_archive`); a corrupt,
+    truncated or foreign file, one whose config is not a run's, or one that holds another epoch than `epoch`
+    (the one its name says), gets a message naming it.
+
+    Always to the CPU, whatever device the run trains on: the caller moves what it uses (weights by
+    `load_state_dict`, which copies onto the parameters' device), and what must stay on the host stays
+    there (the RNG states, which torch.set_rng_state takes only as CPU tensors)."""
+    state = load_archive(path)
     if not isinstance(state, dict) or "model" not in state or not isinstance(state.get("config"), dict):
         raise UserError(f"{path} is not a checkpoint written by train.py (no model or config in it)")
     problems = config.settings_problems(state["config"], CONFIG_KEYS)
@@ -179,11 +184,11 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu", epoch: int |
     return state
 
 
-def load_archive(path: Path, device: torch.device | str = "cpu", writer: str = "train.py"):
-    """What a file written by `save_checkpoint` holds, loaded once every record of its archive matches the
-    CRC-32 stored at write time, with `weights_only=True` (a file that would run code while loading is
-    refused before anything runs); a corrupt, truncated or foreign file gets a message naming it and
-    `writer`, the script that writes such files. The caller checks what it holds."""
+def load_archive(path: Path, writer: str = "train.py"):
+    """What a file written by `save_checkpoint` holds, loaded into host memory once every record of its
+    archive matches the CRC-32 stored at write time, with `weights_only=True` (a file that would run code
+    while loading is refused before anything runs); a corrupt, truncated or foreign file gets a message naming
+    it and `writer`, the script that writes such files. The caller checks what it holds."""
     try:
         with open(path, "rb") as handle:  # one open file: what is checked is what is loaded
             damage = _damage(handle)
@@ -191,7 +196,7 @@ def load_archive(path: Path, device: torch.device | str = "cpu", writer: str = "
                 raise UserError(f"{path} is corrupt ({damage}: its bytes changed after it was written); restore "
                                 "it from a copy or delete it")
             handle.seek(0)
-            return torch.load(handle, map_location=device, weights_only=True)
+            return torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         culprit = re.search(r"GLOBAL ([\w.]+)", str(err))
         if culprit is None:

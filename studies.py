@@ -27,7 +27,6 @@ with the command that continues it). The tables are rebuilt from the run folders
 the study's lock each time a job ends, and written atomically.
 """
 import argparse
-import dataclasses
 import datetime
 import fcntl
 import itertools
@@ -44,7 +43,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import submitit
 
 import config
 import plotting
@@ -52,31 +50,17 @@ import runs
 import unconstrained
 from errors import ArgumentParser, UserError
 from nc_metrics import OTHER_KEYS, PAPER_KEYS
+from study_files import LOCK, MARKDOWN_TABLE, OUTCOMES_FILE, RUNS_TABLE, STUDY_FILE, Run, read_json, read_study_file
 
 REPO = Path(__file__).resolve().parent
 TRAIN, VALIDATE, UFM = REPO / "train.py", REPO / "validate_nc.py", REPO / unconstrained.SCRIPT
 STUDIES = Path("studies")
-STUDY_FILE, OUTCOMES_FILE, RUNS_TABLE, MARKDOWN_TABLE, LOCK = (
-    "study.json", "outcomes.json", "runs.csv", "table.md", ".tables.lock")
 STATUSES = ("done", "failed", "busy", "pending")
 MEASUREMENT_FLAGS = ("--layers", "--test-collapse", "--adversarial")  # validate_nc.py's, passed on by a study
 FINAL_COLUMNS = ["tpt_epoch", "tpt_test_acc", "last_epoch", "last_test_acc", *PAPER_KEYS,
                  "ncc_mismatch_train", "ncc_mismatch_test", *OTHER_KEYS]
 # tqdm redraws its bars several times a second, which in a log file is megabytes per long run.
 JOB_ENVIRONMENT = {"TQDM_MININTERVAL": "10", "PYTHONUNBUFFERED": "1"}
-
-
-@dataclass(frozen=True)
-class Run:
-    """One run of a study: its folder, its values of the study's varied settings, the arguments of its two
-    commands (after the script's name: the trainer's and validate_nc.py's, none for ufm.py), the epochs (or
-    ufm.py's steps) it is to reach, and its trainer, `script` (a key of TRAINERS)."""
-    run_dir: str
-    settings: dict
-    train: list
-    validate: list
-    epochs: int
-    script: str = "train.py"
 
 
 @dataclass(frozen=True)
@@ -177,7 +161,7 @@ def run_state(run: Run) -> str:
 def check(study: Study) -> None:
     """Refuse, in one line, a study folder that holds another grid's study, or a study.json or outcomes.json
     that sweep.py did not write; reads only."""
-    old = _read_study_file(study.folder / STUDY_FILE)
+    old = read_study_file(study.folder / STUDY_FILE)
     if old is not None and [run["run_dir"] for run in old["runs"]] != [run.run_dir for run in study.runs]:
         raise UserError(f"{study.folder} holds another study ({len(old['runs'])} runs, made by: python sweep.py "
                         f"{shlex.join(old['argv'])}); choose another --name, or repeat that command")
@@ -209,13 +193,9 @@ def commands(run: Run, state: str = "new") -> list[list[str]]:
 class Job:
     """A study's job for one run: train.py, then (if it succeeded) validate_nc.py, as subprocesses of this
     Python, their output appended to the run's log; then the outcome is recorded and the tables rewritten.
-    A run found done already is left as it is; one found trained gets validate_nc.py alone.
-
-    Picklable, for submitit to send to a cluster, and a submitit checkpointable: when Slurm pre-empts the
-    job or its time runs out, submitit requeues `checkpoint`'s submission, this job again, and train.py
-    resumes the run from its last.pt; the outcome says so, and says when submitit's requeues ran out. With
+    A run found done already is left as it is; one found trained gets validate_nc.py alone. With
     `threads`, each subprocess gets that many OpenMP/MKL threads (OMP_NUM_THREADS and MKL_NUM_THREADS,
-    which torch reads when it starts)."""
+    which torch reads when it starts). Picklable: slurm.SlurmJob sends it to a cluster."""
     study_dir: str
     threads: int | None = None
 
@@ -232,31 +212,20 @@ class Job:
             _new_line(log)
             log.write(f"=== {datetime.datetime.now().isoformat(timespec='seconds')}: job of process {os.getpid()} "
                       f"on {socket.gethostname()}\n")
-            try:
-                outcome = _steps(run, state, log, self._environment())
-            except submitit.core.utils.UncompletedJobError as err:  # raised by submitit's signal handler
-                argv = _read_study_file(Path(self.study_dir) / STUDY_FILE)["argv"]
-                self._end(run, {"status": "pending", "reason": f"its Slurm requeues ran out (submitit: {err}); "
-                                f"continue it with: python sweep.py {shlex.join(argv)} (a longer --time needs fewer "
-                                "requeues)"}, began)
-                raise
-            except SystemExit:  # submitit's exit once it has requeued the job
-                self._end(run, {"status": "pending", "reason": "stopped by Slurm (pre-empted or at its time limit) "
-                                "and requeued: it resumes from last.pt when Slurm starts it again"}, began)
-                raise
-        return self._end(run, outcome or {"status": "done", "reason": ""}, began)
+            outcome = self.steps(run, state, log, began)
+        return self.end(run, outcome or {"status": "done", "reason": ""}, began)
 
-    def _end(self, run: Run, outcome: dict, began: float) -> dict:
+    def steps(self, run: Run, state: str, log, began: float) -> dict | None:
+        """The job's commands (see `_steps`); slurm.SlurmJob adds what happens when Slurm stops them."""
+        return _steps(run, state, log, self._environment())
+
+    def end(self, run: Run, outcome: dict, began: float) -> dict:
         """Record the job's outcome, rewrite the tables and say how it ended."""
         outcome = {**outcome, "seconds": round(time.perf_counter() - began, 1)}
         record(Path(self.study_dir), run.run_dir, outcome)
         reason = f": {outcome['reason']}" if outcome["reason"] else ""
         print(f"{outcome['status']:<8} {run.run_dir} in {outcome['seconds']:.1f} s{reason}", flush=True)
         return {"run_dir": run.run_dir, **outcome}
-
-    def checkpoint(self, run: Run) -> submitit.helpers.DelayedSubmission:
-        """What submitit requeues after a pre-emption or time-out: this same job, which resumes the run."""
-        return submitit.helpers.DelayedSubmission(self, run)
 
     def _environment(self) -> dict[str, str]:
         environment = {**JOB_ENVIRONMENT, **os.environ}
@@ -279,15 +248,6 @@ def refresh_tables(study_dir: Path) -> list[dict]:
     """Rewrite runs.csv and table.md from the run folders as they are now; return the rows."""
     with runs.locked(Path(study_dir) / LOCK):
         return _write_tables(Path(study_dir), _read_outcomes(Path(study_dir)))
-
-
-def read_study(study_dir: Path) -> dict:
-    """A study's study.json: its command line, grid, varied settings and runs."""
-    study = _read_study_file(Path(study_dir) / STUDY_FILE)
-    if study is None:
-        raise UserError(f"{study_dir} is not a study folder (no {STUDY_FILE}); make one with: python sweep.py "
-                        "--name NAME ...")
-    return study
 
 
 def select_lr(rows: list[dict], varied: list[str]) -> list[dict]:
@@ -401,7 +361,7 @@ def _measured(run: Run) -> bool:
 def _drawn(run_dir: Path) -> bool:
     """Whether the run's summary.json, its figures and its TPT table are where validate_nc.py writes them."""
     path = run_dir / "summary.json"
-    summary = _read_json(path)
+    summary = read_json(path)
     if summary is None:
         return False
     if not isinstance(summary, dict):
@@ -502,7 +462,7 @@ def _write_tables(study_dir: Path, outcomes: dict) -> list[dict]:
     """runs.csv and table.md of the study, from its study.json, the run folders and the recorded outcomes;
     the columns of further measurements (validate_nc.py --layers, --test-collapse, --adversarial) after the
     usual ones."""
-    study = _read_study_file(study_dir / STUDY_FILE)
+    study = read_study_file(study_dir / STUDY_FILE)
     varied = study["varied"]
     # ufm.py's runs have no test split: no test columns, and no learning rate chosen by test error
     tested = all(run.get("script", "train.py") == "train.py" for run in study["runs"])
@@ -574,34 +534,11 @@ def _cell(column: str, value) -> str:
     return str(value).replace("|", "\\|")
 
 
-def _read_study_file(path: Path) -> dict | None:
-    """A study.json as sweep.py writes it, None if there is none; any other content is a UserError."""
-    study = _read_json(path)
-    if study is None or _is_study(study):
-        return study
-    raise UserError(f"{path} is not a study.json written by sweep.py; restore it, or delete it and run the study's "
-                    "sweep.py command again, which writes it anew")
-
-
-def _is_study(study) -> bool:
-    """Whether a study.json's contents have the shape sweep.py gives them."""
-    fields = {field.name for field in dataclasses.fields(Run)}
-    return (isinstance(study, dict) and isinstance(study.get("name"), str) and isinstance(study.get("grid"), dict)
-            and all(isinstance(study.get(key), list) for key in ("argv", "varied", "runs"))
-            and all(isinstance(word, str) for word in study["argv"] + study["varied"])
-            # a study.json written before ufm.py's studies has no `script`: its runs are train.py's
-            and all(isinstance(run, dict) and fields - {"script"} <= set(run) <= fields
-                    and run.get("script", "train.py") in TRAINERS and isinstance(run["run_dir"], str)
-                    and isinstance(run["settings"], dict) and set(study["varied"]) <= set(run["settings"])
-                    and isinstance(run["train"], list) and isinstance(run["validate"], list)
-                    and isinstance(run["epochs"], int) for run in study["runs"]))
-
-
 def _read_outcomes(study_dir: Path) -> dict:
     """A study's outcomes.json (how each run's last job ended), {} if there is none; any other content than
     sweep.py writes is a UserError."""
     path = Path(study_dir) / OUTCOMES_FILE
-    outcomes = _read_json(path)
+    outcomes = read_json(path)
     if outcomes is None:
         return {}
     if isinstance(outcomes, dict) and all(isinstance(outcome, dict) and isinstance(outcome.get("status"), str)
@@ -609,13 +546,3 @@ def _read_outcomes(study_dir: Path) -> dict:
         return outcomes
     raise UserError(f"{path} is not an outcomes.json written by sweep.py; delete it (it only records how each run's "
                     "last job ended) and run the study's sweep.py command again")
-
-
-def _read_json(path: Path):
-    """A JSON file's contents, None if it does not exist; an unreadable file is a UserError."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path} is corrupt ({err}); restore or delete it") from None

@@ -20,8 +20,6 @@ failed, 0 otherwise. With --script ufm.py the grid is made of ufm.py's flags (`s
 """
 import argparse
 import collections
-import contextlib
-import io
 import os
 import re
 import shlex
@@ -29,13 +27,13 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-import submitit
 import torch
 
 import config
 import datasets
 import studies
-from errors import ArgumentParser, UserError, run_cli
+import study_files
+from errors import ArgumentParser, run_cli
 
 SLURM_FOLDER = "slurm"  # in the study's folder: submitit's pickles and its own logs of each job
 # Slurm sends a job its --signal "up to 60 seconds earlier than specified" (sbatch(1)). submitit asks for
@@ -73,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "slurm, the submission; start and write nothing")
     add = slurm.add_argument
     add("--partition", help="the partition (default: the cluster's default)")
-    add("--gpus-per-job", type=_count, default=1, metavar="N", help="GPUs per job (default 1; 0 for CPU nodes)")
+    add("--gpus-per-job", type=config.non_negative_int, default=1, metavar="N", help="GPUs per job (default 1; 0 for CPU nodes)")
     add("--cpus-per-job", type=config.positive_int, default=4, metavar="N",
         help="CPU cores per job, and its OpenMP/MKL threads (default 4)")
     add("--time", type=_minutes, default=240, metavar="MINUTES", help="time limit of each job (default "
@@ -113,12 +111,12 @@ def main(args: argparse.Namespace) -> int:
     counts = collections.Counter(outcome["status"] for outcome in outcomes)
     print(f"study {study.folder}: {counts['done']} done, {counts['failed']} failed, {counts['busy']} busy, "
           f"{counts['pending']} interrupted, {len(study.runs) - len(todo)} skipped (done before) of {len(study.runs)} "
-          f"runs in {time.perf_counter() - began:.0f} s; tables in {study.folder / studies.RUNS_TABLE} and "
-          f"{studies.MARKDOWN_TABLE}", flush=True)
+          f"runs in {time.perf_counter() - began:.0f} s; tables in {study.folder / study_files.RUNS_TABLE} and "
+          f"{study_files.MARKDOWN_TABLE}", flush=True)
     return 1 if counts["failed"] else 0
 
 
-def _run_locally(job: studies.Job, todo: list[studies.Run], parallel: int) -> list[dict]:
+def _run_locally(job: studies.Job, todo: list[study_files.Run], parallel: int) -> list[dict]:
     """Run the jobs `parallel` at a time, in threads that wait for their subprocesses; the outcomes.
     On Ctrl-C no further job starts (the running ones get the terminal's Ctrl-C too, and stop resumable)."""
     with ThreadPoolExecutor(parallel) as pool:
@@ -131,21 +129,14 @@ def _run_locally(job: studies.Job, todo: list[studies.Run], parallel: int) -> li
             raise
 
 
-def _submit(study: studies.Study, todo: list[studies.Run], args: argparse.Namespace, threads: int) -> int:
+def _submit(study: studies.Study, todo: list[study_files.Run], args: argparse.Namespace, threads: int) -> int:
     """Submit the runs that are not done as one Slurm array job (a single run as a plain job) and return;
     each job rewrites the study's tables when it ends."""
     if not todo:
         print(f"nothing to submit: every run of {study.folder} is done")
         return 0
-    try:
-        executor = submitit.SlurmExecutor(folder=study.folder / SLURM_FOLDER / "%j")
-        executor.update_parameters(**_slurm_parameters(study, args))
-        with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes a refusing sbatch's output there
-            jobs = executor.map_array(studies.Job(str(study.folder), threads), todo)
-    except (RuntimeError, OSError) as err:  # submitit's: no srun or sbatch here, or sbatch refused the job
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"could not submit to Slurm ({reason}); --dry-run shows the submission without a "
-                        "cluster") from None
+    import slurm  # here alone: submitit is needed to submit, not to run a study on this machine
+    jobs = slurm.submit(study, todo, study.folder / SLURM_FOLDER / "%j", _slurm_parameters(study, args), threads)
     job_id = jobs[0].job_id.split("_")[0]
     print(f"submitted Slurm job {job_id}: {len(todo)} runs, at most {min(len(todo), args.max_parallel)} at a time. "
           f"Follow it with `squeue -j {job_id}` and {study.folder}/logs/; the tables are rewritten as each run ends; "
@@ -187,7 +178,7 @@ def _threads_per_job(args: argparse.Namespace) -> int | None:
     return max(1, torch.get_num_threads() // args.parallel)
 
 
-def _print_plan(study: studies.Study, states: dict[str, str], todo: list[studies.Run], args: argparse.Namespace,
+def _print_plan(study: studies.Study, states: dict[str, str], todo: list[study_files.Run], args: argparse.Namespace,
                 threads: int | None) -> None:
     """What the command would do: every run with its state and, for Slurm, the submission."""
     shape = " x ".join(f"{len(study.grid[key])} {key}" for key in study.varied)
@@ -230,12 +221,6 @@ def _minutes(text: str) -> int:
                                          f"up to {SIGNAL_JITTER_S} s earlier than asked, which could leave a "
                                          f"{minutes}-minute job no time to train")
     return minutes
-
-
-def _count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
-    return int(text)
 
 
 def _sbatch_option(text: str) -> tuple[str, str]:

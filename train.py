@@ -22,7 +22,9 @@ import copy
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,7 +40,7 @@ import distributed
 import engine
 import losses
 import runs
-from errors import ArgumentParser, UserError, run_cli
+from errors import STOPPED, ArgumentParser, UserError, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,12 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     with distributed.process_group(config.resolve_device(args.device)) as device:
-        train_run(args, device)
-    return 0
+        return 0 if train_run(args, device) else STOPPED
 
 
-def train_run(args: argparse.Namespace, device: torch.device) -> None:
-    """Start or continue the run the flags select, on `device`, in this process's part under torchrun.
+def train_run(args: argparse.Namespace, device: torch.device) -> bool:
+    """Start or continue the run the flags select, on `device`, in this process's part under torchrun;
+    whether it reached its last epoch (False: stopped by SIGTERM, see `train_for`).
 
     Process 0 holds the run folder's training lock throughout. Nothing in the folder is written until
     every check has passed: the settings against the run's last.pt and config.json, the data, and the
@@ -71,7 +73,7 @@ def train_run(args: argparse.Namespace, device: torch.device) -> None:
     run_dir = distributed.on_every_rank(runs.usable_run_dir, config.default_run_dir(settings, args))
     with contextlib.ExitStack() as held:
         distributed.on_rank_zero(held.enter_context, runs.training_lock(run_dir))
-        previous, last = distributed.on_every_rank(_previous_run, run_dir, device)
+        previous, last = distributed.on_every_rank(_previous_run, run_dir)
         train, test = distributed.on_every_rank(_prepare, settings, previous, last is not None, run_dir, args, device)
         sync_bn = distributed.on_every_rank(_sync_bn, args.sync_bn, device)
         _set_determinism(args.deterministic, device)
@@ -80,8 +82,8 @@ def train_run(args: argparse.Namespace, device: torch.device) -> None:
         model = engine.build_model(settings, device)
         if sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters and state-dict keys
-        optimizer = make_optimizer(model, settings, device)
-        scheduler = make_scheduler(optimizer, settings)
+        optimizer = engine.make_optimizer(model, settings, device)
+        scheduler = engine.make_scheduler(optimizer, settings)
         loss_fn = losses.loss_from_config(settings)
         start, log = distributed.on_every_rank(_resume, run_dir, last, model, optimizer, scheduler)
         extension = _extension_note(last["config"]["epochs"], settings) if last else ""
@@ -94,15 +96,16 @@ def train_run(args: argparse.Namespace, device: torch.device) -> None:
         if distributed.world_size() > 1:
             step_model = _parallel(model, device, args.compile)
         else:
-            step_model = FullBatchesCompiled(model, device, settings["batch_size"]) if args.compile else model
+            step_model = engine.FullBatchesCompiled(model, device, settings["batch_size"]) if args.compile else model
 
         processes = f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
         _say(f"run {run_dir}: {settings['dataset']} ({len(train[1])} train / {len(test[1])} test images), "
              f"{settings['model']} width {settings['width']}, {settings['loss']}, {settings['precision']} on "
              f"{device.type if processes else device}{processes}" + (f"; resuming after epoch {start}" if start else "")
              + extension)
-        train_for(settings, run_dir, step_model, model, optimizer, scheduler, loss_fn, train, test, start, log,
-                  writer, board)
+        stop = held.enter_context(StopRequest())
+        return train_for(settings, run_dir, step_model, model, optimizer, scheduler, loss_fn, train, test, start,
+                         log, writer, board, stop, every_epoch=args.save_last == "epoch")
 
 
 def load_data(settings: dict, args: argparse.Namespace, device: torch.device) -> tuple[engine.Split, engine.Split]:
@@ -121,42 +124,16 @@ def load_data(settings: dict, args: argparse.Namespace, device: torch.device) ->
     return train, test
 
 
-def make_optimizer(model: torch.nn.Module, settings: dict, device: torch.device) -> torch.optim.Optimizer:
-    """SGD with momentum (the paper's), or Adam/AdamW; fused kernels on CUDA. It holds the parameters that
-    train (not a fixed ETF classifier's weight); with --classifier-weight-decay, the last layer's in a
-    group of their own with that weight decay."""
-    groups = parameter_groups(model, settings)
-    common = dict(lr=settings["lr"], weight_decay=settings["weight_decay"])
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    if settings["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, momentum=settings["momentum"], **common, **fast)
-    kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[settings["optimizer"]]
-    return kind(groups, **common, **fast)
-
-
-def parameter_groups(model: torch.nn.Module, settings: dict) -> list[dict]:
-    """The optimizer's parameter groups: every trained parameter in one, or, with a classifier weight decay,
-    the body's (at --weight-decay) then the last layer's (at --classifier-weight-decay)."""
-    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    decay = settings.get("classifier_weight_decay")
-    if decay is None:
-        return [{"params": trained}]
-    last = {id(parameter) for parameter in model.fc.parameters()}
-    return [{"params": [parameter for parameter in trained if id(parameter) not in last]},
-            {"params": [parameter for parameter in trained if id(parameter) in last], "weight_decay": decay}]
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, settings: dict) -> torch.optim.lr_scheduler.MultiStepLR:
-    """The rate is multiplied by lr_gamma after each milestone epoch (stepped once per epoch, after it)."""
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, settings["lr_milestones"], settings["lr_gamma"])
-
-
 def train_for(settings: dict, run_dir: Path, step_model: nn.Module, model: nn.Module,
               optimizer: torch.optim.Optimizer, scheduler, loss_fn: losses.LossFn,
               train: engine.Split, test: engine.Split, start: int, log: list[dict],
-              writer: runs.BackgroundWriter, board=None) -> None:
-    """Train epochs start+1 .. epochs, saving the log, the analysis checkpoints and last.pt each epoch
-    through `writer` (and the log row to TensorBoard's `board`, if any).
+              writer: runs.BackgroundWriter, board=None, stop: "StopRequest | None" = None,
+              every_epoch: bool = True) -> bool:
+    """Train epochs start+1 .. epochs, saving the log each epoch, the analysis checkpoints, and last.pt
+    each epoch (or, without `every_epoch`, at the analysis checkpoints and the last epoch) through
+    `writer` (and the log row to TensorBoard's `board`, if any). Once `stop` is asked (SIGTERM), the epoch
+    in progress is finished and saved with its last.pt, and training stops there: False is returned,
+    True once the last epoch is done.
 
     `step_model` trains (compiled, or under torchrun the DDP wrapper); `model` itself evaluates (the
     wrapper's forward would wait for the other processes; evaluation is a small part of an epoch) and is
@@ -177,7 +154,8 @@ def train_for(settings: dict, run_dir: Path, step_model: nn.Module, model: nn.Mo
                   unit="batch", dynamic_ncols=True, disable=quiet) as batches:
             row = engine.train_epoch(step_model, optimizer, loss_fn, train, settings, epoch, batches.update)
         distributed.broadcast_buffers(model)  # per-process batch norm: all evaluate and save process 0's statistics
-        evaluated = epoch in analysed or epoch == epochs or epoch % settings["eval_every"] == 0
+        every = settings["eval_every"]
+        evaluated = every > 0 and (epoch in analysed or epoch == epochs or epoch % every == 0)
         row |= engine.evaluate(model, loss_fn, test, settings) if evaluated else dict.fromkeys(engine.EVALUATION_KEYS)
         distributed.on_every_rank(_refuse_divergence, model, row, epoch, settings["lr"])
         scheduler.step()
@@ -185,8 +163,10 @@ def train_for(settings: dict, run_dir: Path, step_model: nn.Module, model: nn.Mo
         row = {"epoch": epoch, "lr": lr, **row, "seconds": now - tick}
         tick = now
         log.append(row)
-        distributed.on_rank_zero(_save_epoch, writer, run_dir, settings, epoch in analysed, model, optimizer,
-                                 scheduler, log)
+        stopping = stop is not None and stop.asked_everywhere(train[0].device)
+        resumable = every_epoch or stopping or epoch in analysed or epoch == epochs
+        distributed.on_rank_zero(_save_epoch, writer, run_dir, settings, epoch in analysed, resumable, model,
+                                 optimizer, scheduler, log)
         if board is not None:
             runs.log_scalars(board, "train", row)
         bar.set_postfix(loss=f"{row['train_loss']:.4f}", acc=f"{row['train_acc']:.2%}", lr=f"{lr:.3g}")
@@ -195,17 +175,25 @@ def train_for(settings: dict, run_dir: Path, step_model: nn.Module, model: nn.Mo
             running_full = True
             _say(f"epoch {epoch}: the running training accuracy (train mode, averaged over the epoch) reached "
                  "100%; validate_nc.py measures the TPT onset on the clean training set in eval mode")
+        if stopping:
+            break
     bar.close()
     distributed.on_rank_zero(writer.wait)  # the last epoch's files, before saying they are there
-    _say(f"done: {epochs} epochs in {run_dir} ({time.perf_counter() - began:.0f} s this session). "
+    spent = f"{time.perf_counter() - began:.0f} s this session{_peak_memory(train[0].device)}"
+    if log[-1]["epoch"] < epochs:
+        _say(f"stopped by SIGTERM after epoch {log[-1]['epoch']} of {epochs} ({spent}), its files written: run the "
+             "same command again to continue")
+        return False
+    _say(f"done: {epochs} epochs in {run_dir} ({spent}). "
          f"Next, to measure collapse and the TPT onset: python validate_nc.py --run-dir {run_dir}")
+    return True
 
 
-def _previous_run(run_dir: Path, device: torch.device) -> tuple[dict | None, dict | None]:
+def _previous_run(run_dir: Path) -> tuple[dict | None, dict | None]:
     """The settings of the run already in `run_dir` (from its last.pt, which is what a resume continues,
     checked against config.json) and its last.pt, or (None, None) for a new run."""
     path = run_dir / "last.pt"
-    last = runs.load_checkpoint(path, device) if path.exists() else None
+    last = runs.load_checkpoint(path) if path.exists() else None
     try:
         written = runs.read_config(run_dir)
     except UserError:
@@ -262,33 +250,15 @@ def _parallel(model: nn.Module, device: torch.device, compile_model: bool) -> nn
     return torch.compile(wrapped) if compile_model else wrapped
 
 
-class FullBatchesCompiled(nn.Module):
-    """The model torch.compile'd for the full batches of an epoch, its smaller last batch run eagerly.
-
-    On CUDA with CUDA graphs ("reduce-overhead"): at batch size 128 a ResNet-18 step is bound by kernel
-    launches, and on an H100 graphs trained 2.75x faster than eager while the default mode was slower
-    than eager. Compiling for one batch size (dynamic=False) keeps the kernels specialised; a second
-    graph for the last batch (80 of CIFAR-10's 50,000 images) would cost another compilation, as long as
-    the first, to save milliseconds per epoch. The parameters are `model`'s: checkpoints hold it alone."""
-
-    def __init__(self, model: nn.Module, device: torch.device, batch_size: int):
-        super().__init__()
-        self.model = model
-        self.compiled = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default",
-                                      dynamic=False)
-        self.batch_size = batch_size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.compiled if len(x) == self.batch_size else self.model)(x)
-
-
-def _save_epoch(writer: runs.BackgroundWriter, run_dir: Path, settings: dict, analysed: bool, model: nn.Module,
-                optimizer: torch.optim.Optimizer, scheduler, log: list[dict]) -> None:
-    """Hand the epoch's files to `writer`: its analysis checkpoint if it has one, log.csv, last.pt and
-    summary.json, in that order, from a copy of the state taken now (see `_host_copy`). The previous
-    epoch's files are finished first; a failure to write them is raised here."""
-    copied = _host_copy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "rng": _rng_states()})
+def _save_epoch(writer: runs.BackgroundWriter, run_dir: Path, settings: dict, analysed: bool, resumable: bool,
+                model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, log: list[dict]) -> None:
+    """Hand the epoch's files to `writer`: its analysis checkpoint if it has one, log.csv, last.pt if
+    `resumable`, and summary.json, in that order, from a copy of the state taken now (see `_host_copy`).
+    The previous epoch's files are finished first; a failure to write them is raised here."""
+    state = {"model": model.state_dict()} if analysed or resumable else {}
+    if resumable:
+        state |= {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_states()}
+    copied = _host_copy(state)
     on_host = torch.cuda.Event() if any(p.is_cuda for p in model.parameters()) else None
     if on_host is not None:
         on_host.record()
@@ -304,7 +274,8 @@ def _write_epoch(on_host, run_dir: Path, settings: dict, analysed: bool, state: 
         runs.save_checkpoint(runs.checkpoint_path(run_dir, epoch),
                              {"model": state["model"], "epoch": epoch, "config": settings})
     runs.write_log(run_dir, log)  # before last.pt: a resume drops rows past last.pt's epoch
-    runs.save_checkpoint(run_dir / "last.pt", {**state, "epoch": epoch, "config": settings})
+    if "optimizer" in state:
+        runs.save_checkpoint(run_dir / "last.pt", {**state, "epoch": epoch, "config": settings})
     runs.write_summary(run_dir)
 
 
@@ -453,6 +424,42 @@ def _set_rng_states(states: dict) -> None:
                          numpy["has_gauss"], numpy["gauss"]))
     python = states["python"]
     random.setstate((python["version"], tuple(python["internal"]), python["gauss_next"]))
+
+
+class StopRequest:
+    """While held, SIGTERM asks the run to stop after the epoch in progress, its files written (a second
+    SIGTERM stops the process at once, as without it). Under torchrun every process learns at the end of
+    each epoch whether any of them was asked, so that all stop after the same epoch."""
+
+    def __enter__(self) -> "StopRequest":
+        self.asked = False
+        # Python lets the main thread alone set handlers; a run trained on another thread (a test's) keeps them.
+        self._previous = signal.signal(signal.SIGTERM, self._ask) if _main_thread() else None
+        return self
+
+    def __exit__(self, *exception) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def asked_everywhere(self, device: torch.device) -> bool:
+        if distributed.world_size() == 1:
+            return self.asked
+        return bool(distributed.all_reduce_sum(torch.tensor(float(self.asked), device=device)).item())
+
+    def _ask(self, signum: int, frame) -> None:
+        self.asked = True
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _peak_memory(device: torch.device) -> str:
+    """"; peak GPU memory X GiB" on CUDA (what this process's tensors took at most), else ""."""
+    if device.type != "cuda":
+        return ""
+    return f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
 
 
 def _say(text: str) -> None:

@@ -273,7 +273,7 @@ def load_final(run_dir: Path) -> Model:
     """The tensors of a run's final.pt, on the CPU, once the file is found intact (runs.load_archive) and
     its tensors fit one another and its config; anything else is a UserError naming the file."""
     path = Path(run_dir) / FINAL
-    state = runs.load_archive(path, "cpu", SCRIPT)
+    state = runs.load_archive(path, SCRIPT)
     problem = _final_problem(state)
     if problem:
         raise UserError(f"{path} is not a final.pt written by {SCRIPT} ({problem}); delete it, and run {SCRIPT} "

@@ -113,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
                 if args.recompute or epoch not in table or _lacks(table[epoch], args, run_config)]
         data = _load_data(run_config, args, device) if todo else None
         skipped = measure_checkpoints(todo, run_config, run_dir, table, args, device, data, board)
-        return _finish(run_config, run_dir, table, len(todo) - len(skipped), skipped, args, board)
+        return _finish(run_config, run_dir, table, len(todo) - len(skipped), skipped, args, board, device)
 
 
 def follow(args: argparse.Namespace, device: torch.device, held: contextlib.ExitStack) -> int:
@@ -161,7 +161,7 @@ def follow(args: argparse.Namespace, device: torch.device, held: contextlib.Exit
                   "again to continue it, with validate_nc.py --follow beside it", file=sys.stderr)
             break
         time.sleep(FOLLOW_POLL)
-    return _finish(run_config, run_dir, table, len(tried) - len(skipped), skipped, args, board)
+    return _finish(run_config, run_dir, table, len(tried) - len(skipped), skipped, args, board, device)
 
 
 def measure_checkpoints(todo: list[tuple[int, Path]], run_config: dict, run_dir: Path, table: dict,
@@ -193,10 +193,12 @@ def measure_checkpoints(todo: list[tuple[int, Path]], run_config: dict, run_dir:
 
 
 def _finish(run_config: dict, run_dir: Path, table: dict, measured: int, skipped: list[Path],
-            args: argparse.Namespace, board) -> int:
+            args: argparse.Namespace, board, device: torch.device) -> int:
     """The figures and the TPT table (see `_report`), the checkpoints that could not be measured named;
     the exit status: 1 if there were any."""
     written = distributed.on_rank_zero(_report, run_config, run_dir, table, measured, args.plots_dir, args.format)
+    if device.type == "cuda" and distributed.is_main():
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
     if board is not None and written:
         runs.log_figures(board, written, max(table))
     if skipped and distributed.is_main():
@@ -218,7 +220,7 @@ def draw_representations(checkpoints: dict[int, Path], run_config: dict, run_dir
                                          run_config["seed"], args.download, device, *_data_settings(run_config))
     plots_dir = args.plots_dir or plotting.default_plots_dir(run_config, run_dir)
     for epoch in epochs:
-        state = runs.load_checkpoint(checkpoints[epoch], device, epoch)
+        state = runs.load_checkpoint(checkpoints[epoch], epoch)
         model = engine.build_model(state["config"], device)
         model.load_state_dict(state["model"])
         rows = engine.mixup_representations(model, train, state["config"], classes, REPRESENTATION_LAMBDAS,
@@ -266,7 +268,7 @@ def _measure(epoch: int, path: Path, run_config: dict, train: engine.Split, test
     under torchrun, which all skip it together)."""
     error = None
     try:
-        state = runs.load_checkpoint(path, device, epoch)
+        state = runs.load_checkpoint(path, epoch)
     except UserError as err:
         error = str(err)
     error = distributed.first_message(error)

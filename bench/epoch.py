@@ -73,8 +73,8 @@ def main(args: argparse.Namespace) -> int:
     loss_fn = losses.loss_from_config(settings)
     torch.manual_seed(settings["seed"])
     model = engine.build_model(settings, device)
-    optimizer = train.make_optimizer(model, settings, device)
-    step_model = train.FullBatchesCompiled(model, device, settings["batch_size"]) if compiled else model
+    optimizer = engine.make_optimizer(model, settings, device)
+    step_model = engine.FullBatchesCompiled(model, device, settings["batch_size"]) if compiled else model
     batches = common.fixed_batches(work.train, settings, settings["batch_size"])
 
     def bare_epochs(count: int) -> list[float]:

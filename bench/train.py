@@ -42,7 +42,6 @@ from tqdm import tqdm  # noqa: E402
 import datasets  # noqa: E402
 import engine  # noqa: E402
 import losses  # noqa: E402
-import train  # noqa: E402
 from bench import common  # noqa: E402
 
 EVAL_BATCH_SIZE = 1000  # engine.evaluate's default, which train.py uses
@@ -67,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
     torch.manual_seed(settings["seed"])
     initial = engine.build_model(settings, device)
     repo, bare, loaded = (copy.deepcopy(initial) for _ in range(3))
-    repo_optimizer, bare_optimizer, loaded_optimizer = (train.make_optimizer(model, settings, device)
+    repo_optimizer, bare_optimizer, loaded_optimizer = (engine.make_optimizer(model, settings, device)
                                                         for model in (repo, bare, loaded))
     train_batches = common.fixed_batches(work.train, settings, settings["batch_size"])
     test_batches = common.fixed_batches(work.test, settings, EVAL_BATCH_SIZE)

@@ -1,48 +1,62 @@
-"""The paper's CIFAR-10 / ResNet-18 protocol on one GPU in one command: train.py and validate_nc.py
---follow side by side, stopped and packed by a deadline. Run it through scripts/paper_scale.sh:
+"""The paper's CIFAR-10 / ResNet-18 protocol on one GPU: train.py and validate_nc.py --follow side by
+side, stopped and packed by a deadline, continued by a second command if one is not enough. Run it
+through scripts/paper_scale.sh:
 
     scripts/paper_scale.sh --prepare      # here: the CIFAR-10 zip and its unpacker into .gpu/, what travels checked
-    scripts/paper_scale.sh                # on the GPU: 350 epochs, 50 checkpoints measured, packed by 540 s
+    scripts/paper_scale.sh                # on the GPU: the check, then 350 epochs and 50 checkpoints, packed by 540 s
+    scripts/paper_scale.sh --resume       # on the same machine: the run continued from its last.pt, packed again
     scripts/paper_scale.sh --tiny         # the same command on the CPU: synthetic data, a tiny network
 
 What it does, in order:
-1. data: CIFAR-10 from --data-root (default .gpu/data), unpacked there first from .gpu/cifar10-jpeg.zip by
-   .gpu/make_cifar10.py when missing (--prepare puts both into .gpu/, which git ignores).
-2. precision (--precision auto): float32, the paper's, unless it cannot finish by the deadline, then
-   bf16. Without --probe the known speeds decide (KNOWN_EPOCH_SECONDS below: bf16 measured, fp32 an
-   estimate); with --probe, the run itself starts in fp32 and its first epochs are the probe (below).
-3. training: train.py per seed (--seeds N: N processes on the one GPU), --compile (CUDA graphs) on a
-   GPU, the test split evaluated only at the analysis checkpoints (--eval-every EPOCHS); beside each,
-   once it holds its run's training lock (and the probe, if any, is over), validate_nc.py --follow
-   measures every checkpoint as it lands.
-   With --compile, an eager train.py of the first 2 epochs runs alongside (while the compiled run
-   compiles), and both runs' losses of those epochs are printed: they must agree.
-4. the probe (--probe, or --seeds N > 1): at most 60 s of the runs' epochs after their first (which
-   compiles) give the seconds per epoch; if the runs and their measurement cannot finish by the
-   deadline at that pace, seeds 1.. stop (seed 0 goes on), or the fp32 run is stopped and trained again
-   in bf16 (what it trained is lost: its compiling epoch and the probe's).
-5. the deadline (--deadline, seconds from the start, default 540): the trainers are stopped
-   STOP_MARGIN seconds before it, then the followers; then, whatever was reached, the tables are packed:
-   results/<name>/ (config.json, log.csv, summary.json, nc_metrics.csv, tpt_table.md per seed, panel.png,
-   timings.txt with the commands run and the time of each phase), the panel in docs/<name>_panel.png, and
-   with $OUT (or --out) set, $OUT/paper_scale.tar.gz (results, figures, logs) beside timings.txt and panel.png.
+1. preflight: python, torch, CUDA and cuDNN versions, the packages imported, the free GPU memory, both
+   CIFAR-10 splits' sizes (unpacked first from .gpu/cifar10-jpeg.zip by .gpu/make_cifar10.py when missing
+   from --data-root, default .gpu/data) and a two-step compiled smoke test of the run's network.
+2. the GPU check (scripts/gpu_check.py, about a minute): resume, compile, bf16, --follow, DeepFool and a
+   torchrun start on a small network. If a check fails, nothing is trained: the output is packed.
+3. precision (--precision auto): float32, the paper's, unless at the known speeds (KNOWN_EPOCH_SECONDS:
+   bf16 measured, fp32 an estimate) it cannot finish by the deadline, then bf16.
+4. training: train.py per seed (--seeds N: N processes on the one GPU) with --compile (CUDA graphs) on a
+   GPU, last.pt written at the analysis checkpoints and on a stop (--save-last checkpoint), and no test
+   pass of its own (--eval-every 0: validate_nc.py measures the test split at every checkpoint anyway).
+   A compiled trainer that fails, or has not logged its first epoch COMPILE_GRACE seconds after it
+   started, is restarted eagerly with the same flags. Beside each, once it holds its run's training
+   lock, validate_nc.py --follow measures every checkpoint as it lands. With --seeds N > 1, the first
+   epochs after the compiling one (at most PROBE_SECONDS) time the runs, and seeds 1.. stop if they
+   cannot all finish by the deadline.
+5. the deadline (--deadline, seconds from the command's start, default 540): the trainers are asked to
+   stop (SIGTERM: each finishes its epoch and writes its last.pt) STOP_MARGIN seconds before it, then
+   the followers; SIGTERM or Ctrl-C to this command does the same at once. Then, whatever was reached,
+   the tables are packed: results/<name>/ (config.json, log.csv, summary.json, nc_metrics.csv, tpt_table.md
+   per seed, timings.txt with the commands run and the time of each phase) and, with $OUT (or --out) set,
+   $OUT/paper_scale.tar.gz (results, figures, logs) beside timings.txt; then the panel is drawn into
+   results/<name>/panel.png, docs/<name>_panel.png and $OUT/panel.png, and the archive rewritten with it.
+
+--resume continues the runs of the last command in the same --runs-dir (its plan is in
+<runs-dir>/paper_scale-logs/plan.json): the trainers resume from their last.pt, the followers measure what
+is left, and everything is packed again, timings.txt keeping the earlier command's lines.
 
 <name> is CIFAR10-resnet18, then -bf16 when trained in bf16 and -<N>seeds for N seeds (each in seed<k>/).
 scripts/paper_scale.sh runs from the repository's root: relative paths given to it start there.
-A kill of any process leaves every file whole (train.py and validate_nc.py write atomically and share
-the run folder through its locks), so a cut run packs what it had measured.
 """
-import argparse
 import os
-import shlex
-import shutil
-import statistics
-import subprocess
-import sys
-import tarfile
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+
+# The deadline counts from the command's start: scripts/paper_scale.sh passes the moment it began, and a
+# direct start takes the moment before torch's import (which alone can take seconds).
+STARTED = float(os.environ.get("PAPER_SCALE_STARTED") or time.time())
+
+import argparse  # noqa: E402
+import importlib.metadata  # noqa: E402
+import json  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tarfile  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -50,24 +64,28 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 import config  # noqa: E402
+import datasets  # noqa: E402
+import engine  # noqa: E402
+import losses  # noqa: E402
 import plotting  # noqa: E402
 import runs  # noqa: E402
-from errors import ArgumentParser, UserError, run_cli  # noqa: E402
+from errors import STOPPED, ArgumentParser, UserError, run_cli  # noqa: E402
 
 # Seconds per training epoch of full CIFAR-10 on ResNet-18 (width 64, batch 128) with CUDA graphs.
-# bf16: engine.train_epoch alone, measured on an H100 by an earlier session (docs/performance.md);
-# fp32: an estimate, never measured: TF32 tensor cores at half bf16's rate.
+# bf16: engine.train_epoch alone, measured on an H100 (docs/performance.md); fp32: an estimate, never
+# measured: TF32 tensor cores at half bf16's rate.
 KNOWN_EPOCH_SECONDS = {"bf16": 1.30, "fp32": 2.6}
 # Seconds to measure one checkpoint: 2.24 on an H100 (60,000 images, strict fp32; docs/performance.md);
 # about 0.5 for --tiny's on the CPU. Two processes on one GPU take turns on it, so the measurement
 # overlapped with training still adds its time to the run's.
 MEASURE_SECONDS = {"gpu": 2.24, "tiny": 0.5}
-STARTUP_SECONDS = 75  # an estimate: the processes' start, the data on the GPU and compiling the step
-PROBE_SECONDS = 60  # the most a probe runs after the runs' first (compiling) epoch
+STARTUP_SECONDS = 75  # an estimate: the trainer's start, the data on the GPU and compiling the step
+PROBE_SECONDS = 60  # the most the seeds' probe runs after the runs' first (compiling) epoch
+COMPILE_GRACE = {"gpu": 180.0, "tiny": 120.0}  # seconds a compiled trainer may take to log its first epoch
 STOP_MARGIN = {"gpu": 30, "tiny": 12}  # seconds before the deadline at which the trainers stop
 PACK_MARGIN = {"gpu": 20, "tiny": 8}  # seconds before the deadline at which everything stops, to pack
+STOP_WAIT = 15  # seconds the processes asked to stop get before they are killed
 FOLLOW_GRACE = 5  # validate_nc.py --follow's grace: it starts once its trainer holds the lock
-CHECK_EPOCHS = 2  # epochs of the eager run the compiled one is compared with
 TINY = {"flags": ["--dataset", "synthetic", "--width", "4", "--samples-per-class", "20", "--device", "cpu"],
         "epochs": 4, "num_checkpoints": 3}
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -75,6 +93,7 @@ CARRIED = REPO / ".gpu"
 DATA_FILES = ("cifar10-jpeg.zip", "make_cifar10.py")
 TRAVEL_LIMIT = 64 * 2 ** 20  # bytes of the working tree that travel to the GPU machine
 ARCHIVE = "paper_scale.tar.gz"
+PLAN_FILE = "plan.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,11 +106,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add = preparation.add_argument
     add("--prepare", action="store_true", help="copy the CIFAR-10 zip and its unpacker from --source into .gpu/, "
         "check that the working tree and .gpu/ fit what travels to the GPU machine, print the GPU command")
-    add("--source", type=Path, default=SHARED_DATA, help=f"with --prepare: the folder holding cifar10-jpeg.zip and "
-        f"make_cifar10.py (default {SHARED_DATA})")
+    add("--source", type=Path, default=SHARED_DATA, help="with --prepare: the folder holding cifar10-jpeg.zip and "
+        "make_cifar10.py")
     add = run.add_argument
     add("--tiny", action="store_true", help="the dry run on the CPU: synthetic data, width 4, 20 images per class, "
         f"{TINY['epochs']} epochs (results under runs/paper_scale-tiny/)")
+    add("--resume", action="store_true", help="continue the runs of the last command in --runs-dir from their "
+        "last.pt (same settings; the check is not run again), measure what is left and pack everything again")
+    add("--skip-check", action="store_true", help="train without running scripts/gpu_check.py first")
     add("--data-root", type=Path, default=Path(".gpu/data"), help="CIFAR-10's folder (default .gpu/data, "
         "unpacked from .gpu/cifar10-jpeg.zip when missing)")
     add("--seeds", type=config.positive_int, default=1, help="seeds 0..N-1 trained at once as N processes on the "
@@ -103,12 +125,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("extra", nargs=argparse.REMAINDER, metavar="-- FLAGS", help="flags after -- go to train.py and "
         "validate_nc.py alike: the flags that select the run (e.g. -- --width 32)")
     add = speed.add_argument
-    add("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto (default): fp32 unless it "
-        "cannot finish by the deadline (the known speeds, or --probe, decide), then bf16")
-    add("--probe", action="store_true", help=f"let the runs' first epochs (at most {PROBE_SECONDS} s after the "
-        "compiling one) decide the precision instead of the known speeds")
+    add("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto (default): fp32 unless at the "
+        "known speeds it cannot finish by the deadline, then bf16")
     add("--compile", action=argparse.BooleanOptionalAction, help="train.py --compile (default: on a GPU, not on "
         "the CPU, where compiling takes about 45 s per graph)")
+    add("--compile-grace", type=config.positive_float, metavar="SECONDS", help="a compiled trainer that has not "
+        f"logged its first epoch this long after it started is restarted eagerly (default {COMPILE_GRACE['gpu']:g}; "
+        f"{COMPILE_GRACE['tiny']:g} with --tiny)")
     add = output.add_argument
     add("--deadline", type=config.positive_float, default=540.0, help="seconds from the start by which everything "
         "has stopped and is packed (default 540, for a 10-minute command)")
@@ -121,8 +144,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
-    if args.seeds > 1 and args.probe and args.precision == "auto":
-        parser.error("one probe decides one thing: with --seeds, choose --precision fp32 or bf16 (or drop --probe)")
     return args
 
 
@@ -130,14 +151,25 @@ def main(args: argparse.Namespace) -> int:
     clock = _Clock(args.deadline)
     if args.prepare:
         return prepare(args.source)
-    plan = make_plan(args, clock)
+    plan = resumed_plan(args) if args.resume else make_plan(args, clock)
     _say(clock, f"torch {torch.__version__}, {plan.device_name}; {plan.precision} ({plan.why}); "
          f"{'compiled' if plan.compiled else 'eager'}; deadline {args.deadline:g} s")
-    outcome = Outcome(data_seconds=_ensure_data(plan, clock))
-    try:
-        run_everything(plan, outcome, clock)
-    finally:
-        pack(plan, outcome, clock)
+    outcome = Outcome()
+    with _stopped_by_signals():
+        try:
+            outcome.preflight = preflight(plan, clock, smoke=not args.resume)
+            if args.resume:
+                outcome.check = ["not run again: --resume continues on the machine the first command checked"]
+            elif not args.skip_check and not gpu_check(plan, outcome, clock):
+                return 1  # packed below, nothing trained
+            run_everything(plan, outcome, clock)
+        except KeyboardInterrupt:
+            outcome.decisions.append(f"interrupted at {clock.now():.0f} s (SIGTERM or Ctrl-C): every process was "
+                                     "stopped and what they had written is packed")
+            raise
+        finally:
+            _stop_all(outcome.jobs, clock, "stopped")
+            pack(plan, outcome, clock)
     return 0 if outcome.complete(plan) else 1
 
 
@@ -159,7 +191,7 @@ def prepare(source: Path, carried: Path = CARRIED) -> int:
         raise UserError(f"the working tree and {carried} are over the {TRAVEL_LIMIT / 2 ** 20:.0f} MiB that travel; "
                         "remove untracked files or what else is in that folder")
     print(f"on the GPU machine, from the repository's root, with {carried.name} carried: "
-          "scripts/paper_scale.sh --deadline 540")
+          "scripts/paper_scale.sh --deadline 540, then if it did not finish: scripts/paper_scale.sh --resume")
     return 0
 
 
@@ -171,22 +203,25 @@ class Plan:
     compiled: bool
     precision: str
     why: str
-    probe: str | None  # what the probe decides: "precision", "seeds" or nothing
     seeds: list[int]
     epochs: int
     num_checkpoints: int
     selection: list[str]  # the flags that select the runs, but --precision and --seed
     data_root: Path | None
     runs_dir: Path
-    results: Path | None  # None: from the precision and seeds once decided
+    results: Path | None  # None: results/<name>
     out: Path | None
     command: str
+    compile_grace: float
+    resumed: bool = False  # by --resume: timings.txt keeps the earlier command's lines
 
-    def run_flags(self, seed: int, precision: str | None = None) -> list[str]:
-        return [*self.selection, "--precision", precision or self.precision, "--seed", str(seed)]
+    def run_flags(self, seed: int) -> list[str]:
+        """The flags that select seed's run, as train.py and validate_nc.py take them."""
+        return [*self.selection, "--precision", self.precision, "--seed", str(seed), "--epochs", str(self.epochs)]
 
-    def run_dir(self, seed: int, precision: str | None = None) -> Path:
-        parsed = _selection_args(self.run_flags(seed, precision))
+    def run_dir(self, seed: int) -> Path:
+        """The folder train.py itself would choose for the run."""
+        parsed = _selection_args(self.run_flags(seed))
         return self.runs_dir / config.run_name(config.resolve_config(parsed), parsed)
 
     def log(self, name: str) -> Path:
@@ -207,14 +242,17 @@ class Plan:
         top = self.results_dir()
         return {seed: top / f"seed{seed}" if len(self.seeds) > 1 else top for seed in self.seeds}
 
+    def kind(self) -> str:
+        return "tiny" if self.tiny else "gpu"
+
 
 @dataclass
 class Job:
     """One seed's run: its trainer and follower processes, and when things happened (clock seconds)."""
     seed: int
-    precision: str
     run_dir: Path
     trainer: subprocess.Popen
+    compiled: bool
     commands: list[list[str]]
     started_at: float
     follower: subprocess.Popen | None = None
@@ -226,11 +264,11 @@ class Job:
 
 @dataclass
 class Outcome:
-    data_seconds: float = 0.0
+    preflight: list[str] = field(default_factory=list)
+    check: list[str] = field(default_factory=list)  # scripts/gpu_check.py's lines
     jobs: list[Job] = field(default_factory=list)
     dropped: list[Job] = field(default_factory=list)  # runs the probe stopped
     decisions: list[str] = field(default_factory=list)
-    check: list[str] = field(default_factory=list)  # the eager-vs-compiled lines
 
     def complete(self, plan: Plan) -> bool:
         return bool(self.jobs) and all(_epochs_done(job.run_dir) == plan.epochs and
@@ -238,7 +276,8 @@ class Outcome:
 
 
 def make_plan(args: argparse.Namespace, clock: "_Clock") -> Plan:
-    """The runs' settings, device and precision, from the flags and the known speeds."""
+    """The runs' settings, device and precision, from the flags and the known speeds; kept in plan.json for
+    a --resume."""
     cuda = torch.cuda.is_available() and not args.tiny
     if not cuda and not args.tiny:
         raise UserError("no CUDA GPU here: the paper-scale run needs one; scripts/paper_scale.sh --tiny runs every "
@@ -247,71 +286,117 @@ def make_plan(args: argparse.Namespace, clock: "_Clock") -> Plan:
     checkpoints = args.num_checkpoints or (TINY["num_checkpoints"] if args.tiny else config.PROTOCOL["num_checkpoints"])
     data_root = None if args.tiny else args.data_root.resolve()
     dataset = TINY["flags"] if args.tiny else ["--dataset", "CIFAR10", "--data-root", str(data_root)]
-    if args.tiny:
-        precision = "fp32" if args.precision == "auto" else args.precision
-        why, probe = "the CPU dry run", "precision" if args.probe else None
+    if args.precision != "auto":
+        precision, why = args.precision, "as asked"
+    elif args.tiny:
+        precision, why = "fp32", "the CPU dry run"
     else:
-        precision, why, probe = _precision(args, epochs, len(config.checkpoint_epochs(epochs, checkpoints)),
-                                           clock)
-    if args.seeds > 1:
-        probe = "seeds"
+        left = clock.deadline - STOP_MARGIN["gpu"] - STARTUP_SECONDS - clock.now()
+        precision, why = known_precision(epochs, len(config.checkpoint_epochs(epochs, checkpoints)), left)
     runs_dir = (args.runs_dir or Path("runs/paper_scale-tiny" if args.tiny else "runs")).resolve()
-    return Plan(tiny=args.tiny, device_name=torch.cuda.get_device_name() if cuda else "CPU",
-                compiled=cuda if args.compile is None else args.compile, precision=precision, why=why, probe=probe,
+    plan = Plan(tiny=args.tiny, device_name=torch.cuda.get_device_name() if cuda else "CPU",
+                compiled=cuda if args.compile is None else args.compile, precision=precision, why=why,
                 seeds=list(range(args.seeds)), epochs=epochs, num_checkpoints=checkpoints,
                 selection=[*dataset, *args.extra], data_root=data_root, runs_dir=runs_dir,
                 results=args.results.resolve() if args.results else None,
-                out=args.out.resolve() if args.out else None,
-                command=shlex.join([os.environ.get("PAPER_SCALE_ENTRY", "scripts/paper_scale.py"), *args.argv]))
+                out=args.out.resolve() if args.out else None, command=_command(args),
+                compile_grace=args.compile_grace or COMPILE_GRACE["tiny" if args.tiny else "gpu"])
+    plan_file = plan.log(PLAN_FILE).with_name(PLAN_FILE)
+    plan_file.parent.mkdir(parents=True, exist_ok=True)
+    runs.write_text(plan_file, json.dumps(asdict(plan), indent=2, default=str) + "\n")
+    return plan
+
+
+def resumed_plan(args: argparse.Namespace) -> Plan:
+    """The plan of the last command in --runs-dir, to continue (--resume); this command's --out and
+    --deadline, the rest as it was."""
+    runs_dir = (args.runs_dir or Path("runs/paper_scale-tiny" if args.tiny else "runs")).resolve()
+    path = runs_dir / "paper_scale-logs" / PLAN_FILE
+    try:
+        saved = json.loads(path.read_text())
+        paths = {key: Path(saved[key]) if saved[key] is not None else None
+                 for key in ("data_root", "runs_dir", "results", "out")}
+        plan = Plan(**{**saved, **paths, "command": _command(args)})
+    except FileNotFoundError:
+        raise UserError(f"no earlier run to resume: {path} is missing; run scripts/paper_scale.sh without "
+                        "--resume first (with the same --runs-dir)") from None
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise UserError(f"{path} is not a plan written by scripts/paper_scale.sh ({err}); run the command again "
+                        "without --resume") from None
+    plan.out = args.out.resolve() if args.out else plan.out
+    plan.resumed = True
+    return plan
+
+
+def preflight(plan: Plan, clock: "_Clock", smoke: bool) -> list[str]:
+    """The machine, the packages, the data's two splits and (with `smoke`, on a GPU) two compiled training
+    steps of the run's network, as lines for timings.txt; the data is unpacked first if missing."""
+    lines = [f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+             f"cuDNN {torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}"]
+    lines.append("packages imported: " + ", ".join(_imported_packages()))
+    if not plan.tiny:
+        free, total = torch.cuda.mem_get_info()
+        lines.append(f"GPU {plan.device_name}: {free / 2 ** 30:.1f} of {total / 2 ** 30:.1f} GiB free")
+    lines.append(_data_line(plan, clock))
+    if smoke and plan.compiled and not plan.tiny:
+        lines.append(_smoke_test(plan))
+    elif smoke:
+        lines.append("compiled smoke test: left out (" + ("on the CPU, about 45 s a graph)" if plan.tiny else
+                                                          "an eager run)"))
+    for line in lines:
+        _say(clock, f"preflight: {line}")
+    return lines
+
+
+def gpu_check(plan: Plan, outcome: Outcome, clock: "_Clock") -> bool:
+    """scripts/gpu_check.py (--tiny on the CPU), its lines kept for timings.txt; whether every check passed."""
+    command = [sys.executable, str(REPO / "scripts" / "gpu_check.py")] + (["--tiny"] if plan.tiny else [])
+    log = plan.log("gpu_check")
+    began = clock.now()
+    status = _spawn(command, log).wait()
+    outcome.check = [line for line in log.read_text().splitlines() if line.strip()]
+    outcome.check.append(f"(gpu_check.py exited {status} after {clock.now() - began:.0f} s)")
+    for line in outcome.check:
+        _say(clock, line)
+    if status != 0:
+        outcome.decisions.append("the GPU check failed: nothing was trained")
+    return status == 0
 
 
 def run_everything(plan: Plan, outcome: Outcome, clock: "_Clock") -> None:
-    """Start the trainers (and the eager check), their followers once they hold their locks, decide
-    after the probe, and wait until every run is measured or the deadline stops them."""
-    kind = "tiny" if plan.tiny else "gpu"
-    stop_trainers_at, stop_all_at = clock.deadline - STOP_MARGIN[kind], clock.deadline - PACK_MARGIN[kind]
-    outcome.jobs = [_start(plan, seed, plan.precision, clock) for seed in plan.seeds]
-    check = _start_check(plan) if plan.compiled else None
-    checked = plan.precision
-    if not plan.compiled:
-        outcome.check.append("eager only: " + ("torch.compile is left out on the CPU (about 45 s per graph; "
-                                               "--compile to compare)" if plan.tiny else "--no-compile"))
-    probing, said = plan.probe is not None, clock.now()
-    try:
-        while True:
-            for job in outcome.jobs:
-                _advance(job, plan, probing, clock)
-            if probing and _probe_over(outcome.jobs, clock):
-                probing = False
-                _decide(plan, outcome, clock)
-            if check is not None and check.poll() is not None:
-                outcome.check = _compare_losses(plan, outcome.jobs + outcome.dropped, checked, check.returncode)
-                check = None if outcome.check else check
-            if all(job.trainer.poll() is not None and (job.follower is None or job.follower.poll() is not None)
-                   for job in outcome.jobs):
-                break
-            if clock.now() >= stop_trainers_at:
-                _stop(outcome.jobs, "trainer", clock)
-            if clock.now() >= stop_all_at:
-                _stop(outcome.jobs, "follower", clock)
-                break
-            if clock.now() - said >= (5 if plan.tiny else 30):
-                said = clock.now()
-                _say(clock, "; ".join(_progress(job, plan) for job in outcome.jobs))
-            time.sleep(0.25 if plan.tiny else 1.0)
-    finally:  # an error or an interrupt here stops every process before the tables are packed
-        _stop(outcome.jobs, "trainer", clock, "stopped")
-        _stop(outcome.jobs, "follower", clock, "stopped")
-        if check is not None and check.poll() is None:
-            check.kill()
-            check.wait()
+    """Start the trainers, their followers once they hold their locks, fall back to eager where compiling
+    fails, decide after the seeds' probe, and wait until every run is measured or the deadline stops them."""
+    stop_trainers_at = clock.deadline - STOP_MARGIN[plan.kind()]
+    stop_all_at = clock.deadline - PACK_MARGIN[plan.kind()]
+    outcome.jobs = [_start(plan, seed, plan.compiled, clock) for seed in plan.seeds]
+    probing, said = len(plan.seeds) > 1, clock.now()
+    while True:
+        for index, job in enumerate(outcome.jobs):
+            outcome.jobs[index] = _advance(job, plan, outcome, probing, clock)
+        if probing and _probe_over(outcome.jobs, clock):
+            probing = False
+            _decide(plan, outcome, clock)
+        if all(job.trainer.poll() is not None and (job.follower is None or job.follower.poll() is not None)
+               for job in outcome.jobs):
+            break
+        if clock.now() >= stop_trainers_at:
+            _stop(outcome.jobs, "trainer", clock)
+        if clock.now() >= stop_all_at:
+            _stop(outcome.jobs, "follower", clock)
+            break
+        if clock.now() - said >= (5 if plan.tiny else 30):
+            said = clock.now()
+            _say(clock, "; ".join(_progress(job, plan) for job in outcome.jobs))
+        time.sleep(0.25 if plan.tiny else 1.0)
 
 
 def pack(plan: Plan, outcome: Outcome, clock: "_Clock") -> None:
-    """Copy each run's tables into the results folder, draw the panel, write timings.txt, and pack it all
-    (with the figures of the followers and the logs) into the --out folder."""
+    """Copy each run's tables into the results folder, write timings.txt and the archive (with the
+    followers' figures and the logs) into the --out folder; then draw the panel, in a try of its own, and
+    add it to the results, docs/ and the archive: a drawing error never leaves the tables unpacked."""
     results = plan.results_dir()
     results.mkdir(parents=True, exist_ok=True)
+    earlier = (results / "timings.txt").read_text() if plan.resumed and (results / "timings.txt").is_file() else ""
     measured = []
     for job in outcome.jobs:
         target = plan.seed_dirs()[job.seed]
@@ -323,26 +408,22 @@ def pack(plan: Plan, outcome: Outcome, clock: "_Clock") -> None:
         if runs.read_nc_metrics(target):
             runs.write_text(target / "tpt_table.md", plotting.tpt_table(target))
             measured.append(target)
-    panel = plotting.plot_panel(measured, results / "panel.png", ["precision"] if len(measured) > 1 else []) \
-        if measured else None
-    if panel is not None and not plan.tiny:
-        docs_panel = REPO / "docs" / f"{plan.name()}_panel.png"
-        with runs.atomic_path(docs_panel) as tmp:
-            shutil.copyfile(panel, tmp)
-    runs.write_text(results / "timings.txt", timings(plan, outcome, clock))
-    print((results / "timings.txt").read_text(), end="")
+    runs.write_text(results / "timings.txt", earlier + timings(plan, outcome, clock))
+    print((results / "timings.txt").read_text(), end="", flush=True)
     if plan.out is not None:
-        _archive(plan, outcome, results, panel)
+        _archive(plan, outcome, results)
+    panel = _draw_panel(plan, measured, results, clock)
+    if panel is not None and plan.out is not None:
+        _archive(plan, outcome, results)
     _say(clock, f"results in {results}" + (f"; packed into {plan.out / ARCHIVE}" if plan.out else ""))
 
 
 def timings(plan: Plan, outcome: Outcome, clock: "_Clock") -> str:
-    """timings.txt: the command, the commands it ran, the machine, and the time and outcome of each phase."""
-    lines = [f"command: {plan.command}",
-             f"torch {torch.__version__}; {plan.device_name}; python {sys.version.split()[0]}",
-             f"precision: {plan.precision} ({plan.why})", *(f"decision: {text}" for text in outcome.decisions),
-             f"data: {plan.data_root or 'synthetic'}"
-             + (f", unpacked in {outcome.data_seconds:.0f} s" if outcome.data_seconds else "")]
+    """timings.txt: the command, the machine, the check, the commands it ran, and the time and outcome of
+    each phase."""
+    lines = [f"command: {plan.command}", *(f"preflight: {line}" for line in outcome.preflight),
+             *(f"check: {line}" for line in outcome.check), f"precision: {plan.precision} ({plan.why})",
+             *(f"decision: {text}" for text in outcome.decisions), f"data: {plan.data_root or 'synthetic'}"]
     for job in outcome.dropped + outcome.jobs:
         lines += [f"seed {job.seed} ran: {shlex.join(command)}" for command in job.commands]
     for job in outcome.jobs:
@@ -351,9 +432,9 @@ def timings(plan: Plan, outcome: Outcome, clock: "_Clock") -> str:
                      f"({_epoch_seconds(job.run_dir)})"
                      + (f", measured by {job.measured_at:.0f} s" if job.measured_at is not None else "")
                      + (f"; {job.stopped}" if job.stopped else ""))
-    lines += [f"first epochs' train loss, {text}" for text in outcome.check]
     state = "finished: every epoch trained and every checkpoint measured" if outcome.complete(plan) else \
-        "NOT finished: the tables hold what was reached"
+        "NOT finished: the tables hold what was reached" + \
+        ("; scripts/paper_scale.sh --resume continues it" if outcome.jobs else "")
     lines.append(f"total: {clock.now():.0f} s of the {clock.deadline:g} s deadline; {state}")
     return "\n".join(lines) + "\n"
 
@@ -361,23 +442,13 @@ def timings(plan: Plan, outcome: Outcome, clock: "_Clock") -> str:
 def finishes(epoch_seconds: float, epochs_left: int, measure_seconds: float, checkpoints_left: int,
              seconds_left: float) -> bool:
     """Whether the training and measurement left fit in the seconds left: the epochs at their pace, with a
-    tenth to spare for the checkpoint epochs' evaluation and files, and the measurement of each checkpoint
-    left, whose GPU time adds to training's (the processes take turns on the GPU)."""
+    tenth to spare for the checkpoint epochs' files, and the measurement of each checkpoint left, whose
+    GPU time adds to training's (the processes take turns on the GPU)."""
     return needed_seconds(epoch_seconds, epochs_left, measure_seconds, checkpoints_left) <= seconds_left
 
 
 def needed_seconds(epoch_seconds: float, epochs_left: int, measure_seconds: float, checkpoints_left: int) -> float:
     return epoch_seconds * epochs_left * 1.1 + measure_seconds * checkpoints_left
-
-
-def _precision(args: argparse.Namespace, epochs: int, checkpoints: int, clock: "_Clock") -> tuple[str, str, str | None]:
-    """(precision, why, what the probe decides) on a GPU."""
-    if args.precision != "auto":
-        return args.precision, "as asked", None
-    if args.probe:
-        return "fp32", "the paper's, as the probe found it finishes by the deadline", "precision"
-    left = clock.deadline - STOP_MARGIN["gpu"] - STARTUP_SECONDS - clock.now()
-    return (*known_precision(epochs, checkpoints, left), None)
 
 
 def known_precision(epochs: int, checkpoints: int, seconds_left: float) -> tuple[str, str]:
@@ -394,47 +465,65 @@ def known_precision(epochs: int, checkpoints: int, seconds_left: float) -> tuple
                        f"{seconds_left:.0f} s left after starting up{fits}")
 
 
-def _start(plan: Plan, seed: int, precision: str, clock: "_Clock") -> Job:
-    """Start seed's trainer on a run folder of its own."""
-    run_dir = plan.run_dir(seed, precision)
-    command = [sys.executable, "train.py", *plan.run_flags(seed, precision), "--epochs", str(plan.epochs),
-               "--num-checkpoints", str(plan.num_checkpoints), "--eval-every", str(plan.epochs),
-               "--run-dir", str(run_dir)] + (["--compile"] if plan.compiled else [])
-    return Job(seed, precision, run_dir, _spawn(command, plan.log(f"train-seed{seed}-{precision}")), [command],
-               clock.now())
+def _start(plan: Plan, seed: int, compiled: bool, clock: "_Clock") -> Job:
+    """Start seed's trainer on a run folder of its own (which it resumes if the folder holds a last.pt)."""
+    run_dir = plan.run_dir(seed)
+    command = [sys.executable, "train.py", *plan.run_flags(seed), "--num-checkpoints", str(plan.num_checkpoints), "--eval-every", "0", "--save-last", "checkpoint",
+               "--run-dir", str(run_dir)] + (["--compile"] if compiled else [])
+    name = f"train-seed{seed}-{plan.precision}" + ("" if compiled or not plan.compiled else "-eager")
+    return Job(seed, run_dir, _spawn(command, plan.log(name)), compiled, [command], clock.now())
 
 
-def _start_check(plan: Plan) -> subprocess.Popen:
-    """The eager run of seed 0's first epochs, in a fresh folder, to compare the compiled run's losses with."""
-    run_dir = plan.runs_dir / "paper_scale-eager-check"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    command = [sys.executable, "train.py", *plan.run_flags(0), "--epochs", str(CHECK_EPOCHS),
-               "--num-checkpoints", "1", "--eval-every", str(CHECK_EPOCHS), "--run-dir", str(run_dir)]
-    return _spawn(command, plan.log("eager-check"))
-
-
-def _advance(job: Job, plan: Plan, probing: bool, clock: "_Clock") -> None:
-    """Start the follower once the trainer holds the run's lock (after the probe: it times training alone);
-    note when things happened."""
+def _advance(job: Job, plan: Plan, outcome: Outcome, probing: bool, clock: "_Clock") -> Job:
+    """Note when things happened, start the follower once the trainer holds the run's lock (after the
+    probe: it times training alone), and replace a compiled trainer that failed or is still compiling
+    after its grace by an eager one; the job, or the one replacing it."""
+    if job.first_epoch_at is None and _epochs_done(job.run_dir) >= 1:
+        job.first_epoch_at = clock.now()
+    if job.compiled and not job.stopped and _compile_failed(job, plan, clock):
+        return _restart_eagerly(job, plan, outcome, clock)
     if job.follower is None and job.trainer.poll() is None and not probing and _holds_lock(job):
         command = [sys.executable, "validate_nc.py", "--run-dir", str(job.run_dir), "--follow", str(FOLLOW_GRACE),
                    "--plots-dir", str(job.run_dir / "plots")] + (["--device", "cpu"] if plan.tiny else [])
         job.commands.append(command)
-        job.follower = _spawn(command, plan.log(f"validate-seed{job.seed}-{job.precision}"))
-    if job.first_epoch_at is None and _epochs_done(job.run_dir) >= 1:
-        job.first_epoch_at = clock.now()
+        job.follower = _spawn(command, plan.log(f"validate-seed{job.seed}-{plan.precision}"))
     if job.trained_at is None and job.trainer.poll() is not None:
         job.trained_at = clock.now()
-        if job.trainer.returncode != 0 and not job.stopped:
+        if job.trainer.returncode not in (0, STOPPED) and not job.stopped:
             _say(clock, f"seed {job.seed}: train.py failed (exit {job.trainer.returncode}); the end of its log:\n"
-                 + _tail(plan.log(f"train-seed{job.seed}-{job.precision}")))
+                 + _tail(_log_of(job, plan)))
     if job.measured_at is None and job.follower is not None and job.follower.poll() is not None:
         job.measured_at = clock.now()
+    return job
+
+
+def _compile_failed(job: Job, plan: Plan, clock: "_Clock") -> bool:
+    """Whether a compiled trainer exited with an error, or has not logged its first epoch within the grace."""
+    failed = job.trainer.poll() not in (None, 0, STOPPED)
+    stuck = job.first_epoch_at is None and job.trainer.poll() is None and \
+        clock.now() - job.started_at >= plan.compile_grace
+    return failed or stuck
+
+
+def _restart_eagerly(job: Job, plan: Plan, outcome: Outcome, clock: "_Clock") -> Job:
+    """The same run trained eagerly (it resumes whatever the compiled trainer saved), with a note saying why."""
+    why = (f"failed (exit {job.trainer.returncode}: {_last_line(_log_of(job, plan))})" if job.trainer.poll() is not None
+           else f"had not logged its first epoch {plan.compile_grace:g} s after it started")
+    for process in (job.trainer, job.follower):
+        if process is not None and process.poll() is None:
+            process.kill()  # still compiling: no epoch to finish, nothing to save
+            process.wait()
+    decision = f"seed {job.seed}: the compiled trainer {why}; restarted eagerly at {clock.now():.0f} s"
+    outcome.decisions.append(decision)
+    _say(clock, decision)
+    eager = _start(plan, job.seed, False, clock)
+    eager.commands = job.commands + eager.commands
+    return eager
 
 
 def _probe_over(jobs: list[Job], clock: "_Clock") -> bool:
-    """Whether the probe has seen enough: every run has logged 2 epochs after its first (which compiles),
-    or a trainer has ended, or PROBE_SECONDS have passed since the first run logged its first epoch."""
+    """Whether the seeds' probe has seen enough: every run has logged 2 epochs after its first (which
+    compiles), or a trainer has ended, or PROBE_SECONDS have passed since the first run logged its first."""
     if all(_epochs_done(job.run_dir) >= 3 for job in jobs) or any(job.trained_at is not None for job in jobs):
         return True
     firsts = [job.first_epoch_at for job in jobs if job.first_epoch_at is not None]
@@ -442,89 +531,118 @@ def _probe_over(jobs: list[Job], clock: "_Clock") -> bool:
 
 
 def _decide(plan: Plan, outcome: Outcome, clock: "_Clock") -> None:
-    """After the probe: keep every run if they finish by the deadline at the slowest one's pace; else stop
-    seeds 1.. (--seeds), or train again in bf16 (an fp32 run of --probe); else go on as far as the
-    deadline allows."""
-    kind = "tiny" if plan.tiny else "gpu"
-    left = clock.deadline - STOP_MARGIN[kind] - clock.now()
+    """After the seeds' probe: keep every run if they finish by the deadline at the slowest one's pace,
+    else stop seeds 1.. and let seed 0 go on."""
+    left = clock.deadline - STOP_MARGIN[plan.kind()] - clock.now()
     paces = [_pace(job.run_dir) for job in outcome.jobs]
     slowest = None if None in paces else max(paces)
     epochs_left = plan.epochs - min(_epochs_done(job.run_dir) for job in outcome.jobs)
     checkpoints = len(config.checkpoint_epochs(plan.epochs, plan.num_checkpoints)) * len(outcome.jobs)
     seen = f"the probe saw {slowest:.2f} s per epoch" if slowest is not None else \
         "the probe saw no epoch after the first"
-    runs_at_once = f"{len(outcome.jobs)} run{'s' if len(outcome.jobs) > 1 else ''} at once"
-    if slowest is not None and finishes(slowest, epochs_left, MEASURE_SECONDS[kind], checkpoints, left):
+    runs_at_once = f"{len(outcome.jobs)} runs at once"
+    if slowest is not None and finishes(slowest, epochs_left, MEASURE_SECONDS[plan.kind()], checkpoints, left):
         decision = f"{seen} with {runs_at_once}: {epochs_left} epochs fit in the {left:.0f} s left; kept"
-    elif plan.probe == "seeds":
+    else:
         dropped, outcome.jobs = outcome.jobs[1:], outcome.jobs[:1]
-        _stop(dropped, "trainer", clock, "stopped by the probe")
-        _stop(dropped, "follower", clock, "stopped by the probe")
+        _stop_all(dropped, clock, "stopped by the probe")
         outcome.dropped += dropped
         plan.seeds = [0]
         decision = (f"{seen} with {runs_at_once}: {epochs_left} epochs do not fit in the {left:.0f} s left; "
                     "seed 0 alone goes on")
-    elif plan.probe == "precision" and plan.precision == "fp32":
-        _stop(outcome.jobs, "trainer", clock, "stopped by the probe")
-        _stop(outcome.jobs, "follower", clock, "stopped by the probe")
-        outcome.dropped += outcome.jobs
-        plan.precision, plan.why = "bf16", f"fp32 would not finish by the deadline ({seen})"
-        outcome.jobs = [_start(plan, 0, "bf16", clock)]
-        decision = f"{seen} in fp32: {epochs_left} epochs do not fit in the {left:.0f} s left; trained again in bf16"
-    else:
-        decision = f"{seen}: the run may not finish by the deadline; the deadline packs what it reaches"
     outcome.decisions.append(decision)
     _say(clock, decision)
 
 
-def _compare_losses(plan: Plan, jobs: list[Job], precision: str, status: int) -> list[str]:
-    """The eager check's and seed 0's compiled run's train losses of the first epochs in `precision`, once
-    both have them ([] until then)."""
-    if status != 0:
-        return [f"the eager check failed (exit {status}); see {plan.log('eager-check')}"]
-    compiled = next(job for job in jobs if job.seed == 0 and job.precision == precision)
-    eager = runs.read_log(plan.runs_dir / "paper_scale-eager-check")
-    ours = runs.read_log(compiled.run_dir)[:CHECK_EPOCHS]
-    if len(ours) < CHECK_EPOCHS:
-        return [] if compiled.trainer.poll() is None else ["the compiled run ended before its second epoch"]
-    pairs = [(a["train_loss"], b["train_loss"]) for a, b in zip(eager, ours)]
-    worst = max(abs(a - b) / abs(a) for a, b in pairs)
-    return [f"eager vs compiled ({precision}), epochs 1-{CHECK_EPOCHS}: "
-            + ", ".join(f"{a:.5f} vs {b:.5f}" for a, b in pairs) + f" (largest relative difference {worst:.1e})"]
-
-
 def _stop(jobs: list[Job], which: str, clock: "_Clock", why: str = "stopped by the deadline") -> None:
-    """Stop the trainers or the followers of `jobs` that still run (SIGTERM, SIGKILL 10 s later)."""
-    for job in jobs:
-        process = job.trainer if which == "trainer" else job.follower
-        if process is None or process.poll() is not None:
-            continue
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    """Ask the trainers (each finishes its epoch and writes its last.pt) or the followers of `jobs` that
+    still run to stop, all at once; kill those still running STOP_WAIT seconds later."""
+    processes = {id(job): job.trainer if which == "trainer" else job.follower for job in jobs}
+    running = [job for job in jobs if processes[id(job)] is not None and processes[id(job)].poll() is None]
+    _terminate([processes[id(job)] for job in running])
+    for job in running:
         job.stopped = job.stopped or f"{which} {why} at {clock.now():.0f} s"
         _say(clock, f"seed {job.seed}: {which} {why} (epoch {_epochs_done(job.run_dir)} logged, "
              f"{_measured(job.run_dir)} checkpoints measured)")
 
 
-def _ensure_data(plan: Plan, clock: "_Clock") -> float:
-    """CIFAR-10 at the data root, unpacked from .gpu/ first if missing; the seconds it took."""
-    if plan.data_root is None or (plan.data_root / "cifar-10-batches-py").is_dir():
-        return 0.0
-    maker = CARRIED / "make_cifar10.py"
-    if not (maker.is_file() and (CARRIED / "cifar10-jpeg.zip").is_file()):
-        raise UserError(f"no CIFAR-10 at {plan.data_root} and no {CARRIED}/cifar10-jpeg.zip to unpack: run "
-                        "scripts/paper_scale.sh --prepare here first and carry .gpu, or pass --data-root")
-    began = clock.now()
-    subprocess.run([sys.executable, str(maker), str(plan.data_root)], check=True, cwd=REPO)
-    _say(clock, f"CIFAR-10 unpacked into {plan.data_root} in {clock.now() - began:.0f} s")
-    return clock.now() - began
+def _stop_all(jobs: list[Job], clock: "_Clock", why: str) -> None:
+    """Stop every trainer and follower of `jobs` at once (see `_stop`)."""
+    running = [job for job in jobs if any(process is not None and process.poll() is None
+                                          for process in (job.trainer, job.follower))]
+    _terminate([process for job in jobs for process in (job.trainer, job.follower) if process is not None])
+    for job in running:
+        job.stopped = job.stopped or f"{why} at {clock.now():.0f} s"
 
 
-def _archive(plan: Plan, outcome: Outcome, results: Path, panel: Path | None) -> None:
+def _terminate(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM to each process still running, at once, then SIGKILL to those still running STOP_WAIT s later."""
+    running = [process for process in processes if process.poll() is None]
+    for process in running:
+        process.terminate()
+    ends = time.monotonic() + STOP_WAIT
+    for process in running:
+        try:
+            process.wait(max(0.0, ends - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _data_line(plan: Plan, clock: "_Clock") -> str:
+    """Both splits' sizes, after unpacking CIFAR-10 from .gpu/ where it is missing."""
+    name = plan.selection[plan.selection.index("--dataset") + 1]
+    unpacked = ""
+    if plan.data_root is not None and not (plan.data_root / "cifar-10-batches-py").is_dir():
+        maker = CARRIED / "make_cifar10.py"
+        if not (maker.is_file() and (CARRIED / "cifar10-jpeg.zip").is_file()):
+            raise UserError(f"no CIFAR-10 at {plan.data_root} and no {CARRIED}/cifar10-jpeg.zip to unpack: run "
+                            "scripts/paper_scale.sh --prepare here first and carry .gpu, or pass --data-root")
+        began = clock.now()
+        subprocess.run([sys.executable, str(maker), str(plan.data_root)], check=True, cwd=REPO)
+        unpacked = f", unpacked into {plan.data_root} in {clock.now() - began:.0f} s"
+    sizes = [len(datasets.load_split(name, plan.data_root or "data", train)[1]) for train in (True, False)]
+    return f"data: {name} {sizes[0]} training and {sizes[1]} test images{unpacked}"
+
+
+def _smoke_test(plan: Plan) -> str:
+    """Two training steps of the run's network, compiled as train.py compiles it, on random batches."""
+    settings = config.resolve_config(_selection_args(plan.run_flags(0)))
+    settings["normalization"] = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    device = torch.device("cuda")
+    began = time.perf_counter()
+    model = engine.build_model(settings, device)
+    step_model = engine.FullBatchesCompiled(model, device, settings["batch_size"])
+    optimizer = engine.make_optimizer(model, settings, device)
+    loss_fn = losses.loss_from_config(settings)
+    images = torch.randint(0, 256, (2 * settings["batch_size"], 3, 32, 32), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, settings["num_classes"], (len(images),), device=device)
+    row = engine.train_epoch(step_model, optimizer, loss_fn, (images, labels), settings, epoch=1)
+    seconds = time.perf_counter() - began
+    del model, step_model, optimizer
+    torch.cuda.empty_cache()
+    return (f"compiled smoke test: 2 steps of {settings['model']} width {settings['width']} at batch "
+            f"{settings['batch_size']} in {seconds:.0f} s (compiling included), loss {row['train_loss']:.3f}")
+
+
+def _draw_panel(plan: Plan, measured: list[Path], results: Path, clock: "_Clock") -> Path | None:
+    """The panel of the measured runs in the results folder (and docs/ for a GPU run), or None if there is
+    nothing to draw or drawing failed (said, with the tables already packed)."""
+    if not measured:
+        return None
+    try:
+        panel = plotting.plot_panel(measured, results / "panel.png", ["precision"] if len(measured) > 1 else [])
+        if not plan.tiny:
+            with runs.atomic_path(REPO / "docs" / f"{plan.name()}_panel.png") as tmp:
+                shutil.copyfile(panel, tmp)
+        return panel
+    except Exception as err:  # noqa: BLE001 - the tables are packed already; the figure is redrawn from them anywhere
+        _say(clock, f"the panel could not be drawn ({type(err).__name__}: {err}); the tables are packed: "
+             f"python plotting.py panel {results} --out panel.png draws it from them")
+        return None
+
+
+def _archive(plan: Plan, outcome: Outcome, results: Path) -> None:
     """$OUT/paper_scale.tar.gz (results, the followers' figures, the logs), timings.txt and panel.png beside it."""
     plan.out.mkdir(parents=True, exist_ok=True)
     with runs.atomic_path(plan.out / ARCHIVE) as tmp:
@@ -533,9 +651,10 @@ def _archive(plan: Plan, outcome: Outcome, results: Path, panel: Path | None) ->
             for job in outcome.jobs:
                 if (job.run_dir / "plots").is_dir():
                     tar.add(job.run_dir / "plots", arcname=f"plots-seed{job.seed}")
-            tar.add(plan.log("x").parent, arcname="logs")
-    for path in (results / "timings.txt", panel):
-        if path is not None:
+            if plan.log("x").parent.is_dir():
+                tar.add(plan.log("x").parent, arcname="logs")
+    for path in (results / "timings.txt", results / "panel.png"):
+        if path.is_file():
             with runs.atomic_path(plan.out / path.name) as tmp:
                 shutil.copyfile(path, tmp)
 
@@ -548,8 +667,9 @@ def _holds_lock(job: Job) -> bool:
 
 
 def _progress(job: Job, plan: Plan) -> str:
-    return (f"seed {job.seed} ({job.precision}): epoch {_epochs_done(job.run_dir)}/{plan.epochs}, "
-            f"{_measured(job.run_dir)}/{plan.num_checkpoints} checkpoints measured")
+    return (f"seed {job.seed} ({plan.precision}{'' if job.compiled or not plan.compiled else ', eager'}): epoch "
+            f"{_epochs_done(job.run_dir)}/{plan.epochs}, {_measured(job.run_dir)}/{plan.num_checkpoints} checkpoints "
+            "measured")
 
 
 def _epoch_seconds(run_dir: Path) -> str:
@@ -581,6 +701,13 @@ def _checkpoints(run_dir: Path) -> int:
     return len(runs.checkpoint_files(run_dir))
 
 
+def _imported_packages() -> list[str]:
+    """The installed distributions whose modules are imported now, with their versions."""
+    owners = importlib.metadata.packages_distributions()
+    found = {owner for name in list(sys.modules) for owner in owners.get(name.split(".")[0], [])}
+    return [f"{name} {importlib.metadata.version(name)}" for name in sorted(found, key=str.lower)]
+
+
 def _selection_args(flags: list[str]) -> argparse.Namespace:
     """The selection flags parsed as train.py parses them (to name the run folder as it would)."""
     parser = ArgumentParser(None)
@@ -596,20 +723,50 @@ def _spawn(command: list[str], log: Path) -> subprocess.Popen:
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def _log_of(job: Job, plan: Plan) -> Path:
+    return plan.log(f"train-seed{job.seed}-{plan.precision}" + ("" if job.compiled or not plan.compiled else "-eager"))
+
+
 def _tail(log: Path, lines: int = 5) -> str:
     """The last lines of a log that hold text (progress bars' carriage returns read as line ends)."""
     text = log.read_text(errors="replace").replace("\r", "\n") if log.is_file() else ""
     return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
 
 
+def _last_line(log: Path) -> str:
+    return _tail(log, 1) or "no output"
+
+
+def _command(args: argparse.Namespace) -> str:
+    return shlex.join([os.environ.get("PAPER_SCALE_ENTRY", "scripts/paper_scale.py"), *args.argv])
+
+
 class _Clock:
-    """Seconds since the command started, and its deadline on that clock."""
+    """Seconds since the command started (STARTED), and its deadline on that clock."""
 
     def __init__(self, deadline: float):
-        self._start, self.deadline = time.monotonic(), deadline
+        self.deadline = deadline
 
     def now(self) -> float:
-        return time.monotonic() - self._start
+        return time.time() - STARTED
+
+
+class _stopped_by_signals:
+    """While held, SIGTERM is handled as Ctrl-C is (a KeyboardInterrupt, so that the command stops its
+    processes and packs); once one has arrived, further SIGTERMs and Ctrl-Cs are ignored until the packing
+    is done."""
+
+    def __enter__(self) -> None:
+        self._previous = {number: signal.signal(number, self._interrupt) for number in (signal.SIGTERM, signal.SIGINT)}
+
+    def __exit__(self, *exception) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _interrupt(self, signum: int, frame) -> None:
+        for number in self._previous:
+            signal.signal(number, signal.SIG_IGN)
+        raise KeyboardInterrupt
 
 
 def _say(clock: _Clock, text: str) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import measure_features
 import sweep
 import train
 import ufm
@@ -18,7 +19,8 @@ SELECTION = ["--dataset", "--image-size", "--model", "--width", "--loss", "--tar
              "--lr-milestones", "--lr-gamma", "--samples-per-class", "--imbalance", "--imbalance-profile", "--epochs",
              "--augment", "--mixup-alpha", "--mixup-same-class", "--precision", "--classifier", "--no-bias",
              "--classifier-weight-decay", "--seed", "--run-dir"]
-TRAINING = ["--extend-to", "--num-checkpoints", "--eval-every", "--deterministic", "--compile", "--sync-bn"]
+TRAINING = ["--extend-to", "--num-checkpoints", "--eval-every", "--save-last", "--deterministic", "--compile",
+            "--sync-bn"]
 DATA = ["--data-root", "--download", "--device"]
 MEASUREMENT = ["--layers", "--test-collapse", "--adversarial", "--adversarial-samples"]
 # ufm.py's flags that select a run, and its others.
@@ -74,14 +76,20 @@ def test_sweep_py_with_script_ufm_py_makes_its_grid_of_ufm_py_s_flags_without_va
     assert groups["which runs: the grid"][0].startswith("ufm.py's flags that select a run")
 
 
+def test_measure_features_py_groups_its_input_and_output(capsys, monkeypatch):
+    assert sections(measure_features.parse_args, capsys, monkeypatch) == {
+        "options": HELP, "input": ["FILE", "--min-class-samples"], "output": ["--out"]}
+
+
 def test_paper_scale_groups_preparation_the_run_precision_and_output(capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location("paper_scale_script", REPO / "scripts" / "paper_scale.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert sections(module.parse_args, capsys, monkeypatch) == {
         "options": HELP, "preparation": ["--prepare", "--source"],
-        "the run": ["--tiny", "--data-root", "--seeds", "--epochs", "--num-checkpoints", "-- FLAGS"],
-        "precision and speed": ["--precision", "--probe", "--compile"],
+        "the run": ["--tiny", "--resume", "--skip-check", "--data-root", "--seeds", "--epochs", "--num-checkpoints",
+                    "-- FLAGS"],
+        "precision and speed": ["--precision", "--compile", "--compile-grace"],
         "deadline and output": ["--deadline", "--results", "--out", "--runs-dir"]}
 
 

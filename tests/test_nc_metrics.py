@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nc_metrics import (METRIC_KEYS, STATS_KEYS, FeatureStats, calibration_bins, collapse_metrics,
-                        expected_calibration_error, metrics_from_stats, ncc_mismatch, plane_coordinates,
+                        expected_calibration_error, metrics_from_stats, ncc_mismatch, pair_measures, plane_coordinates,
                         simplex_plane)
 
 SQRT2 = math.sqrt(2.0)
@@ -65,10 +65,10 @@ def test_features_on_their_class_means_have_zero_trace_ratio_and_cdnv():
 
 
 def test_simplex_etf_cosines_are_minus_one_over_c_minus_one():
-    from nc_metrics import pair_cosines
     for num_classes in (3, 10, 100):
-        cosines = pair_cosines(simplex_etf(num_classes, num_classes + 5))
-        assert torch.allclose(cosines, torch.full_like(cosines, -1.0 / (num_classes - 1)), atol=1e-12)
+        measured = pair_measures(simplex_etf(num_classes, num_classes + 5), memory=8 * 12 * 7 ** 2)  # tiles of 7
+        assert measured.cosine_mean == pytest.approx(-1.0 / (num_classes - 1), abs=1e-12)
+        assert measured.cosine_std < 1e-12 and measured.maxangle < 1e-12
 
 
 def test_equiangularity_counts_ordered_pairs_and_relates_to_the_other_conventions_by_a_factor():

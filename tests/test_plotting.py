@@ -15,6 +15,7 @@ import pytest
 import plotting
 import runs
 import studies
+import study_files
 from errors import UserError, run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -282,7 +283,8 @@ def write_study(root: Path, run_dirs: list[Path], varied: list[str]) -> Path:
              "grid": {key: list(dict.fromkeys(run[key] for run in settings)) for key in varied},
              "runs": [{"run_dir": str(run), "settings": {key: values[key] for key in varied}, "train": [],
                        "validate": [], "epochs": last} for run, values, last in zip(run_dirs, settings, epochs)]}
-    (folder / studies.STUDY_FILE).write_text(json.dumps(study))
+    (folder / study_files.STUDY_FILE).write_text(json.dumps(study))
+    studies.refresh_tables(folder)  # the tables a study's jobs write, which plotting reads
     return folder
 
 
@@ -562,7 +564,8 @@ def test_the_help_offers_table_1_as_the_table_subcommand(capsys):
     assert "Table 1" in capsys.readouterr().out
 
 
-OTHER_COLUMNS = ",nc1_trace_ratio,cdnv,etf_error_means,etf_error_weights,wh_alignment,hyperspherical_energy_means"
+OTHER_COLUMNS = (",nc1_trace_ratio,cdnv,etf_error_means,etf_error_weights,wh_alignment,hyperspherical_energy_means,"
+                 "gnc2_log_distance_var,unc3_dot_var,unc3_cosine_var")
 
 
 def with_other_measures(folder: Path) -> Path:
@@ -570,7 +573,7 @@ def with_other_measures(folder: Path) -> Path:
     (the energy towards the simplex value of its 4 classes, sqrt(3/8))."""
     rows = (folder / "nc_metrics.csv").read_text().splitlines()
     extended = [rows[0] + OTHER_COLUMNS] + [row + "," + ",".join(f"{value / (index + 1):.6g}" for value in
-                                                                 (2.0, 5.0, 0.9, 0.5, 1.1, 0.3))
+                                                                 (2.0, 5.0, 0.9, 0.5, 1.1, 0.3, 0.2, 4.0, 0.1))
                                             for index, row in enumerate(rows[1:])]
     (folder / "nc_metrics.csv").write_text("\n".join(extended) + "\n")
     return folder
@@ -586,7 +589,7 @@ def test_figure_9_overlays_runs_and_groups_them(tmp_path):
                                               "--group-by", "classifier"])) == 0
     assert {path.name for path in out.iterdir()} == NC_FILES | {"fig9_other_measures.png"}
     width, height = png_size(out / "fig9_other_measures.png")
-    assert width == 1800 and height >= 1050  # 12x7 in, taller by its legend
+    assert width == 2700 and height >= 1050  # 18x7 in, taller by its legend
     # A table measured before these columns existed draws Figures 2-7 alone.
     assert {path.name for path in plotting.plot_runs([write_run(tmp_path / "old")], tmp_path / "old_out")} == NC_FILES
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import config
+import engine
 import train
 
 
@@ -44,7 +45,7 @@ def test_learning_rate_drops_tenfold_after_epochs_116_and_233():
     settings = settings_for("--dataset", "CIFAR10")
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([parameter], lr=settings["lr"], momentum=0.9)
-    scheduler = train.make_scheduler(optimizer, settings)
+    scheduler = engine.make_scheduler(optimizer, settings)
     used = {}
     for epoch in range(1, 351):  # as train.py: read the rate, train the epoch, step after it
         used[epoch] = optimizer.param_groups[0]["lr"]

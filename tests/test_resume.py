@@ -4,15 +4,18 @@ import copy
 import errno
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import config
+import errors
 import runs
 import train
 from errors import UserError
@@ -60,6 +63,46 @@ def test_a_killed_run_resumes_to_the_uninterrupted_one(uninterrupted, tmp_path, 
         assert all(torch.equal(expected[key], got[key]) for key in expected), name
     assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == \
         ["epoch_0001.pt", "epoch_0002.pt", "epoch_0004.pt"]
+
+
+@pytest.mark.slow
+def test_last_pt_at_the_checkpoints_only_resumes_to_the_uninterrupted_run(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    killed = command("tests/kill_harness.py", "steps", "7", *TINY, "--save-last", "checkpoint",
+                     "--run-dir", str(run_dir))  # at the first step of epoch 4, epoch 3's files written
+    assert killed.returncode == -9, killed.stderr
+    assert runs.load_checkpoint(run_dir / "last.pt")["epoch"] == 2  # epoch 3 has no analysis checkpoint
+    assert runs.read_log(run_dir)[-1]["epoch"] == 3
+    resumed = command("train.py", *TINY, "--save-last", "checkpoint", "--run-dir", str(run_dir))
+    assert resumed.returncode == 0 and "resuming after epoch 2" in resumed.stdout, resumed.stderr
+    assert _without_seconds(runs.read_log(run_dir)) == _without_seconds(runs.read_log(uninterrupted))
+    expected = torch.load(uninterrupted / "last.pt", weights_only=True)["model"]
+    got = torch.load(run_dir / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("save_last", ["epoch", "checkpoint"])
+def test_sigterm_stops_after_the_epoch_in_progress_with_its_files_and_the_run_resumes(tmp_path, save_last):
+    flags = [*TINY, "--epochs", "12", "--num-checkpoints", "2", "--save-last", save_last]
+    reference = tmp_path / "reference"
+    assert command("train.py", *flags, "--run-dir", str(reference)).returncode == 0
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), *flags, "--run-dir", str(run_dir)],
+                               env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not runs.read_log(run_dir) and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == errors.STOPPED, stderr
+    stopped = runs.read_log(run_dir)[-1]["epoch"]
+    assert 1 <= stopped < 12 and f"stopped by SIGTERM after epoch {stopped} of 12" in stdout
+    assert runs.load_checkpoint(run_dir / "last.pt")["epoch"] == stopped
+    resumed = command("train.py", *flags, "--run-dir", str(run_dir))
+    assert resumed.returncode == 0 and f"resuming after epoch {stopped}" in resumed.stdout, resumed.stderr
+    expected = torch.load(reference / "last.pt", weights_only=True)["model"]
+    got = torch.load(run_dir / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
 
 
 @pytest.mark.slow

@@ -131,18 +131,18 @@ def test_the_weight_decay_groups_hold_the_intended_parameters():
     body = {name for name in every if not name.startswith("fc.")}
 
     model = engine.build_model(settings(), CPU)
-    (group,) = train.make_optimizer(model, settings(), CPU).param_groups
+    (group,) = engine.make_optimizer(model, settings(), CPU).param_groups
     assert parameter_names(model, group) == every and group["weight_decay"] == 5e-4
 
     chosen = settings("--classifier-weight-decay", "0.01")
     model = engine.build_model(chosen, CPU)
-    rest, last = train.make_optimizer(model, chosen, CPU).param_groups
+    rest, last = engine.make_optimizer(model, chosen, CPU).param_groups
     assert parameter_names(model, rest) == body and rest["weight_decay"] == 5e-4
     assert parameter_names(model, last) == {"fc.weight", "fc.bias"} and last["weight_decay"] == 0.01
 
     fixed = settings("--classifier", "etf")
     model = engine.build_model(fixed, CPU)
-    (group,) = train.make_optimizer(model, fixed, CPU).param_groups
+    (group,) = engine.make_optimizer(model, fixed, CPU).param_groups
     assert parameter_names(model, group) == body  # the ETF is neither trained nor decayed
 
 
@@ -154,7 +154,7 @@ def test_each_group_decays_at_its_own_rate(optimizer):
                       "--optimizer", optimizer)
     model = engine.build_model(chosen, CPU)
     before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
-    step = train.make_optimizer(model, chosen, CPU)
+    step = engine.make_optimizer(model, chosen, CPU)
     (0 * model(torch.randn(2, 3, 32, 32)).sum()).backward()
     step.step()
     for name, parameter in model.named_parameters():

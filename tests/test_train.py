@@ -138,3 +138,15 @@ def test_evaluating_less_often_leaves_training_unchanged(tmp_path):
     dense = {row["epoch"]: row for row in runs.read_log(tmp_path / "every")}
     assert all(row["test_acc"] == dense[row["epoch"]]["test_acc"] for row in runs.read_log(tmp_path / "sparse")
                if row["test_acc"] is not None)
+
+
+def test_without_evaluation_the_test_columns_stay_empty_and_training_is_unchanged(tmp_path):
+    assert run_train(tmp_path / "every", "--epochs", "2", "--num-checkpoints", "1") == 0
+    assert run_train(tmp_path / "never", "--epochs", "2", "--num-checkpoints", "1", "--eval-every", "0") == 0
+    every = torch.load(tmp_path / "every" / "last.pt", weights_only=True)["model"]
+    never = torch.load(tmp_path / "never" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(every[key], never[key]) for key in every)
+    log = runs.read_log(tmp_path / "never")
+    assert [row["epoch"] for row in log] == [1, 2]
+    assert all(row[key] is None for row in log for key in ("test_loss", "test_acc", "test_ece"))
+

@@ -18,6 +18,7 @@ import config
 import plotting
 import runs
 import studies
+import study_files
 import sweep
 import ufm
 import unconstrained
@@ -274,6 +275,10 @@ def test_every_figure_of_a_run_draws_a_ufm_run(tmp_path):
     assert {path.name for path in written} == {*plotting.NC_FIGURES, plotting.OTHER_FILE, "panel.png",
                                                plotting.CURVES_FILE, plotting.MINORITY_FILE}
     assert all(path.read_bytes().startswith(b"\x89PNG") for path in written)
+
+
+def test_study_json_accepts_the_scripts_a_study_can_run():
+    assert set(study_files.SCRIPTS) == set(studies.TRAINERS)
 
 
 @pytest.mark.parametrize("flags", [[], ["--no-bias", "--weight-decay-bias", "1"]])
