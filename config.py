@@ -68,7 +68,10 @@ SETTING_NAMES = {"dataset": "", "model": "", "width": "width", "samples_per_clas
                  "optimizer": "", "lr": "lr", "momentum": "momentum", "weight_decay": "wd", "batch_size": "batch",
                  "lr_milestones": "milestones", "lr_gamma": "lr gamma", "augment": "augment",
                  "mixup_alpha": "mixup", "mixup_same_class": "same-class mixup", "precision": "", "seed": "seed",
-                 "classifier": "", "bias": "bias", "classifier_weight_decay": "classifier wd", "image_size": "size"}
+                 "classifier": "", "bias": "bias", "classifier_weight_decay": "classifier wd", "image_size": "size",
+                 # ufm.py's own (unconstrained.py), which a train.py run's config never holds
+                 "classes": "K", "dim": "d", "weight_decay_features": "λH", "weight_decay_classifier": "λW",
+                 "weight_decay_bias": "λb", "steps": "steps"}
 
 
 class FlagGroup(Protocol):
@@ -92,10 +95,7 @@ def add_selection_arguments(group: FlagGroup, selecting: bool = False) -> None:
         "module.path:function, your own: function(num_classes=C, in_channels=K, width=W) returns an nn.Module whose "
         "last layer is an nn.Linear (the module found on PYTHONPATH)")
     add("--width", type=positive_int, help="channel width; 64 is the paper's ResNet (default 64, 16 on synthetic)")
-    add("--loss", type=_loss_name, default="ce", help=f"{', '.join(losses.LOSSES)} (cross_entropy = ce; default ce)")
-    add("--target-scale", type=positive_float, help="kappa: regression targets are kappa * one-hot (mse, mae, smooth_l1; default 1)")
-    add("--label-smoothing", type=fraction, help="epsilon of label_smoothing (default 0.1)")
-    add("--focal-gamma", type=non_negative_float, help="gamma of focal (default 3)")
+    add_loss_arguments(add)
     add("--optimizer", choices=("sgd", "adam", "adamw"), help="default sgd, the paper's")
     add("--lr", type=positive_float, help="learning rate (default: the paper's grid value for the dataset "
         f"and model: {PAPER_LR[('CIFAR10', 'resnet18')]} for CIFAR10/resnet18, "
@@ -119,10 +119,7 @@ def add_selection_arguments(group: FlagGroup, selecting: bool = False) -> None:
         "another run, in its own folder (train.py --extend-to trains a run longer)")
     add("--augment", action="store_true", default=None,
         help="random 4-pixel crops and horizontal flips on the device (off in the paper; NC is always measured on clean data)")
-    add("--mixup-alpha", type=non_negative_float, metavar="ALPHA",
-        help="Mixup with lambda ~ Beta(alpha, alpha); 0 is off (default 0; Fisher et al. use 1)")
-    add("--mixup-same-class", action="store_true", default=None,
-        help="mix each example with another of its own class")
+    add_mixup_arguments(add)
     add("--precision", choices=("fp32", "bf16"), help="training precision: fp32 as the paper (default; on CUDA "
         "with PyTorch's defaults: TF32 convolutions, IEEE matmuls) or bf16 autocast (faster; see the README's "
         "evidence); measurement is always strict fp32")
@@ -136,6 +133,22 @@ def add_selection_arguments(group: FlagGroup, selecting: bool = False) -> None:
     add("--seed", type=seed, default=0, help="fixes initialisation, data order and subset: 0 to 2**32 - 1 "
         "(default 0)")
     add("--run-dir", type=Path, help="the run folder (default: runs/<DATASET>-<model>-<loss>-seed<seed>[-<non-default settings>])")
+
+
+def add_loss_arguments(add: Callable[..., object]) -> None:
+    """The flags of the loss and its parameters (train.py's and ufm.py's), through `add` (a group's add_argument)."""
+    add("--loss", type=_loss_name, default="ce", help=f"{', '.join(losses.LOSSES)} (cross_entropy = ce; default ce)")
+    add("--target-scale", type=positive_float, help="kappa: regression targets are kappa * one-hot (mse, mae, smooth_l1; default 1)")
+    add("--label-smoothing", type=fraction, help="epsilon of label_smoothing (default 0.1)")
+    add("--focal-gamma", type=non_negative_float, help="gamma of focal (default 3)")
+
+
+def add_mixup_arguments(add: Callable[..., object]) -> None:
+    """The flags of Mixup (train.py's and ufm.py's), through `add` (a group's add_argument)."""
+    add("--mixup-alpha", type=non_negative_float, metavar="ALPHA",
+        help="Mixup with lambda ~ Beta(alpha, alpha); 0 is off (default 0; Fisher et al. use 1)")
+    add("--mixup-same-class", action="store_true", default=None,
+        help="mix each example with another of its own class")
 
 
 def add_training_arguments(training: FlagGroup, data: FlagGroup | None = None,

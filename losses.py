@@ -12,7 +12,8 @@ averaged over the batch; e_y is the one-hot vector of y and kappa the target sca
     focal            -(1 - p_y)^gamma log p_y, p = softmax(z) (Lin et al. 2017; gamma = 0 is ce)
 
 The regression losses average over the classes, as torch's MSELoss does: summed, MSE's gradient is C
-times larger and the protocol's learning rate diverges in the first epoch.
+times larger and the protocol's learning rate diverges in the first epoch. Each loss is computed in float32,
+or in float64 from float64 logits.
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -76,7 +77,8 @@ def make_loss(name: str, num_classes: int, target_scale: float = 1.0, label_smoo
             return distance(z - target).mean()
 
     def loss(logits: torch.Tensor, targets: Targets) -> torch.Tensor:
-        logits = logits.float()
+        # At least float32: bf16 logits (autocast) are upcast, float64 ones (the UFM's, ufm.py) keep their precision.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if isinstance(targets, Mixed):
             return targets.lam * per_label(logits, targets.y_a) + (1 - targets.lam) * per_label(logits, targets.y_b)
         return per_label(logits, targets)

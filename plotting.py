@@ -28,14 +28,14 @@ columns as fit the width, wraps long labels, and adds its height to the figure's
 size whatever the number of runs. The title names the dataset and model and every setting that departs
 from the paper's protocol, and says when a run never reached zero training error.
 
-Epochs are on a log axis (the analysis checkpoints are log-spaced), and so are the quantities of
-Figures 2-6 and the losses, which fall towards 0 over orders of magnitude; Figure 7's mismatch, the
-accuracies and the ECE are proportions, on a linear axis. A log axis is labelled at 1, 2 and 5 times
-powers of ten, more densely where that would leave fewer than three labels (an axis spanning less than
-a decade). A log axis cannot show 0: such values are left out, which breaks the line there, and the
-legend adds "zeros not shown" (a row of epoch 0 is likewise left off the epoch axis). They are not
-clipped to a floor, which would draw a value that was never measured at a height set by an arbitrary
-constant.
+Epochs (steps for ufm.py's runs, as their config.json's time_unit says) are on a log axis (the analysis
+checkpoints are log-spaced), and so are the quantities of Figures 2-6 and the losses, which fall towards 0
+over orders of magnitude; Figure 7's mismatch, the accuracies and the ECE are proportions, on a linear axis.
+A log axis is labelled at 1, 2 and 5 times powers of ten, more densely where that would leave fewer than
+three labels (an axis spanning less than a decade). A log axis cannot show 0: such values are left out,
+which breaks the line there, and the legend adds "zeros not shown" (a row of epoch 0 is likewise left off
+the epoch axis). They are not clipped to a floor, which would draw a value that was never measured at a
+height set by an arbitrary constant.
 
 Table 1 (Papyan, Han & Donoho 2020) gives, per run, the TPT onset epoch and the test accuracy there and
 at the last measured checkpoint, and the change between them; with --group-by, per group of runs (the
@@ -76,6 +76,7 @@ VECTOR_METADATA = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}  # no t
 SINGLE_SIZE = (7.0, 5.0)  # every size is that of the figure without its legend, which adds its own height
 CURVES_SIZE = (15.0, 4.8)
 PANEL_SIZE = (12.0, 7.0)
+MINORITY_UNTESTED_SIZE = (12.0, 3.8)  # the Minority Collapse figure's top row alone
 OTHER_SIZE = (18.0, 7.0)  # Figure 9's 2x4 panels
 REPRESENTATIONS_SIZE = (6.5, 6.0)
 MAX_LEGEND_COLUMNS = 4
@@ -373,18 +374,21 @@ def minority_figure(run_dirs: list[Path], group_by: list[str] = ()) -> plt.Figur
     of the minority classes and of the majority classes (the grey line: a simplex's -1/(C-1)), and the test
     accuracy on each and on all classes, against epochs with the TPT onset; and each classifier row's norm
     against its class's training samples at each run's last measured checkpoint. Balanced runs, which have
-    no minority, show in the accuracy over all classes only."""
+    no minority, show in the accuracy over all classes only; where no run has a test split (ufm.py's runs),
+    the figure is the top row alone."""
     lines = _load_lines(run_dirs, NC_TABLE, group_by)
+    tested = any(_present(panel, lines) for panel in MINORITY_PANELS[2:])
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(2, 3, figsize=PANEL_SIZE, layout="constrained")
-        epoch_axes = [*axes[0, :2], *axes[1]]
+        fig, axes = plt.subplots(2 if tested else 1, 3, figsize=PANEL_SIZE if tested else MINORITY_UNTESTED_SIZE,
+                                 layout="constrained", squeeze=False)
+        epoch_axes = [*axes[0, :2], *(axes[1] if tested else [])]
         styles = set().union(*(_draw(ax, panel, lines) for ax, panel in zip(epoch_axes, MINORITY_PANELS)))
         simplex = -1 / (lines[0].configs[0].get("num_classes", 2) - 1)
         for ax in axes[0, :2]:
             ax.axhline(simplex, color="0.5", linewidth=1)
             ax.text(0.02, simplex, "simplex ETF, $-1/(C-1)$", transform=ax.get_yaxis_transform(), ha="left",
                     va="bottom", color="0.4", fontsize=9)
-        for row, floor in ((axes[0, :2], -1.0), (axes[1], 0.0)):  # one scale for what a reader compares
+        for row, floor in ((axes[0, :2], -1.0), *([(axes[1], 0.0)] if tested else [])):  # one scale to compare
             low, high = zip(*(ax.get_ylim() for ax in row))
             for ax in row:
                 ax.set_ylim(max(min(low), floor), max(high))
@@ -830,11 +834,17 @@ def _draw(ax: plt.Axes, panel: Panel, lines: list[_Line]) -> set[str]:
     if panel.log_y:
         ax.set_yscale("log")
         readable_log_ticks(ax.yaxis)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(_time_axis(lines))
     ax.set_ylabel(panel.ylabel)
     ax.set_title(panel.title)
     ax.grid(True, which="major", alpha=0.3)
     return drawn
+
+
+def _time_axis(lines: list[_Line]) -> str:
+    """The name of the tables' `epoch` column for the runs drawn: config.json's time_unit ("step" for ufm.py's
+    runs), "epoch" where it has none; both, "epoch / step", for a mix."""
+    return " / ".join(sorted({run.get("time_unit", "epoch") for line in lines for run in line.configs}))
 
 
 def _draw_norms(ax: plt.Axes, lines: list[_Line]) -> None:
@@ -873,14 +883,15 @@ def _present(panel: Panel, lines: list[_Line]) -> list[Quantity]:
 
 
 class _ReadableLogLocator(matplotlib.ticker.LogLocator):
-    """Ticks at 1, 2 and 5 times powers of ten (at powers of ten alone over more than 4 decades, such as a
-    fixed ETF's 1e-8, where matplotlib's LogLocator draws no tick at all given several subs); where that
+    """Ticks at 1, 2 and 5 times powers of ten (at powers of ten alone over more than 3 decades: there 1-2-5
+    labels run into one another, as on ufm.py's axis of thousands of steps, and over more than 4, such as a
+    fixed ETF's 1e-8, matplotlib's LogLocator draws no tick at all given several subs); where that
     leaves fewer than MIN_LOG_TICKS in view (an axis spanning less than a decade), at every integer multiple
     of them; and where even that does not, at evenly spaced round values."""
 
     def tick_values(self, vmin: float, vmax: float) -> np.ndarray:
         low, high = sorted((vmin, vmax))
-        wide = high / low > 1e4
+        wide = high / low > 1e3
         for subs in ((1.0,),) if wide else ((1.0, 2.0, 5.0), tuple(np.arange(1.0, 10.0))):
             self.set_params(subs=subs)
             ticks = super().tick_values(vmin, vmax)

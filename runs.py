@@ -9,6 +9,9 @@ A run folder holds everything about one training run:
     nc_metrics.csv         the collapse metrics of every analysis checkpoint (validate_nc.py)
     summary.json           a glance at both tables: epochs done, the TPT onset, the last numbers
 
+A run of ufm.py, the unconstrained-features model, has the same config.json, tables and summary.json (the
+tables' `epoch` column counting its steps, their test columns empty) and, instead of checkpoints, final.pt.
+
 Every file is written to a temporary file in the same folder, <name>.<process id>.<random>.tmp, created
 anew (never an existing file, never through a symbolic link), and renamed into place, so a kill never
 leaves a half-written file where a complete one is expected and a link planted in the folder is replaced,
@@ -120,7 +123,8 @@ NC_COLUMNS = ["epoch", "train_acc", "train_loss", "test_acc", "test_loss", "test
 # columns empty) and validate_nc.py measures them again.
 _NC_REQUIRED = [column for column in NC_COLUMNS if column not in OTHER_KEYS]
 # log.csv leaves the test columns empty on epochs --eval-every skips; nc_metrics.csv those that need a classifier
-# or held-out features where measure_features.py had none (validate_nc.py fills them all).
+# or held-out features where measure_features.py had none (validate_nc.py fills them all), and the test columns
+# of ufm.py's runs, which have no test split (both tables' `epoch` column counts its steps: config.json's time_unit).
 _MAY_BE_EMPTY = {"log.csv": {"test_loss", "test_acc", "test_ece"},
                  "nc_metrics.csv": {"train_acc", "train_loss", "test_acc", "test_loss", "test_ece", "ncc_mismatch_train",
                                     "ncc_mismatch_test", *CLASSIFIER_KEYS}}
@@ -159,32 +163,14 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path, epoch: int | None = None) -> dict:
-    """Load a checkpoint written by `save_checkpoint` into host memory, once every record of its archive
-    matches the CRC-32 stored at write time, with `weights_only=True` (a file that would run code while
-    loading is refused before anything runs); a corrupt, truncated or foreign file, one whose config is not
-    a run's, or one that holds another epoch than `epoch` (the one its name says), gets a message naming it.
+    """Load a checkpoint written by `save_checkpoint` into host memory (see `load_archive`); a corrupt,
+    truncated or foreign file, one whose config is not a run's, or one that holds another epoch than `epoch`
+    (the one its name says), gets a message naming it.
 
     Always to the CPU, whatever device the run trains on: the caller moves what it uses (weights by
     `load_state_dict`, which copies onto the parameters' device), and what must stay on the host stays
     there (the RNG states, which torch.set_rng_state takes only as CPU tensors)."""
-    try:
-        with open(path, "rb") as handle:  # one open file: what is checked is what is loaded
-            damage = _damage(handle)
-            if damage:
-                raise UserError(f"{path} is corrupt ({damage}: its bytes changed after it was written); restore "
-                                "it from a copy or delete it")
-            handle.seek(0)
-            state = torch.load(handle, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        culprit = re.search(r"GLOBAL ([\w.]+)", str(err))
-        if culprit is None:
-            raise UserError(f"{path} is corrupt or not a checkpoint written by train.py; delete it") from None
-        raise UserError(f"{path} asks to run code while loading ({culprit.group(1)}) and was refused; "
-                        "only load checkpoints written by train.py") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, UnicodeDecodeError, zipfile.BadZipFile,
-            NotImplementedError) as err:
-        reason = str(err).split(". ")[0] if str(err) else type(err).__name__
-        raise UserError(f"{path} is truncated or not a checkpoint ({reason}); delete it") from None
+    state = load_archive(path)
     if not isinstance(state, dict) or "model" not in state or not isinstance(state.get("config"), dict):
         raise UserError(f"{path} is not a checkpoint written by train.py (no model or config in it)")
     problems = config.settings_problems(state["config"], CONFIG_KEYS)
@@ -196,6 +182,31 @@ def load_checkpoint(path: Path, epoch: int | None = None) -> dict:
         raise UserError(f"{path} holds the checkpoint of epoch {state['epoch']}, not of epoch {epoch} as its name "
                         "says; give it back its own name, or delete it")
     return state
+
+
+def load_archive(path: Path, writer: str = "train.py"):
+    """What a file written by `save_checkpoint` holds, loaded into host memory once every record of its
+    archive matches the CRC-32 stored at write time, with `weights_only=True` (a file that would run code
+    while loading is refused before anything runs); a corrupt, truncated or foreign file gets a message naming
+    it and `writer`, the script that writes such files. The caller checks what it holds."""
+    try:
+        with open(path, "rb") as handle:  # one open file: what is checked is what is loaded
+            damage = _damage(handle)
+            if damage:
+                raise UserError(f"{path} is corrupt ({damage}: its bytes changed after it was written); restore "
+                                "it from a copy or delete it")
+            handle.seek(0)
+            return torch.load(handle, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        culprit = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if culprit is None:
+            raise UserError(f"{path} is corrupt or not a checkpoint written by {writer}; delete it") from None
+        raise UserError(f"{path} asks to run code while loading ({culprit.group(1)}) and was refused; "
+                        f"only load checkpoints written by {writer}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, UnicodeDecodeError, zipfile.BadZipFile,
+            NotImplementedError) as err:
+        reason = str(err).split(". ")[0] if str(err) else type(err).__name__
+        raise UserError(f"{path} is truncated or not a checkpoint ({reason}); delete it") from None
 
 
 def read_config(run_dir: Path, required: tuple[str, ...] = CONFIG_KEYS) -> dict | None:

@@ -6,7 +6,9 @@ four runs. Each run lives in the folder train.py itself chooses for its flags, s
 then `python validate_nc.py --run-dir <its folder>` (with the study's measurement flags: --layers,
 --test-collapse, --adversarial). A run that is done is never started again; a partial one resumes from its
 last.pt, which train.py does by itself; one trained but not completely measured or drawn gets validate_nc.py
-alone. A study's folder, studies/<name>/, holds:
+alone. A study of the unconstrained-features model (sweep.py --script ufm.py) takes ufm.py's selection flags
+instead, and its job is `python ufm.py <flags>` alone, which measures as it runs: its run is done once its
+final.pt is written, and started anew otherwise. A study's folder, studies/<name>/, holds:
 
     study.json      the grid as given (the command line) and expanded (every run's folder and commands)
     runs.csv        one row per run: its varied settings, status, folder, TPT onset, final numbers (an
@@ -38,18 +40,20 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 import config
 import plotting
 import runs
+import unconstrained
 from errors import ArgumentParser, UserError
 from nc_metrics import OTHER_KEYS, PAPER_KEYS
 from study_files import LOCK, MARKDOWN_TABLE, OUTCOMES_FILE, RUNS_TABLE, STUDY_FILE, Run, read_json, read_study_file
 
 REPO = Path(__file__).resolve().parent
-TRAIN, VALIDATE = REPO / "train.py", REPO / "validate_nc.py"
+TRAIN, VALIDATE, UFM = REPO / "train.py", REPO / "validate_nc.py", REPO / unconstrained.SCRIPT
 STUDIES = Path("studies")
 STATUSES = ("done", "failed", "busy", "pending")
 MEASUREMENT_FLAGS = ("--layers", "--test-collapse", "--adversarial")  # validate_nc.py's, passed on by a study
@@ -57,6 +61,24 @@ FINAL_COLUMNS = ["tpt_epoch", "tpt_test_acc", "last_epoch", "last_test_acc", *PA
                  "ncc_mismatch_train", "ncc_mismatch_test", *OTHER_KEYS]
 # tqdm redraws its bars several times a second, which in a log file is megabytes per long run.
 JOB_ENVIRONMENT = {"TQDM_MININTERVAL": "10", "PYTHONUNBUFFERED": "1"}
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """A script whose runs a study makes: its file, the functions that add its flags (those that select a run,
+    its other ones) and resolve them into a run's settings and folder, and the setting of a run's length."""
+    path: Path
+    add_selection: Callable[[config.FlagGroup], None]
+    add_other: Callable[[config.FlagGroup], None]
+    resolve: Callable[[argparse.Namespace], dict]
+    run_dir: Callable[[dict, argparse.Namespace], Path]
+    length: str
+
+
+TRAINERS = {"train.py": Trainer(TRAIN, config.add_selection_arguments, config.add_training_arguments,
+                                config.resolve_config, config.default_run_dir, "epochs"),
+            unconstrained.SCRIPT: Trainer(UFM, unconstrained.add_selection_arguments, unconstrained.add_run_arguments,
+                                          unconstrained.resolve_config, unconstrained.default_run_dir, "steps")}
 
 
 @dataclass(frozen=True)
@@ -70,36 +92,42 @@ class Study:
     runs: list
 
 
-def add_study_arguments(grid: config.FlagGroup, training: config.FlagGroup, measurement: config.FlagGroup) -> None:
-    """Into `grid`, train.py's selection flags, each taking one or more values (--run-dir excepted: every run
-    gets the folder train.py chooses; boolean flags and --lr-milestones take their one value) and --lr-grid;
-    into `training`, train.py's other flags, which every run receives unchanged; into `measurement`,
-    validate_nc.py's measurement flags, which every run's validate_nc.py receives."""
-    config.add_selection_arguments(_Flags(grid, several=True))
-    grid.add_argument("--lr-grid", action="store_true", help="instead of --lr, the paper's 25 learning rates, "
-                      "log-spaced on [1e-4, 0.25]; table.md then picks the best per group, as the paper did")
-    config.add_training_arguments(training)
-    config.add_measurement_arguments(measurement)
+def add_study_arguments(grid: config.FlagGroup, training: config.FlagGroup, measurement: config.FlagGroup | None,
+                        script: str = "train.py") -> None:
+    """Into `grid`, the selection flags of `script` (train.py's, or ufm.py's), each taking one or more values
+    (--run-dir excepted: every run gets the folder the script chooses; boolean flags and --lr-milestones take
+    their one value) and, for train.py, --lr-grid; into `training`, the script's other flags, which every run
+    receives unchanged; for train.py, into `measurement`, validate_nc.py's measurement flags, which every
+    run's validate_nc.py receives."""
+    trainer = TRAINERS[script]
+    trainer.add_selection(_Flags(grid, several=True))
+    trainer.add_other(training)
+    if script == "train.py":
+        grid.add_argument("--lr-grid", action="store_true", help="instead of --lr, the paper's 25 learning rates, "
+                          "log-spaced on [1e-4, 0.25]; table.md then picks the best per group, as the paper did")
+        config.add_measurement_arguments(measurement)
 
 
 def plan(args: argparse.Namespace, name: str, argv: list[str]) -> Study:
     """Every run of the study that the parsed flags describe, each checked as train.py checks its own flags,
-    so that a bad value or combination is refused before anything runs."""
-    parser, selection, training = _train_parser()
+    so that a bad value or combination is refused before anything runs. `args.script` (default train.py) names
+    the trainer whose flags they are."""
+    trainer = TRAINERS[getattr(args, "script", "train.py")]
+    parser, selection, training = _trainer_parser(trainer)
     grid = {dest: _values(getattr(args, dest), action) for dest, action in selection.items()}
-    if args.lr_grid:
+    if getattr(args, "lr_grid", False):
         if args.lr is not None:
             raise UserError("give --lr or --lr-grid, not both")
         grid["lr"] = lr_grid()
     varied = [dest for dest, values in grid.items() if len(values) > 1]
     # --download is sweep.py's, done once before any job starts; the jobs only read the data.
-    fixed = {dest: getattr(args, dest) for dest in training} | {"download": False}
-    measure = [flag for flag in MEASUREMENT_FLAGS if getattr(args, flag[2:].replace("-", "_"))]
-    if args.adversarial:
+    fixed = {dest: getattr(args, dest) for dest in training} | ({"download": False} if "download" in training else {})
+    measure = [flag for flag in MEASUREMENT_FLAGS if getattr(args, flag[2:].replace("-", "_"), False)]
+    if getattr(args, "adversarial", False):
         measure += ["--adversarial-samples", str(args.adversarial_samples)]
     planned: dict[str, Run] = {}
     for values in itertools.product(*grid.values()):
-        run = _run(parser, {**selection, **training}, {**dict(zip(grid, values)), **fixed}, varied, measure)
+        run = _run(parser, {**selection, **training}, {**dict(zip(grid, values)), **fixed}, varied, measure, trainer)
         earlier = planned.setdefault(run.run_dir, run)  # the same run twice (a value repeated) runs once
         if earlier.train != run.train:
             raise UserError(f"two runs of the grid would share the folder {run.run_dir}: {shlex.join(earlier.train)} "
@@ -117,8 +145,11 @@ def run_state(run: Run) -> str:
     """What the run's folder holds: `new` (no last.pt yet), `partial` (log.csv short of the run's epochs),
     `trained` (trained, but a checkpoint or a measurement the study asks for is not in nc_metrics.csv, or
     summary.json or a figure is missing: validate_nc.py alone completes it) or `done`. A summary.json that
-    is not a run's summary is a UserError."""
+    is not a run's summary is a UserError. A run of ufm.py is `done` or `new`: it measures as it runs, and
+    starts anew where it did not finish."""
     run_dir = Path(run.run_dir)
+    if run.script == unconstrained.SCRIPT:
+        return "done" if unconstrained.finished(run_dir, run.epochs) else "new"
     if not (run_dir / "last.pt").exists():
         return "new"
     log = runs.read_log(run_dir)
@@ -150,9 +181,12 @@ def start(study: Study) -> None:
 
 def commands(run: Run, state: str = "new") -> list[list[str]]:
     """The commands of a run's job in `state`, as the job starts them: train.py, then validate_nc.py; for a
-    run trained already, validate_nc.py alone."""
+    run trained already, validate_nc.py alone; ufm.py alone for a run of the unconstrained-features model."""
+    trainer = [sys.executable, str(TRAINERS[run.script].path), *run.train]
+    if run.script == unconstrained.SCRIPT:
+        return [trainer]
     validate = [sys.executable, str(VALIDATE), *run.validate]
-    return [validate] if state == "trained" else [[sys.executable, str(TRAIN), *run.train], validate]
+    return [validate] if state == "trained" else [trainer, validate]
 
 
 @dataclass(frozen=True)
@@ -258,13 +292,14 @@ def _takes_one_value(options: dict) -> bool:
     return options.get("action") is None and "nargs" not in options
 
 
-def _train_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action], dict[str, argparse.Action]]:
-    """A parser of train.py's command line, built by the two functions train.py builds its own with, and
+def _trainer_parser(trainer: Trainer) -> tuple[argparse.ArgumentParser, dict[str, argparse.Action],
+                                                dict[str, argparse.Action]]:
+    """A parser of the trainer's command line, built by the two functions the script builds its own with, and
     the actions of its selection flags (without --run-dir) and of its other flags, by dest."""
     parser = ArgumentParser(None)
     selection, training = _Flags(parser), _Flags(parser)
-    config.add_selection_arguments(selection)
-    config.add_training_arguments(training)
+    trainer.add_selection(selection)
+    trainer.add_other(training)
     selection.actions.pop("run_dir")
     return parser, selection.actions, training.actions
 
@@ -276,9 +311,9 @@ def _values(value, action: argparse.Action) -> list:
 
 
 def _run(parser: argparse.ArgumentParser, actions: dict[str, argparse.Action], values: dict,
-         varied: list[str], measure: list[str]) -> Run:
-    """The run of one combination: train.py's arguments for it, and the folder train.py will choose for
-    them, found by parsing and resolving those arguments exactly as train.py does. A setting the run does
+         varied: list[str], measure: list[str], trainer: Trainer = TRAINERS["train.py"]) -> Run:
+    """The run of one combination: the trainer's arguments for it, and the folder it will choose for them,
+    found by parsing and resolving those arguments exactly as the trainer does. A setting the run does
     not use (--focal-gamma with ce, --momentum with adam) is left out of its command: `--loss ce focal
     --focal-gamma 1 3` is one ce run and two focal runs. Its validate_nc.py gets the folder, the device and
     the study's measurement flags, `measure`."""
@@ -287,15 +322,17 @@ def _run(parser: argparse.ArgumentParser, actions: dict[str, argparse.Action], v
         if value != parser.get_default(dest):
             argv += _flag(actions[dest], value)
     args = parser.parse_args(argv)
-    settings = config.resolve_config(args)
+    settings = trainer.resolve(args)
     unused = [dest for dest, value in values.items()
               if value is not None and dest in settings and settings[dest] is None]
     if unused:
-        return _run(parser, actions, {**values, **dict.fromkeys(unused)}, varied, measure)
-    run_dir = str(config.default_run_dir(settings, args))
+        return _run(parser, actions, {**values, **dict.fromkeys(unused)}, varied, measure, trainer)
+    run_dir = str(trainer.run_dir(settings, args))
+    length = getattr(args, "extend_to", None) or settings[trainer.length]
+    if trainer.path.name == unconstrained.SCRIPT:  # which measures its runs itself: no validate_nc.py
+        return Run(run_dir, {key: values[key] for key in varied}, argv, [], length, unconstrained.SCRIPT)
     device = ["--device", args.device] if args.device != parser.get_default("device") else []
-    return Run(run_dir, {key: values[key] for key in varied}, argv, ["--run-dir", run_dir, *device, *measure],
-               args.extend_to or settings["epochs"])
+    return Run(run_dir, {key: values[key] for key in varied}, argv, ["--run-dir", run_dir, *device, *measure], length)
 
 
 def _flag(action: argparse.Action, value) -> list[str]:
@@ -344,7 +381,7 @@ def _steps(run: Run, state: str, log, environment: dict[str, str]) -> dict | Non
     another process may be writing into too."""
     run_dir = Path(run.run_dir)
     for command in commands(run, state):
-        training, script = command[1] == str(TRAIN), Path(command[1]).name
+        training, script = command[1] != str(VALIDATE), Path(command[1]).name
         held, before = _training_lock(run_dir) if training else (False, "")
         if held:
             return _busy(run_dir, before)
@@ -427,11 +464,15 @@ def _write_tables(study_dir: Path, outcomes: dict) -> list[dict]:
     usual ones."""
     study = read_study_file(study_dir / STUDY_FILE)
     varied = study["varied"]
-    rows = [_row(Run(**run), varied, outcomes.get(run["run_dir"])) for run in study["runs"]]
-    columns = [*varied, "status", "run_dir", *FINAL_COLUMNS]
+    # ufm.py's runs have no test split: no test columns, and no learning rate chosen by test error
+    tested = all(run.get("script", "train.py") == "train.py" for run in study["runs"])
+    untested = set() if tested else {column for column in FINAL_COLUMNS if "test" in column}
+    rows = [{key: value for key, value in _row(Run(**run), varied, outcomes.get(run["run_dir"])).items()
+             if key not in untested} for run in study["runs"]]
+    columns = [*varied, "status", "run_dir", *(column for column in FINAL_COLUMNS if column not in untested)]
     columns += list(dict.fromkeys(key for row in rows for key in row if key not in {*columns, "reason"}))
     choices = []
-    if "lr" in varied:
+    if "lr" in varied and tested:
         choices = select_lr(rows, varied)
         chosen = {tuple(choice[key] for key in varied if key != "seed") for choice in choices}
         for row in rows:

@@ -15,15 +15,21 @@ STUDY_FILE, OUTCOMES_FILE, RUNS_TABLE, MARKDOWN_TABLE, LOCK = (
     "study.json", "outcomes.json", "runs.csv", "table.md", ".tables.lock")
 
 
+# The scripts whose runs a study makes (studies.TRAINERS): train.py, and ufm.py (the unconstrained-features model).
+SCRIPTS = ("train.py", "ufm.py")
+
+
 @dataclass(frozen=True)
 class Run:
     """One run of a study: its folder, its values of the study's varied settings, the arguments of its two
-    commands (after the script's name) and the epochs it is to reach."""
+    commands (after the script's name: the trainer's and validate_nc.py's, none for ufm.py), the epochs (or
+    ufm.py's steps) it is to reach, and its trainer, `script` (one of SCRIPTS)."""
     run_dir: str
     settings: dict
     train: list
     validate: list
     epochs: int
+    script: str = "train.py"
 
 
 def read_study(study_dir: Path) -> dict:
@@ -67,7 +73,9 @@ def _is_study(study) -> bool:
     return (isinstance(study, dict) and isinstance(study.get("name"), str) and isinstance(study.get("grid"), dict)
             and all(isinstance(study.get(key), list) for key in ("argv", "varied", "runs"))
             and all(isinstance(word, str) for word in study["argv"] + study["varied"])
-            and all(isinstance(run, dict) and set(run) == fields and isinstance(run["run_dir"], str)
+            # a study.json written before ufm.py's studies has no `script`: its runs are train.py's
+            and all(isinstance(run, dict) and fields - {"script"} <= set(run) <= fields
+                    and run.get("script", "train.py") in SCRIPTS and isinstance(run["run_dir"], str)
                     and isinstance(run["settings"], dict) and set(study["varied"]) <= set(run["settings"])
                     and isinstance(run["train"], list) and isinstance(run["validate"], list)
                     and isinstance(run["epochs"], int) for run in study["runs"]))

@@ -5,6 +5,7 @@
     python sweep.py --name cifar10 --dataset CIFAR10 --model vgg11 resnet18 densenet121 --lr-grid \\
         --executor slurm --partition gpu --time 600                                 # one Slurm array job
     python sweep.py ... --dry-run         # the runs, their status and the submission; runs and writes nothing
+    python sweep.py --script ufm.py --name minority --no-bias --imbalance 1 10 100 1000   # the UFM's runs
 
 Every flag of train.py that selects a run takes one or more values, and the study is their product; the
 others (--num-checkpoints, --device, --deterministic, ...) go to every run unchanged, except --download, which
@@ -14,7 +15,8 @@ in the folder train.py chooses; its job runs `python train.py ...`, then `python
 runs.csv, table.md and a log per run (see studies.py). The same command run again skips the runs that are
 done and resumes the others, so it completes a study after a crash, a pre-emption or Slurm requeues that
 ran out. A run that another process is training is reported busy and left to it. Exit status 1 if a run
-failed, 0 otherwise.
+failed, 0 otherwise. With --script ufm.py the grid is made of ufm.py's flags (`sweep.py --script ufm.py
+--help` lists them) and each job is `python ufm.py ...` alone (docs/ufm.md).
 """
 import argparse
 import collections
@@ -41,17 +43,23 @@ SIGNAL_JITTER_S, MAX_SIGNAL_LEAD_S, MIN_TIME = 60, 90, 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script = _script(argv)  # whose flags make the grid, known before the parser that takes them is built
     parser = ArgumentParser(__doc__)
-    grid = parser.add_argument_group("which runs: the grid", "train.py's flags that select a run, each taking "
+    grid = parser.add_argument_group("which runs: the grid", f"{script}'s flags that select a run, each taking "
                                      "one or more values: the study is every combination of them.")
-    training = parser.add_argument_group("training", "train.py's other flags, which every run receives unchanged "
-                                         "(--download excepted: sweep.py fetches each dataset once, before any job).")
-    measurement = parser.add_argument_group("measurement", "validate_nc.py's measurements beyond Figures 2-7, "
-                                            "which every run's validate_nc.py receives.")
+    training = parser.add_argument_group("training", f"{script}'s other flags, which every run receives unchanged" +
+                                         (" (--download excepted: sweep.py fetches each dataset once, before any job)."
+                                          if script == "train.py" else "."))
+    measurement = None if script != "train.py" else parser.add_argument_group(
+        "measurement", "validate_nc.py's measurements beyond Figures 2-7, which every run's validate_nc.py receives.")
     study = parser.add_argument_group("the study", "Its folder, where and how its runs run.")
     slurm = parser.add_argument_group("Slurm", "With --executor slurm: the array job's resources.")
-    studies.add_study_arguments(grid, training, measurement)
+    studies.add_study_arguments(grid, training, measurement, script)
     add = study.add_argument
+    add("--script", choices=tuple(studies.TRAINERS), default="train.py", help="the script of the study's runs: "
+        "train.py (default), or ufm.py, the unconstrained-features model, whose flags then make the grid (see "
+        "sweep.py --script ufm.py --help)")
     add("--name", required=True, type=_study_name, help="the study's folder is studies/NAME/; the same command "
         "run again finds it there and completes the study")
     add("--executor", choices=("local", "slurm"), default="local", help="local: on this machine (default); "
@@ -75,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--sbatch", type=_sbatch_option, nargs="+", default=[], metavar="KEY=VALUE",
         help="further sbatch options, e.g. account=ABC qos=high mem=32G")
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.argv = argv
     return args
 
 
@@ -90,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     began = time.perf_counter()
     studies.start(study)
-    if args.download:
+    if getattr(args, "download", False):
         for dataset in study.grid["dataset"]:
             datasets.fetch(dataset, args.data_root)  # here, once: jobs fetching into one folder at once would race
     for run in study.runs:
@@ -189,6 +197,15 @@ def _print_plan(study: studies.Study, states: dict[str, str], todo: list[study_f
     for index, run in enumerate(todo):
         job = studies.commands(run, states[run.run_dir])
         print(f"  job {index}: " + " && ".join(shlex.join(command) for command in job))
+
+
+def _script(argv: list[str]) -> str:
+    """The --script of a command line (train.py if none), read before its other flags, which depend on it; an
+    unknown one is left for the full parser to refuse."""
+    chooser = argparse.ArgumentParser(add_help=False)
+    chooser.add_argument("--script")
+    given = chooser.parse_known_args(argv)[0].script
+    return given if given in studies.TRAINERS else "train.py"
 
 
 def _study_name(text: str) -> str:

@@ -9,6 +9,7 @@ import pytest
 import measure_features
 import sweep
 import train
+import ufm
 import validate_nc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,6 +23,14 @@ TRAINING = ["--extend-to", "--num-checkpoints", "--eval-every", "--save-last", "
             "--sync-bn"]
 DATA = ["--data-root", "--download", "--device"]
 MEASUREMENT = ["--layers", "--test-collapse", "--adversarial", "--adversarial-samples"]
+# ufm.py's flags that select a run, and its others.
+UFM_SELECTION = ["--classes", "--dim", "--per-class", "--loss", "--target-scale", "--label-smoothing", "--focal-gamma",
+                 "--no-bias", "--weight-decay-features", "--weight-decay-classifier", "--weight-decay-bias",
+                 "--imbalance", "--imbalance-profile", "--mixup-alpha", "--mixup-same-class", "--optimizer", "--lr",
+                 "--batch-size", "--steps", "--precision", "--seed", "--run-dir"]
+UFM_OTHER = ["--num-checkpoints", "--device"]
+STUDY = ["--script", "--name", "--executor", "--parallel", "--dry-run"]
+SLURM = ["--partition", "--gpus-per-job", "--cpus-per-job", "--time", "--max-parallel", "--sbatch"]
 HELP = ["-h"]  # argparse's own group, "options", holds only --help
 
 
@@ -51,9 +60,20 @@ def test_validate_nc_py_groups_the_run_it_selects_measurement_output_and_the_rep
 def test_sweep_py_groups_the_grid_training_measurement_the_study_and_slurm(capsys, monkeypatch):
     assert sections(sweep.parse_args, capsys, monkeypatch) == {
         "options": HELP, "which runs: the grid": [*SELECTION[:-1], "--lr-grid"],
-        "training": [*TRAINING, *DATA, "--tensorboard"], "measurement": MEASUREMENT,
-        "the study": ["--name", "--executor", "--parallel", "--dry-run"],
-        "Slurm": ["--partition", "--gpus-per-job", "--cpus-per-job", "--time", "--max-parallel", "--sbatch"]}
+        "training": [*TRAINING, *DATA, "--tensorboard"], "measurement": MEASUREMENT, "the study": STUDY,
+        "Slurm": SLURM}
+
+
+def test_ufm_py_groups_which_run_and_measurement(capsys, monkeypatch):
+    assert sections(ufm.parse_args, capsys, monkeypatch) == {
+        "options": HELP, "which run": UFM_SELECTION, "measurement and device": UFM_OTHER}
+
+
+def test_sweep_py_with_script_ufm_py_makes_its_grid_of_ufm_py_s_flags_without_validate_nc_py_s(capsys, monkeypatch):
+    groups = help_sections(help_text(lambda argv: sweep.parse_args(["--script", "ufm.py", *argv]), capsys, monkeypatch))
+    assert flags(groups) == {"options": HELP, "which runs: the grid": UFM_SELECTION[:-1], "training": UFM_OTHER,
+                             "the study": STUDY, "Slurm": SLURM}
+    assert groups["which runs: the grid"][0].startswith("ufm.py's flags that select a run")
 
 
 def test_measure_features_py_groups_its_input_and_output(capsys, monkeypatch):

@@ -37,6 +37,18 @@ def test_regression_losses_average_the_distance_to_the_scaled_one_hot_target(nam
     assert loss(LOGITS, LABELS).item() == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("name", losses.LOSSES)
+def test_float64_logits_keep_float64_in_every_loss_and_half_precision_ones_are_upcast(name):
+    # log(1 + 2 + 3) is cross-entropy's value at logits [0, log 2, log 3] for label 0; float32 rounding would
+    # put it 1e-8 off at least, float64 within 1e-15.
+    logits = torch.tensor([[0.0, math.log(2), math.log(3)]], dtype=torch.float64)
+    loss = losses.make_loss(name, num_classes=3)
+    assert loss(logits, torch.tensor([0])).dtype == torch.float64
+    assert loss(logits.bfloat16(), torch.tensor([0])).dtype == torch.float32
+    if name == "ce":
+        assert abs(loss(logits, torch.tensor([0])).item() - math.log(6)) < 1e-15
+
+
 def test_cross_entropy_and_its_alias():
     expected = batch_mean(lambda log_p, y: -log_p[y])
     for name in ("ce", "cross_entropy", "CE"):

@@ -594,6 +594,19 @@ def test_figure_9_overlays_runs_and_groups_them(tmp_path):
     assert {path.name for path in plotting.plot_runs([write_run(tmp_path / "old")], tmp_path / "old_out")} == NC_FILES
 
 
+@pytest.mark.parametrize("last, expected", [(350, [1, 2, 5, 10, 20, 50, 100, 200]), (5000, [1, 10, 100, 1000])])
+def test_a_log_axis_labels_1_2_5_over_three_decades_and_powers_of_ten_beyond(last, expected):
+    """The paper's 350 epochs keep their 1-2-5 labels; ufm.py's 5000 steps would get 13, running into one another."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    ax.plot([1, last], [1, 2])
+    ax.set_xscale("log")
+    plotting.readable_log_ticks(ax.xaxis)
+    left, right = ax.get_xlim()
+    assert [tick for tick in ax.xaxis.get_majorticklocs() if left <= tick <= right] == expected
+    plt.close(fig)
+
+
 def test_a_log_axis_over_many_decades_keeps_labelled_ticks():
     """A fixed ETF classifier's Figure 2-4 values are ~1e-8 beside the means' ~0.1: matplotlib's LogLocator
     with several subs draws no tick at all over such a range."""
