@@ -41,6 +41,10 @@ Table 1 (Papyan, Han & Donoho 2020) gives, per run, the TPT onset epoch and the 
 at the last measured checkpoint, and the change between them; with --group-by, per group of runs (the
 seeds of one setting) their mean with the range [minimum, maximum].
 """
+from errors import ArgumentParser, UserError, interrupt_quietly, run_cli
+
+interrupt_quietly(__name__)  # before the imports below: Ctrl-C while torch's loads (seconds) is one line too
+
 import argparse
 import sys
 from collections.abc import Iterator
@@ -64,7 +68,6 @@ import config
 import datasets
 import runs
 import study_files
-from errors import ArgumentParser, UserError, run_cli
 
 DPI = 150
 # >= 10 pt at the saved size; vector files keep text as text (searchable, editable, reproducible).

@@ -16,6 +16,10 @@ done and resumes the others, so it completes a study after a crash, a pre-emptio
 ran out. A run that another process is training is reported busy and left to it. Exit status 1 if a run
 failed, 0 otherwise.
 """
+from errors import ArgumentParser, interrupt_quietly, run_cli
+
+interrupt_quietly(__name__)  # before the imports below: Ctrl-C while torch's loads (seconds) is one line too
+
 import argparse
 import collections
 import os
@@ -31,7 +35,6 @@ import config
 import datasets
 import studies
 import study_files
-from errors import ArgumentParser, run_cli
 
 SLURM_FOLDER = "slurm"  # in the study's folder: submitit's pickles and its own logs of each job
 # Slurm sends a job its --signal "up to 60 seconds earlier than specified" (sbatch(1)). submitit asks for
