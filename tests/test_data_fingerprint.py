@@ -105,12 +105,14 @@ def test_a_renamed_image_that_reorders_its_class_is_other_data(copied):
         validate(run_dir, "--recompute")
 
 
+@pytest.mark.slow
 def test_the_same_images_in_another_folder_are_the_same_data(copied, capsys):
     images, run_dir = copied
     assert validate(run_dir, "--recompute") == 0
     assert "warning" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_changed_cifar_batch_is_refused_and_a_gzipped_copy_of_the_same_is_not(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(datasets.SPLIT_SIZES, "CIFAR10", (30, 20))  # the copies stand for the full splits
     root = write_cifar10(tmp_path / "data", list(range(10)) * 3)
@@ -144,6 +146,7 @@ def test_a_synthetic_run_is_refused_when_its_generator_changed(tmp_path, monkeyp
     assert not (run_dir / "nc_metrics.csv").exists()
 
 
+@pytest.mark.slow
 def test_a_run_from_before_fingerprints_is_measured_with_a_one_line_warning(folder_run, tmp_path, capsys):
     _, original, _ = folder_run
     run_dir = Path(shutil.copytree(original, tmp_path / "run"))

@@ -112,6 +112,7 @@ def test_ratios_of_whole_counts_and_every_exp_curve_are_accepted(classes, per_cl
 
 # ------------------------------------------------------------------ 3: zeros and one point on log axes
 
+@pytest.mark.slow
 def test_one_sample_per_class_is_measured_and_every_figure_drawn(tmp_path):
     """With one image per class the within-class variation is exactly 0 at every checkpoint."""
     run_dir = tmp_path / "run"
@@ -246,6 +247,7 @@ def test_a_log_beyond_the_first_checkpoint_without_last_pt_is_still_refused(trai
 
 # ------------------------------------------------------------------ 8-9: extensions
 
+@pytest.mark.slow
 def test_extending_a_run_stopped_early_gives_the_run_finished_then_extended(tmp_path, monkeypatch):
     flags = [*TINY, "--epochs", "6", "--num-checkpoints", "4"]
     early, finished = tmp_path / "early", tmp_path / "finished"
@@ -360,6 +362,7 @@ def test_following_a_run_that_diverged_before_any_checkpoint_exits_1_with_the_re
         "continue it, with validate_nc.py --follow beside it")
 
 
+@pytest.mark.slow
 def test_following_a_run_stopped_early_measures_what_it_reached_and_exits_1(tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     stopped_after(2, [*TINY, "--epochs", "4", "--num-checkpoints", "4", "--run-dir", str(run_dir)], monkeypatch)
