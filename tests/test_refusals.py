@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
+import config
 import datasets
 import engine
 import models
@@ -263,6 +264,12 @@ def test_extending_a_run_stopped_early_gives_the_run_finished_then_extended(tmp_
     assert [row["lr"] for row in runs.read_log(early)] == [row["lr"] for row in runs.read_log(finished)]
     ours, theirs = (runs.load_checkpoint(folder / "last.pt")["model"] for folder in (early, finished))
     assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
+
+
+def test_an_extended_run_has_the_checkpoints_of_each_length_over_the_epochs_it_added():
+    """6 epochs with 4 checkpoints are 1, 2, 3, 6; 8 epochs with 4 are 1, 2, 4, 8, of which 8 comes after 6."""
+    assert config.analysis_epochs({"epochs": 8, "num_checkpoints": 4, "extended_from": [6]}) == [1, 2, 3, 6, 8]
+    assert config.analysis_epochs({"epochs": 6, "num_checkpoints": 4}) == [1, 2, 3, 6]
 
 
 @pytest.mark.parametrize("flag", ["--extend-to", "--epochs"])
