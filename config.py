@@ -26,6 +26,12 @@ from errors import UserError
 PAPER_LR = {("CIFAR10", "resnet18"): 0.1302501827396728, ("CIFAR100", "resnet50"): 0.18045095091164853}
 OTHER_LR = 0.0679
 ADAPTIVE_LR = 1e-3  # Adam and AdamW diverge at the SGD rates above
+# The longest run a flag may ask for: a hundred thousand epochs, far beyond any study of collapse (the paper
+# trains 350), so that a mistyped length is refused instead of training, and being followed, for ever.
+MAX_EPOCHS = 100_000
+# The optimizers hand the learning rate, the weight decays and the rate after each milestone to float32
+# kernels, which cannot take a number beyond float32's largest.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 PROTOCOL = {"model": "resnet18", "width": 64, "epochs": 350, "batch_size": 128, "momentum": 0.9,
             "weight_decay": 5e-4, "lr_gamma": 0.1, "num_checkpoints": 50, "optimizer": "sgd",
@@ -51,6 +57,14 @@ RESULT_KEYS = ("dataset", "model", "width", "loss", "target_scale", "label_smoot
 # Result-changing settings added after runs were first written: what a config.json that lacks them meant.
 ADDED_SETTINGS = {"imbalance": 1.0, "classifier": "learned", "bias": True, "classifier_weight_decay": None,
                   "image_size": None}
+
+# The settings that only some runs have, and which runs: `resolve_config` leaves them None for the others,
+# where their flags are refused (sweep.py leaves them out of those runs' commands).
+APPLIES_TO = {"image_size": "folder:PATH datasets",
+              "target_scale": f"the regression losses ({', '.join(losses.REGRESSION_LOSSES)})",
+              "label_smoothing": "--loss label_smoothing", "focal_gamma": "--loss focal",
+              "momentum": "--optimizer sgd", "imbalance_profile": "--imbalance above 1",
+              "bias": "--classifier learned", "classifier_weight_decay": "--classifier learned"}
 
 # How a non-default setting shows in the run folder's name.
 NAME_TAGS = (("width", "w"), ("samples_per_class", "spc"), ("imbalance", "imb"), ("epochs", "ep"), ("optimizer", ""), ("lr", "lr"),
@@ -97,15 +111,15 @@ def add_selection_arguments(group: FlagGroup, selecting: bool = False) -> None:
     add("--width", type=positive_int, help="channel width; 64 is the paper's ResNet (default 64, 16 on synthetic)")
     add_loss_arguments(add)
     add("--optimizer", choices=("sgd", "adam", "adamw"), help="default sgd, the paper's")
-    add("--lr", type=positive_float, help="learning rate (default: the paper's grid value for the dataset "
+    add("--lr", type=rate, help="learning rate (default: the paper's grid value for the dataset "
         f"and model: {PAPER_LR[('CIFAR10', 'resnet18')]} for CIFAR10/resnet18, "
         f"{PAPER_LR[('CIFAR100', 'resnet50')]} for CIFAR100/resnet50, else {OTHER_LR}; {ADAPTIVE_LR} for adam(w))")
     add("--momentum", type=fraction, help="SGD momentum (default 0.9)")
-    add("--weight-decay", type=non_negative_float, help="default 5e-4")
+    add("--weight-decay", type=decay, help="default 5e-4")
     add("--batch-size", type=positive_int, help="training batch size (default 128)")
     add("--lr-milestones", type=positive_int, nargs="+", metavar="EPOCH",
         help="multiply the learning rate by --lr-gamma after these epochs (default: epochs/3 and 2*epochs/3)")
-    add("--lr-gamma", type=positive_float, help="learning-rate factor at each milestone (default 0.1)")
+    add("--lr-gamma", type=rate, help="learning-rate factor at each milestone (default 0.1)")
     add("--samples-per-class", type=positive_int, metavar="K",
         help="train on a seeded class-balanced subset of K images per class, or with --imbalance K of the largest "
         "classes (default: the largest balanced subset)")
@@ -115,8 +129,8 @@ def add_selection_arguments(group: FlagGroup, selecting: bool = False) -> None:
     add("--imbalance-profile", choices=datasets.IMBALANCE_PROFILES, help="with --imbalance: step (Fang et al. 2021, "
         "default): the first ceil(C/2) classes keep K, the others ceil(K/R); exp (Cao et al. 2019): class c keeps "
         "floor(K R^(-c/(C-1)))")
-    add("--epochs", type=positive_int, help="epochs to train (default 350; 30 on synthetic); another value is "
-        "another run, in its own folder (train.py --extend-to trains a run longer)")
+    add("--epochs", type=epoch_count, help=f"epochs to train, at most {MAX_EPOCHS:,} (default 350; 30 on synthetic); "
+        "another value is another run, in its own folder (train.py --extend-to trains a run longer)")
     add("--augment", action="store_true", default=None,
         help="random 4-pixel crops and horizontal flips on the device (off in the paper; NC is always measured on clean data)")
     add_mixup_arguments(add)
@@ -128,7 +142,7 @@ def add_selection_arguments(group: FlagGroup, selecting: bool = False) -> None:
         "from --seed), not trained, without bias or weight decay (Zhu et al. 2021)")
     add("--no-bias", dest="bias", action="store_false", default=None,
         help="a learned last layer without bias (default: with bias, as the paper)")
-    add("--classifier-weight-decay", type=non_negative_float, metavar="X", help="weight decay of the learned "
+    add("--classifier-weight-decay", type=decay, metavar="X", help="weight decay of the learned "
         "last layer, apart from --weight-decay on the rest (default: --weight-decay for all, as the paper)")
     add("--seed", type=seed, default=0, help="fixes initialisation, data order and subset: 0 to 2**32 - 1 "
         "(default 0)")
@@ -157,8 +171,9 @@ def add_training_arguments(training: FlagGroup, data: FlagGroup | None = None,
     and how to train into `training`, where the data is and the device into `data`, and what is written
     besides the run folder into `output` (by default all into `training`)."""
     add = training.add_argument
-    add("--extend-to", type=positive_int, metavar="E", help="train the run the other flags select on to epoch E, "
-        "at the learning rate its schedule ends with (its milestones stay); recorded in config.json's extended_from")
+    add("--extend-to", type=epoch_count, metavar="E", help="train the run the other flags select on to epoch E "
+        f"(at most {MAX_EPOCHS:,}), at the learning rate its schedule ends with (its milestones stay), with the "
+        "analysis checkpoints of its length up to it and those of E after it; recorded in config.json's extended_from")
     add("--num-checkpoints", type=positive_int, help="analysis checkpoints, log-spaced in 1..epochs, "
         "the last epoch always included (default 50; 15 on synthetic)")
     add("--eval-every", type=non_negative_int, metavar="K", help="evaluate the test split every K epochs, and at "
@@ -223,6 +238,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         config["momentum"] = None
     config["lr_milestones"] = _milestones(args.lr_milestones, config["epochs"]) if args.lr_milestones else \
         default_milestones(config["epochs"])
+    _refuse_overflowing_schedule(config["lr"], config["lr_gamma"], config["lr_milestones"])
     config["samples_per_class"] = args.samples_per_class
     config["imbalance"] = defaults["imbalance"] if args.imbalance is None else args.imbalance
     config["imbalance_profile"] = _chosen(args.imbalance_profile, defaults["imbalance_profile"],
@@ -234,6 +250,28 @@ def resolve_config(args: argparse.Namespace) -> dict:
     config["classifier_weight_decay"] = _chosen(args.classifier_weight_decay, defaults["classifier_weight_decay"],
                                                 learned)
     return config
+
+
+def refuse_inapplicable(args: argparse.Namespace, settings: dict) -> None:
+    """Refuse a flag given for a setting that the run it selects does not have (`resolve_config`'s
+    `settings` leave it None): --image-size on a built-in dataset, --focal-gamma with another loss."""
+    for key, needs in APPLIES_TO.items():
+        if getattr(args, key, None) is not None and settings[key] is None:
+            flag = "--no-bias" if key == "bias" else "--" + key.replace("_", "-")
+            raise UserError(f"{flag} applies to {needs} only, which this run is not: drop it")
+
+
+def contradictions(requested: dict, given: set[str], run: dict) -> list[str]:
+    """The selection flags among `given` (by dest) whose settings in `requested` (`resolve_config`'s) differ
+    from those of `run` (a config.json), as "--flag value (the run's: value)"; --epochs may be the length
+    the run was started with or the one it has now."""
+    found = []
+    for key in sorted(given & requested.keys()):
+        theirs = [planned_epochs(run), run.get("epochs")] if key == "epochs" else [_setting(run, key)]
+        if requested[key] not in theirs:
+            value = " ".join(map(str, requested[key])) if isinstance(requested[key], list) else requested[key]
+            found.append(f"--{key.replace('_', '-')} {value} (the run's {key}: {theirs[-1]!r})")
+    return found
 
 
 def defaults_for(dataset: str, model: str | None, optimizer: str | None) -> dict:
@@ -248,6 +286,17 @@ def defaults_for(dataset: str, model: str | None, optimizer: str | None) -> dict
 def default_milestones(epochs: int) -> list[int]:
     """The paper's schedule: the rate drops after epochs floor(E/3) and floor(2E/3) (those past epoch 0)."""
     return sorted({epoch for epoch in (epochs // 3, 2 * epochs // 3) if epoch > 0})
+
+
+def analysis_epochs(run: dict) -> list[int]:
+    """The analysis checkpoints of a run (its settings): `checkpoint_epochs` of its length and count; of a run
+    that --extend-to lengthened, those of each length it was given over the epochs that length added, so that a
+    run extended before it reached its length gets the checkpoints of one extended once it had."""
+    epochs, reached = [], 0
+    for length in [*run.get("extended_from", []), run["epochs"]]:
+        epochs += [epoch for epoch in checkpoint_epochs(length, run["num_checkpoints"]) if epoch > reached]
+        reached = length
+    return epochs
 
 
 def checkpoint_epochs(epochs: int, count: int) -> list[int]:
@@ -420,6 +469,14 @@ def _milestones(given: list[int], epochs: int) -> list[int]:
     return list(given)
 
 
+def _refuse_overflowing_schedule(lr: float, gamma: float, milestones: list[int]) -> None:
+    """Refuse a schedule whose rate grows (--lr-gamma above 1) past float32's largest number."""
+    if math.log(lr) + len(milestones) * max(0.0, math.log(gamma)) > math.log(FLOAT32_MAX):
+        raise UserError(f"--lr {lr:g} multiplied by --lr-gamma {gamma:g} at {len(milestones)} milestone(s) exceeds "
+                        f"{FLOAT32_MAX:.3g}, float32's largest number, in which the optimizer computes; choose a "
+                        "smaller --lr or --lr-gamma")
+
+
 def _chosen(value, default, relevant: bool):
     """A loss parameter's value if its loss uses it, else None (so unused settings never clash)."""
     if not relevant:
@@ -472,6 +529,20 @@ def non_negative_int(text: str) -> int:
     return _checked(int(text), lambda v: v >= 0, "must be 0 or a positive integer", text)
 
 
+def epoch_count(text: str) -> int:
+    return _checked(positive_int(text), lambda v: v <= MAX_EPOCHS, f"must be at most {MAX_EPOCHS:,} epochs", text)
+
+
+def rate(text: str) -> float:
+    """A learning rate or its factor: positive, and a number float32 holds (see FLOAT32_MAX)."""
+    return _checked(positive_float(text), lambda v: v <= FLOAT32_MAX, _FLOAT32_RULE, text)
+
+
+def decay(text: str) -> float:
+    """A weight decay: not negative, and a number float32 holds (see FLOAT32_MAX)."""
+    return _checked(non_negative_float(text), lambda v: v <= FLOAT32_MAX, _FLOAT32_RULE, text)
+
+
 def positive_float(text: str) -> float:
     return _checked(float(text), lambda v: 0 < v < math.inf, "must be a positive finite number", text)
 
@@ -487,6 +558,9 @@ def imbalance_ratio(text: str) -> float:
 
 def fraction(text: str) -> float:
     return _checked(float(text), lambda v: 0 <= v < 1, "must lie in [0, 1)", text)
+
+
+_FLOAT32_RULE = f"must be at most {FLOAT32_MAX:.3g}, float32's largest number, in which the optimizer computes"
 
 
 def _checked(value, ok, rule: str, text: str):

@@ -15,6 +15,7 @@ square and of one size already.
 """
 import argparse
 import gzip
+import hashlib
 import math
 import pickle
 import struct
@@ -22,7 +23,7 @@ import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, NamedTuple
 
 import numpy as np
 import scipy.io
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from devices import HOST, to_device
+from devices import HOST, available_memory, to_device
 from errors import UserError
 
 
@@ -80,12 +81,22 @@ FULL_PER_CLASS: dict[str, int] = {"CIFAR10": 5000, "CIFAR100": 500, "MNIST": 542
                                   "SVHN": 4659, "STL10": 500, "synthetic": SYNTHETIC_TRAIN_PER_CLASS}
 
 CROP_PADDING = 4
+RATIO_TOLERANCE = 1e-9  # relative: an --imbalance R within it of the ratio its counts have is that ratio
 IMBALANCE_PROFILES = ("step", "exp")
 
 FOLDER_PREFIX = "folder:"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 
 Split = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, C, H, W) and int64 labels (N,)
+DIGEST_CHARS = 16  # of a SHA-256 in hex: 64 bits, against accidental change, not forgery
+
+
+class RunData(NamedTuple):
+    """A run's data, as `load_run_data` gives it."""
+    train: Split
+    test: Split
+    per_class: int  # the samples kept of the largest class
+    fingerprint: dict  # `data_fingerprint` of both splits as read
 
 
 def canonical_name(name: str) -> str:
@@ -140,11 +151,15 @@ def folder_classes(name: str) -> list[str]:
 
 def load_run_data(name: str, root: str | Path, samples_per_class: int | None, seed: int, download: bool,
                   device: torch.device, imbalance: float = 1.0, profile: str | None = None,
-                  image_size: int | None = None) -> tuple[Split, Split, int]:
+                  image_size: int | None = None, check: Callable[[dict], None] | None = None) -> RunData:
     """A run's data on `device`: the seeded training subset (`subset_indices`), the whole test split (never
-    subsampled, so an imbalanced run is tested as a balanced one), and the samples kept of the largest class
-    (a folder's images at `image_size`, see the module)."""
+    subsampled, so an imbalanced run is tested as a balanced one), the samples kept of the largest class
+    (a folder's images at `image_size`, see the module), and the fingerprint of both splits as read, which
+    `check` (if given) is called with first: a run refuses data other than its own before anything else is
+    said of it (that it has too few images for the run's subset)."""
     if is_folder(name):
+        classes = folder_classes(name)
+        _refuse_too_large_folder(name, image_size)
         train_images, train_labels = read_folder(name, True, image_size)
         test_images, test_labels = read_folder(name, False, image_size)
         if test_images.shape[1:] != train_images.shape[1:]:
@@ -158,10 +173,50 @@ def load_run_data(name: str, root: str | Path, samples_per_class: int | None, se
                             f"{', '.join(map(str, absent[:10]))}; every class needs some: restore the full copy "
                             "(--download)")
         test_images, test_labels = load_split(name, root, False, download)
+        classes = [str(label) for label in range(DATASETS[name].num_classes)]
+    fingerprint = data_fingerprint(name, (train_images, train_labels), (test_images, test_labels), classes)
+    if check is not None:
+        check(fingerprint)
     keep = subset_indices(train_labels, samples_per_class, seed, imbalance, profile)
     per_class = int(torch.bincount(train_labels[keep]).max())
-    return ((train_images[keep].to(device), train_labels[keep].to(device)),
-            (test_images.to(device), test_labels.to(device)), per_class)
+    return RunData((train_images[keep].to(device), train_labels[keep].to(device)),
+                   (test_images.to(device), test_labels.to(device)), per_class, fingerprint)
+
+
+def data_fingerprint(name: str, train: Split, test: Split, classes: list[str]) -> dict:
+    """What identifies the data of a run, small enough for config.json: for each split (on the host), each
+    class's number of images and a digest of their pixels in order, and a digest of the order of the labels;
+    for the synthetic data, its generator's settings too. The same images give the same fingerprint whatever
+    the files held them (gzipped or not, in whichever folder); a changed, added, removed or reordered image
+    changes it. Hashing takes about as long as reading the files, so it is done at every start and measurement."""
+    fingerprint = {"train": _split_fingerprint(*train, classes), "test": _split_fingerprint(*test, classes)}
+    if name == "synthetic":
+        fingerprint["generator"] = {"seed": SYNTHETIC_DATA_SEED, "train_per_class": SYNTHETIC_TRAIN_PER_CLASS,
+                                    "test_per_class": SYNTHETIC_TEST_PER_CLASS, "grid": SYNTHETIC_TEMPLATE_GRID,
+                                    "template_std": SYNTHETIC_TEMPLATE_STD,
+                                    "brightness_std": SYNTHETIC_BRIGHTNESS_STD, "noise_std": SYNTHETIC_NOISE_STD}
+    return fingerprint
+
+
+def data_changes(recorded: dict | None, found: dict) -> list[str] | None:
+    """How the data of the fingerprint `found` differs from the one a run `recorded` (both `data_fingerprint`s),
+    e.g. ["train: class cat has 12 images, 10 when recorded", "test: the 4 images of class dog changed"]; an
+    empty list if it does not, None if nothing was recorded (a run written before runs recorded their data)."""
+    if recorded is None:
+        return None
+    if not isinstance(recorded, dict) or recorded.keys() != found.keys():
+        return ["the fingerprint config.json records is not one of this data's kind"]
+    changes = [f"the generator's {key}: {value!r} -> {found['generator'].get(key)!r}"
+               for key, value in recorded.get("generator", {}).items() if found["generator"].get(key) != value]
+    for split in ("train", "test"):
+        try:
+            changed = _split_changes(split, recorded[split]["classes"], found[split]["classes"])
+            if not changed and recorded[split]["order"] != found[split]["order"]:
+                changed.append(f"{split}: the images are in another order")
+        except (KeyError, TypeError, ValueError, AttributeError):
+            changed = [f"{split}: its recorded fingerprint is damaged"]
+        changes += changed
+    return changes
 
 
 def fetch(name: str, root: str | Path) -> None:
@@ -205,24 +260,16 @@ def read_folder(name: str, train: bool, image_size: int | None) -> Split:
     file order; S is `image_size` (each image's shorter side resized to S, then its centre cropped), or
     without it the one size of its images, which must then be square."""
     classes = folder_classes(name)
-    split = Path(name[len(FOLDER_PREFIX):]) / ("train" if train else "test")
     images, labels = [], []
-    for index, class_name in enumerate(classes):
-        files = sorted(path for path in (split / class_name).iterdir()
-                       if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
-        if train and not files:
-            raise UserError(f"{split / class_name} holds no images ({', '.join(IMAGE_SUFFIXES)}); every class "
-                            "needs training images")
+    for index, files in enumerate(_folder_files(name, train, classes)):
         for path in files:
             image = _read_image(path, image_size)
             if image.shape != (images[0] if images else image).shape:
-                raise UserError(f"{path} is {image.shape[2]}x{image.shape[1]} but {split} has images of "
+                raise UserError(f"{path} is {image.shape[2]}x{image.shape[1]} but {path.parent.parent} has images of "
                                 f"{images[0].shape[2]}x{images[0].shape[1]}: pass --image-size S to bring them all "
                                 "to S x S")
             images.append(image)
             labels.append(index)
-    if not images:
-        raise UserError(f"{split} holds no images; put each class's test images in {split}/<class>/")
     return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
 
 
@@ -233,6 +280,41 @@ def check_count(name: str, train: bool, count: int, root: str | Path) -> None:
         split = "train" if train else "test"
         raise UserError(f"the {name} {split} split in {Path(root).absolute()} has {count} samples instead of "
                         f"the official {expected}; delete that copy and pass --download to fetch it again")
+
+
+def refuse_other_data(recorded: dict | None, found: dict, dataset: str, run_dir: Path, use: str) -> str | None:
+    """Raise a UserError naming what changed if the data of the fingerprint `found` is not the data the run in
+    `run_dir` recorded (see `data_changes`), before it is `use`d ("continued", "measured"); a warning to show if
+    the run recorded none (it was written before runs did), else None."""
+    changes = data_changes(recorded, found)
+    if changes is None:
+        return (f"{run_dir} was trained before runs recorded their data's fingerprint: that it is {use} on the data "
+                "it was trained on cannot be checked")
+    if changes:
+        raise UserError(f"the data of {dataset} is not the data {run_dir} was trained on ({'; '.join(changes)}); "
+                        "use that data (restore it, or pass --data-root a copy of it), or train a new run on this "
+                        "data in another --run-dir")
+    return None
+
+
+def refuse_inexact_imbalance(num_classes: int, per_class: int, imbalance: float, profile: str | None) -> None:
+    """Refuse a step profile's --imbalance R whose counts (`imbalanced_counts` of n = `per_class`) have another
+    ratio of the largest class to the smallest, which is what R promises there: R would name the run after
+    data it does not have, and every R of the same counts would name the same run again (n = 20: R = 40 and
+    R = 1e9 keep 20 and 1, as R = 20 does; R = 1.0000001 keeps every class whole). R must make n/R a whole
+    number, the smallest class's count, which makes it the smallest R of its counts. In the exp profile R is
+    Cao et al.'s parameter of a curve, not the ratio of its ends (CIFAR-100-LT at R = 200 keeps 500 ... 2)."""
+    counts = imbalanced_counts(num_classes, per_class, imbalance, profile)
+    obtained = max(counts) / min(counts)
+    if profile == "exp" or math.isclose(obtained, imbalance, rel_tol=RATIO_TOLERANCE):
+        return
+    if obtained == 1:
+        raise UserError(f"--imbalance {imbalance:.12g} keeps all {per_class} samples of every class: that is the "
+                        "balanced run; drop --imbalance")
+    exact = _step_ratio(num_classes, per_class, min(counts))
+    raise UserError(f"--imbalance {imbalance:.12g} keeps {max(counts)} and {min(counts)} samples of the largest and "
+                    f"smallest classes, a ratio of {obtained:g}: R must make {per_class}/R (the smallest class's "
+                    f"count) a whole number; --imbalance {repr(exact).removesuffix('.0')} keeps these counts")
 
 
 def subset_indices(labels: torch.Tensor, samples_per_class: int | None, seed: int, imbalance: float = 1.0,
@@ -472,6 +554,70 @@ def _download(name: str, root: Path, train: bool) -> None:
     except (OSError, RuntimeError) as err:
         raise UserError(f"could not download {name} into {root} ({err}); check the network connection, "
                         "or put a copy there and pass --data-root") from None
+
+
+def _folder_files(name: str, train: bool, classes: list[str]) -> list[list[Path]]:
+    """The image files of each class of a split of folder:PATH, in sorted order; every class needs some in
+    both splits (a class without test images has no test accuracy, and its test features no class mean)."""
+    split = Path(name[len(FOLDER_PREFIX):]) / ("train" if train else "test")
+    found = []
+    for class_name in classes:
+        files = sorted(path for path in (split / class_name).iterdir()
+                       if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise UserError(f"{split / class_name} holds no images ({', '.join(IMAGE_SUFFIXES)}); every class "
+                            "needs training and test images: add some, or remove the class from both train/ and test/")
+        found.append(files)
+    return found
+
+
+def _refuse_too_large_folder(name: str, image_size: int | None) -> None:
+    """Refuse, before decoding any, images that --image-size makes larger than the host's memory can hold."""
+    if image_size is None:
+        return  # the images' own size, which the files hold already
+    classes = folder_classes(name)
+    count = sum(len(files) for train in (True, False) for files in _folder_files(name, train, classes))
+    needed, free = count * 3 * image_size ** 2, available_memory(HOST)
+    if free is not None and needed > free:
+        raise UserError(f"the {count} images of {name[len(FOLDER_PREFIX):]} at --image-size {image_size} take "
+                        f"{needed / 2 ** 30:,.1f} GiB, more than the {free / 2 ** 30:,.1f} GiB of memory available; "
+                        "choose a smaller --image-size")
+
+
+def _split_fingerprint(images: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+    """{"classes": {name: [images, digest of their pixels in order]}, "order": digest of the labels}."""
+    digests = [hashlib.sha256() for _ in classes]
+    for pixels, label in zip(images.reshape(len(images), -1).numpy(), labels.tolist()):
+        digests[label].update(pixels)
+    counts = torch.bincount(labels, minlength=len(classes)).tolist()
+    return {"classes": {name: [count, digest.hexdigest()[:DIGEST_CHARS]]
+                        for name, count, digest in zip(classes, counts, digests)},
+            "order": hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:DIGEST_CHARS]}
+
+
+def _split_changes(split: str, recorded: dict, found: dict) -> list[str]:
+    """How the classes of a split differ from those recorded (see `data_changes`)."""
+    changes = []
+    for name in [*found, *(name for name in recorded if name not in found)]:
+        if name not in found:
+            changes.append(f"{split}: class {name} ({recorded[name][0]} images when recorded) is gone")
+        elif name not in recorded:
+            changes.append(f"{split}: class {name} ({found[name][0]} images) is new")
+        elif found[name][0] != recorded[name][0]:
+            changes.append(f"{split}: class {name} has {found[name][0]} images, {recorded[name][0]} when recorded")
+        elif found[name][1] != recorded[name][1]:
+            changes.append(f"{split}: the {found[name][0]} images of class {name} changed")
+    return changes
+
+
+def _step_ratio(num_classes: int, per_class: int, smallest: int) -> float:
+    """The step profile's --imbalance that keeps `smallest` of each minority class: per_class / smallest, or,
+    where float rounding puts per_class over it a hair above `smallest` (ceil would keep one more), the next
+    float above it."""
+    ratio = per_class / smallest
+    while imbalanced_counts(num_classes, per_class, ratio, "step")[-1] > smallest:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
 
 
 def _read_image(path: Path, size: int | None) -> np.ndarray:

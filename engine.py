@@ -58,6 +58,35 @@ def build_model(config: dict, device: torch.device) -> nn.Module:
                         "smaller --width") from None
 
 
+def training_memory(settings: dict, batch: int, image_size: int) -> dict[str, int] | None:
+    """A lower estimate of the bytes training the run's network takes on its device besides the data: its
+    weights, their gradients and the optimizer's state (a momentum buffer for SGD, two moments for Adam(W)),
+    and the activations of a batch of `batch` images of side `image_size` that the backward pass keeps (the
+    output of every layer, counted once). The network is built and run on the meta device, which allocates
+    nothing; None for a network of one's own that the meta device cannot run (one that reads a value)."""
+    states = {"sgd": 1 if settings["momentum"] else 0, "adam": 2, "adamw": 2}[settings["optimizer"]]
+    outputs = []
+
+    def keep(module: nn.Module, inputs: tuple, output) -> None:
+        if isinstance(output, torch.Tensor) and not any(output is given for given in inputs):  # not in place
+            outputs.append(output.numel())
+
+    with torch.device("meta"):
+        model = models.get_model(settings["model"], settings["num_classes"], settings["in_channels"],
+                                 settings["width"])
+        for module in model.modules():
+            if not list(module.children()):
+                module.register_forward_hook(keep)
+        try:
+            model(torch.empty(batch, settings["in_channels"], image_size, image_size))
+        except Exception:  # a network of one's own may do anything, some of which the meta device cannot
+            return None
+    weights = 4 * sum(parameter.numel() for parameter in model.parameters())
+    activation_bytes = 2 if settings["precision"] == "bf16" else 4
+    return {"weights, gradients and optimizer state": weights * (2 + states),
+            "a batch's activations": activation_bytes * sum(outputs)}
+
+
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: losses.LossFn, data: Split,
                 config: dict, epoch: int, on_batch: Callable[[], None] = lambda: None) -> dict[str, float]:
     """One epoch of training; returns the mean loss and the (running, train-mode) accuracy."""

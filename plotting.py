@@ -41,6 +41,10 @@ Table 1 (Papyan, Han & Donoho 2020) gives, per run, the TPT onset epoch and the 
 at the last measured checkpoint, and the change between them; with --group-by, per group of runs (the
 seeds of one setting) their mean with the range [minimum, maximum].
 """
+from errors import ArgumentParser, UserError, interrupt_quietly, run_cli
+
+interrupt_quietly(__name__)  # before the imports below: Ctrl-C while torch's loads (seconds) is one line too
+
 import argparse
 import sys
 from collections.abc import Iterator
@@ -64,7 +68,6 @@ import config
 import datasets
 import runs
 import study_files
-from errors import ArgumentParser, UserError, run_cli
 
 DPI = 150
 # >= 10 pt at the saved size; vector files keep text as text (searchable, editable, reproducible).
@@ -89,6 +92,7 @@ TPT_COLOUR_ALONE = "black"  # a single run's onset, unlike its own curves' colou
 MARKER_SIZE = 3
 LEGEND_MARKER_SIZE = 8
 NC_TABLE, LOG_TABLE = "nc_metrics.csv", "log.csv"
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet read a CSV cell as a formula
 
 
 @dataclass(frozen=True)
@@ -355,8 +359,9 @@ def layers_figure(run_dir: Path) -> plt.Figure:
         bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=colours), ax=ax,
                            label="epoch of the checkpoint")
         readable_log_ticks(bar.ax.yaxis)  # epochs as the integers they are, not powers of ten
-        ax.set_yscale("log")
-        readable_log_ticks(ax.yaxis)
+        if any(np.nanmax(line.get_ydata(), initial=-np.inf) > 0 for line in ax.get_lines()):
+            ax.set_yscale("log")  # left linear if every value is 0 (one sample per class), or it could not draw
+            readable_log_ticks(ax.yaxis)
         ax.set_xticks(depth, [column.removeprefix("nc1_") for column in stages], rotation=30)
         ax.set_xlabel("stage of the network (its globally averaged output), in depth order")
         ax.set_ylabel(r"$\mathrm{Tr}(\Sigma_W\,\Sigma_B^{+})\ /\ C$ after the stage")
@@ -813,13 +818,15 @@ def _folder_names(run_dirs: list[Path]) -> list[str]:
 
 def _draw(ax: plt.Axes, panel: Panel, lines: list[_Line]) -> set[str]:
     """Draw every line's quantities of `panel` on `ax` (a group's mean with its min-max band) and the TPT
-    onsets; return the line styles drawn ("zeros" too where a zero was left off a log axis)."""
+    onsets; return the line styles drawn ("zeros" too where a zero was left off a log axis). A panel with
+    no positive value to show (NC1 of one sample per class is 0 at every checkpoint) keeps a linear axis."""
     marker = _marker(panel)
     drawn = set()
+    log_y = panel.log_y and _any_positive(panel, lines)
     for line in lines:
         for quantity in _present(panel, lines):
             epochs, values, hidden = _aggregate([tables[panel.table] for tables in line.tables], quantity.column,
-                                                panel.log_y)
+                                                log_y)
             ax.plot(epochs, values.mean(axis=0), linestyle=quantity.style, color=line.colour, marker=marker,
                     markersize=MARKER_SIZE)
             if len(values) > 1:
@@ -831,7 +838,7 @@ def _draw(ax: plt.Axes, panel: Panel, lines: list[_Line]) -> set[str]:
             drawn.add("tpt")
     ax.set_xscale("log")
     readable_log_ticks(ax.xaxis)
-    if panel.log_y:
+    if log_y:
         ax.set_yscale("log")
         readable_log_ticks(ax.yaxis)
     ax.set_xlabel(_time_axis(lines))
@@ -873,6 +880,12 @@ def _imbalanced(run_dirs: list[Path]) -> bool:
 def _has_minority_columns(measured: list[dict]) -> bool:
     """Whether rows of an nc_metrics.csv hold the Minority Collapse numbers (an imbalanced run's)."""
     return any(row.get("minority_cosine") is not None for row in measured)
+
+
+def _any_positive(panel: Panel, lines: list[_Line]) -> bool:
+    """Whether some run's table has a positive finite value of a quantity of `panel`, which a log axis shows."""
+    return any(0 < (row.get(quantity.column) or 0) < np.inf for quantity in panel.quantities for line in lines
+               for tables in line.tables for row in tables[panel.table])
 
 
 def _present(panel: Panel, lines: list[_Line]) -> list[Quantity]:
@@ -1023,8 +1036,12 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 
 def _table1_row(run_dir: Path) -> dict:
-    """One run's row of Table 1 (see `table1`)."""
-    measured = _read_required(run_dir, NC_TABLE)
+    """One run's row of Table 1 (see `table1`), from the rows of its nc_metrics.csv whose accuracies are
+    numbers: one holding NaN or Inf (written by hand, or by another program) is left out with a warning."""
+    measured = [row for row in _read_required(run_dir, NC_TABLE) if _accuracies_finite(row, run_dir)]
+    if not measured:
+        raise UserError(f"{run_dir / NC_TABLE} has no row whose accuracies are numbers; measure the run again: "
+                        f"python validate_nc.py --run-dir {run_dir} --recompute")
     settings = runs.read_config(run_dir, required=()) or {}
     onset, last = runs.tpt_row(measured), measured[-1]
     return {"run_dir": str(run_dir), "dataset": settings.get("dataset"), "model": settings.get("model"),
@@ -1059,12 +1076,31 @@ def _table1_cell(column: str, row: dict) -> str:
         return show(value)
     if column == "run_dir":
         return f"`{value}`"
-    return f"{value:g}" if isinstance(value, float) else str(_csv_value(value))
+    return f"{value:g}" if isinstance(value, float) else _setting_cell(value)
+
+
+def _accuracies_finite(row: dict, run_dir: Path) -> bool:
+    """Whether a row of nc_metrics.csv has numbers for its accuracies; if not, a warning says it is left out."""
+    broken = [column for column in ("train_acc", "test_acc") if not np.isfinite(row[column])]
+    if broken:
+        print(f"warning: {run_dir / NC_TABLE}, epoch {row['epoch']}: {', '.join(broken)} is not a number; the row is "
+              "left out of Table 1", file=sys.stderr)
+    return not broken
+
+
+def _setting_cell(value) -> str:
+    """A setting as a Markdown cell: a list as "10,20", anything else as it prints."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _csv_value(value):
-    """A setting as a table cell: a list as "10,20", anything else as it is."""
-    return ",".join(map(str, value)) if isinstance(value, list) else value
+    """A value as a CSV cell: numbers (negative ones included) and None as they are; text, a list as "10,20",
+    behind a quote that keeps it text if a spreadsheet would run it as a formula (one beginning with =, +,
+    -, @, a tab or a carriage return: a run folder named "=HYPERLINK(...)")."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    text = _setting_cell(value)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 def _read_representations(table: Path) -> list[dict]:
     if not table.is_file():

@@ -18,6 +18,10 @@ ran out. A run that another process is training is reported busy and left to it.
 failed, 0 otherwise. With --script ufm.py the grid is made of ufm.py's flags (`sweep.py --script ufm.py
 --help` lists them) and each job is `python ufm.py ...` alone (docs/ufm.md).
 """
+from errors import ArgumentParser, interrupt_quietly, run_cli
+
+interrupt_quietly(__name__)  # before the imports below: Ctrl-C while torch's loads (seconds) is one line too
+
 import argparse
 import collections
 import os
@@ -33,7 +37,6 @@ import config
 import datasets
 import studies
 import study_files
-from errors import ArgumentParser, run_cli
 
 SLURM_FOLDER = "slurm"  # in the study's folder: submitit's pickles and its own logs of each job
 # Slurm sends a job its --signal "up to 60 seconds earlier than specified" (sbatch(1)). submitit asks for

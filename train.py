@@ -16,9 +16,14 @@ its share of it), with the same learning rate and schedule; process 0 alone writ
 prints. Batch norm is synchronised across the processes on CUDA (--sync-bn); on the CPU torch's
 SyncBatchNorm cannot run, so each process normalises with its own share of the batch there.
 """
+from errors import STOPPED, ArgumentParser, UserError, interrupt_quietly, run_cli
+
+interrupt_quietly(__name__)  # before the imports below: Ctrl-C while torch's loads (seconds) is one line too
+
 import argparse
 import contextlib
 import copy
+import functools
 import math
 import os
 import random
@@ -27,6 +32,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -36,11 +42,12 @@ from tqdm import tqdm
 
 import config
 import datasets
+import devices
 import distributed
 import engine
 import losses
 import runs
-from errors import STOPPED, ArgumentParser, UserError, run_cli
+from models import user
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,11 +72,13 @@ def train_run(args: argparse.Namespace, device: torch.device) -> bool:
     whether it reached its last epoch (False: stopped by SIGTERM, see `train_for`).
 
     Process 0 holds the run folder's training lock throughout. Nothing in the folder is written until
-    every check has passed: the settings against the run's last.pt and config.json, the data, and the
-    saved state loading into the network."""
+    every check has passed: the settings against the run's last.pt and config.json, the data (against the
+    fingerprint of the data it was trained on), the memory it needs, the network's output on a first batch,
+    and the saved state loading into the network."""
     if args.download:
         distributed.on_rank_zero(datasets.fetch, args.dataset, args.data_root)  # once, then all read it
     settings = distributed.on_every_rank(config.resolve_config, args)
+    distributed.on_every_rank(config.refuse_inapplicable, args, settings)
     run_dir = distributed.on_every_rank(runs.usable_run_dir, config.default_run_dir(settings, args))
     with contextlib.ExitStack() as held:
         distributed.on_rank_zero(held.enter_context, runs.training_lock(run_dir))
@@ -77,15 +86,18 @@ def train_run(args: argparse.Namespace, device: torch.device) -> bool:
         train, test = distributed.on_every_rank(_prepare, settings, previous, last is not None, run_dir, args, device)
         sync_bn = distributed.on_every_rank(_sync_bn, args.sync_bn, device)
         _set_determinism(args.deterministic, device)
+        distributed.on_every_rank(_refuse_too_large, settings, train, device)
 
         torch.manual_seed(settings["seed"])
         model = engine.build_model(settings, device)
+        distributed.on_every_rank(_check_output, model, train, settings)
         if sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters and state-dict keys
         optimizer = engine.make_optimizer(model, settings, device)
         scheduler = engine.make_scheduler(optimizer, settings)
         loss_fn = losses.loss_from_config(settings)
-        start, log = distributed.on_every_rank(_resume, run_dir, last, model, optimizer, scheduler)
+        start, log = distributed.on_every_rank(_resume, run_dir, last, model, optimizer, scheduler,
+                                               min(config.analysis_epochs(settings)))
         extension = _extension_note(last["config"]["epochs"], settings) if last else ""
         del last
         distributed.on_rank_zero(_start_folder, run_dir, settings)
@@ -108,12 +120,14 @@ def train_run(args: argparse.Namespace, device: torch.device) -> bool:
                          log, writer, board, stop, every_epoch=args.save_last == "epoch")
 
 
-def load_data(settings: dict, args: argparse.Namespace, device: torch.device) -> tuple[engine.Split, engine.Split]:
+def load_data(settings: dict, args: argparse.Namespace, device: torch.device,
+              check: Callable[[dict], None] | None = None) -> tuple[engine.Split, engine.Split]:
     """The training subset and the test split on the device; records in `settings` the subset's size (of its
-    largest class, and of each class) and the normalisation (per-channel statistics of the training subset)."""
-    train, test, per_class = datasets.load_run_data(settings["dataset"], args.data_root, settings["samples_per_class"],
-                                                    settings["seed"], args.download, device, settings["imbalance"],
-                                                    settings["imbalance_profile"], settings["image_size"])
+    largest class, and of each class), the normalisation (per-channel statistics of the training subset) and
+    the fingerprint of the data (`datasets.data_fingerprint`, which `check` is given first)."""
+    train, test, per_class, fingerprint = datasets.load_run_data(
+        settings["dataset"], args.data_root, settings["samples_per_class"], settings["seed"], args.download, device,
+        settings["imbalance"], settings["imbalance_profile"], settings["image_size"], check)
     mean, std = datasets.channel_stats(train[0])
     settings["samples_per_class"] = per_class
     settings["class_counts"] = torch.bincount(train[1], minlength=settings["num_classes"]).tolist()
@@ -121,6 +135,7 @@ def load_data(settings: dict, args: argparse.Namespace, device: torch.device) ->
         settings["image_size"] = train[0].shape[-1]
     settings["normalization"] = {"mean": mean, "std": std}
     settings["data_root"] = str(args.data_root)
+    settings["data_fingerprint"] = fingerprint
     return train, test
 
 
@@ -142,7 +157,7 @@ def train_for(settings: dict, run_dir: Path, step_model: nn.Module, model: nn.Mo
     files are written while the next epoch trains. A row's `seconds` is the wall time since the
     previous row: the epoch, its evaluation and the hand-over of the previous epoch's files."""
     epochs = settings["epochs"]
-    analysed = set(config.checkpoint_epochs(epochs, settings["num_checkpoints"]))
+    analysed = set(config.analysis_epochs(settings))
     running_full = any(row["train_acc"] == 1.0 for row in log)
     began = tick = time.perf_counter()
     quiet = not distributed.is_main()
@@ -214,9 +229,13 @@ def _prepare(settings: dict, previous: dict | None, trained: bool, run_dir: Path
     """The run's data, once the flags are checked against the run already in the folder (`trained` if it
     has a last.pt; without one nothing was trained, and its config.json must agree with the flags), and
     the epochs to train to settled."""
-    train, test = load_data(settings, args, device)
+    check = functools.partial(_refuse_other_data, previous, settings["dataset"], run_dir) if trained else None
+    train, test = load_data(settings, args, device, check)
     if previous:
         _refuse_clash(previous, settings, run_dir, trained)
+    if not trained:
+        datasets.refuse_inexact_imbalance(settings["num_classes"], settings["samples_per_class"],
+                                          settings["imbalance"], settings["imbalance_profile"])
     _settle_length(settings, previous if trained else None, run_dir, args.extend_to)
     _refuse_empty_shares(len(train[1]), settings["batch_size"])
     return train, test
@@ -298,13 +317,16 @@ def _host_copy(value):
 
 
 def _resume(run_dir: Path, last: dict | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler) -> tuple[int, list[dict]]:
-    """Restore last.pt if the run has one: (epochs done, log rows up to them)."""
+            scheduler, first_saved: int) -> tuple[int, list[dict]]:
+    """Restore last.pt if the run has one: (epochs done, log rows up to them). Without one, the run starts
+    over, unless log.csv goes past `first_saved`, the first epoch that writes last.pt whatever --save-last
+    says (the first analysis checkpoint): a run that got no further was stopped (or met a full disk) before
+    it had anything to resume, and its rows are rewritten; one that did had its last.pt taken away."""
     log = runs.read_log(run_dir)
     if last is None:
-        if log:
-            raise UserError(f"{run_dir} has a log.csv but no last.pt to resume from; "
-                            "start the run in a new --run-dir")
+        if any(row["epoch"] > first_saved for row in log):
+            raise UserError(f"{run_dir} has a log.csv up to epoch {log[-1]['epoch']} but no last.pt to resume from; "
+                            "put its last.pt back, or start the run in a new --run-dir")
         return 0, []
     epoch = last["epoch"]
     kept = [row for row in log if row["epoch"] <= epoch]
@@ -343,6 +365,34 @@ def _refuse_clash(previous: dict, settings: dict, run_dir: Path, trained: bool) 
     longer = " (add --extend-to E to train it on to epoch E)" if differences[-1].startswith("epochs") else ""
     raise UserError(f"{run_dir} holds a run with other settings ({'; '.join(differences)}); pass --run-dir to "
                     f"start a new run, or repeat the original flags to continue it{longer}")
+
+
+def _refuse_other_data(trained: dict, dataset: str, run_dir: Path, fingerprint: dict) -> None:
+    """Refuse to continue a run on data (of `fingerprint`) other than it was trained on (`trained`, its last.pt's
+    settings), naming what changed; a run trained before runs recorded their data is continued with a warning."""
+    warning = datasets.refuse_other_data(trained.get("data_fingerprint"), fingerprint, dataset, run_dir, "continued")
+    if warning and distributed.is_main():
+        print(f"warning: {warning} (it is recorded from now on)", file=sys.stderr)
+
+
+def _refuse_too_large(settings: dict, train: engine.Split, device: torch.device) -> None:
+    """Refuse, before building it, a network whose training would not fit in the memory left on the device
+    besides the data, which is there already (see `engine.training_memory`)."""
+    needed = engine.training_memory(settings, min(settings["batch_size"], len(train[1])), train[0].shape[-1])
+    free = devices.available_memory(device)
+    if needed is None or free is None or sum(needed.values()) <= free:
+        return
+    parts = ", ".join(f"{name} {size / 2 ** 30:,.1f}" for name, size in needed.items())
+    raise UserError(f"a {settings['model']} of width {settings['width']} does not fit in memory: training it needs "
+                    f"at least {sum(needed.values()) / 2 ** 30:,.1f} GiB on {device.type} ({parts} GiB), and "
+                    f"{free / 2 ** 30:,.1f} GiB are available; choose a smaller --width or --batch-size")
+
+
+def _check_output(model: nn.Module, train: engine.Split, settings: dict) -> None:
+    """A network of one's own must output its last nn.Linear's output: checked on the first training images
+    before anything trains, instead of by validate_nc.py after the whole run."""
+    if isinstance(model, user.HookedNetwork):
+        model.check_output(datasets.normalize(train[0][:2], **settings["normalization"]))
 
 
 def _settle_length(settings: dict, trained: dict | None, run_dir: Path, extend_to: int | None) -> None:

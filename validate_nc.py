@@ -14,16 +14,22 @@ Figures go to <DATASET>_plots/ for the paper-default run and to <DATASET>_plots/
 
 With --follow it measures each checkpoint as soon as train.py writes it, waits for the next, and stops
 once the checkpoint of the run's last epoch (config.json's `epochs`) is measured, or once no process
-has held the run's training lock for the grace period (default 60 s: the run stopped before its end),
-then draws the figures; it may start before train.py (it waits for the run's config.json).
+has held the run's training lock for the grace period (default 60 s: the run stopped before its end,
+which it then reports with exit status 1), then draws the figures; it may start before train.py (it waits
+for the run's config.json).
 
     torchrun --nproc_per_node=K validate_nc.py ...   # each process measures its shard of each split
 
 Under torchrun the processes' class statistics and counts are summed and process 0 writes the table
 and the figures: the numbers are those of one process up to float64 rounding.
 """
+from errors import ArgumentParser, UserError, interrupt_quietly, run_cli
+
+interrupt_quietly(__name__)  # before the imports below: Ctrl-C while torch's loads (seconds) is one line too
+
 import argparse
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -39,7 +45,6 @@ import engine
 import losses
 import plotting
 import runs
-from errors import ArgumentParser, UserError, run_cli
 
 REPRESENTATION_LAMBDAS = [step / 10 for step in range(11)]
 FOLLOW_GRACE = 60.0  # seconds without a trainer after which --follow stops, by default
@@ -85,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--bn-mode", choices=("eval", "train"), help="with --representations: batch norm with "
         "its running statistics (eval, default) or each batch's (train, as Fisher et al.; the model is not changed)")
     args = parser.parse_args(argv)
+    args.given = _given(parser, argv, args)
     if not args.representations and (args.representation_epochs or args.classes or args.bn_mode):
         parser.error("--representation-epochs, --classes and --bn-mode choose what --representations draws; "
                      "add --representations or drop them")
@@ -111,7 +117,7 @@ def main(args: argparse.Namespace) -> int:
             held.callback(board.close)
         todo = [(epoch, path) for epoch, path in checkpoints
                 if args.recompute or epoch not in table or _lacks(table[epoch], args, run_config)]
-        data = _load_data(run_config, args, device) if todo else None
+        data = _load_data(run_config, args, device, run_dir) if todo else None
         skipped = measure_checkpoints(todo, run_config, run_dir, table, args, device, data, board)
         return _finish(run_config, run_dir, table, len(todo) - len(skipped), skipped, args, board, device)
 
@@ -124,11 +130,14 @@ def follow(args: argparse.Namespace, device: torch.device, held: contextlib.Exit
     wrote. A run is done when the checkpoint of its last epoch is measured (or failed to be);
     config.json is read every round, since a run extended with a larger --epochs rewrites it. Until
     train.py has written config.json, it waits while a trainer holds the lock (loading its data), or
-    for the grace period."""
+    for the grace period. A run that stops before its last epoch (no trainer for the grace period) has
+    what it reached measured and drawn, and the exit status is 1, with the reason."""
     if distributed.world_size() > 1:
         raise UserError("--follow measures in one process; run validate_nc.py --follow without torchrun")
-    run_dir = config.default_run_dir(config.resolve_config(args), args)
-    table, board, tried, skipped, data, idle_since = None, None, set(), [], None, None
+    requested = config.resolve_config(args)
+    config.refuse_inapplicable(args, requested)
+    run_dir = config.default_run_dir(requested, args)
+    table, board, tried, skipped, data, idle_since, stopped = None, None, set(), [], None, None, None
     while True:
         trainer = runs.training_process(run_dir)
         idle_since = None if trainer else idle_since or time.monotonic()
@@ -141,13 +150,14 @@ def follow(args: argparse.Namespace, device: torch.device, held: contextlib.Exit
             time.sleep(FOLLOW_POLL)
             continue
         if table is None:
+            _refuse_contradictions(args, requested, run_config, run_dir)
             table = {row["epoch"]: row for row in runs.read_nc_metrics(run_dir)}
             board = held.enter_context(contextlib.closing(runs.tensorboard_writer(run_dir))) if args.tensorboard \
                 else None
         todo = [(epoch, path) for epoch, path in runs.checkpoint_files(run_dir) if epoch not in tried
                 and (args.recompute or epoch not in table or _lacks(table[epoch], args, run_config))]
         if todo:
-            data = data or _load_data(run_config, args, device)
+            data = data or _load_data(run_config, args, device, run_dir)
             skipped += measure_checkpoints(todo, run_config, run_dir, table, args, device, data, board)
             tried.update(epoch for epoch, _ in todo)
             continue  # more may have landed meanwhile
@@ -156,12 +166,18 @@ def follow(args: argparse.Namespace, device: torch.device, held: contextlib.Exit
             print(f"followed {run_dir} to its last epoch, {last}", file=sys.stderr)
             break
         if idle:
-            print(f"no process has trained {run_dir} for {args.follow:g} s; it stopped before its last epoch "
-                  f"({last}), and its checkpoints through epoch {max(table, default=0)} are measured: run train.py "
-                  "again to continue it, with validate_nc.py --follow beside it", file=sys.stderr)
+            reached = f"its checkpoints through epoch {max(table)} are measured" if table else \
+                "it has no checkpoint to measure (it stopped or diverged before its first; train.py said which)"
+            stopped = (f"no process has trained {run_dir} for {args.follow:g} s; it stopped before its last epoch "
+                       f"({last}), and {reached}: run train.py again to continue it, with validate_nc.py --follow "
+                       "beside it")
             break
         time.sleep(FOLLOW_POLL)
-    return _finish(run_config, run_dir, table, len(tried) - len(skipped), skipped, args, board, device)
+    status = _finish(run_config, run_dir, table, len(tried) - len(skipped), skipped, args, board, device)
+    if stopped:
+        print(f"error: {stopped}", file=sys.stderr)
+        return 1
+    return status
 
 
 def measure_checkpoints(todo: list[tuple[int, Path]], run_config: dict, run_dir: Path, table: dict,
@@ -174,7 +190,7 @@ def measure_checkpoints(todo: list[tuple[int, Path]], run_config: dict, run_dir:
     gets no row."""
     if not todo:
         return []
-    train, test, _ = data
+    train, test = data.train, data.test
     skipped = []
     progress = tqdm(todo, unit="checkpoint", desc=run_dir.name, dynamic_ncols=True, disable=not distributed.is_main())
     for epoch, path in progress:
@@ -216,8 +232,9 @@ def draw_representations(checkpoints: dict[int, Path], run_config: dict, run_dir
         raise UserError(f"{run_dir} has no checkpoint of epoch {missing[0]}; choose among {sorted(checkpoints)}")
     classes = _representation_classes(args.classes, run_config)
     root = args.data_root or Path(run_config["data_root"])
-    train, _, _ = datasets.load_run_data(run_config["dataset"], root, run_config["samples_per_class"],
-                                         run_config["seed"], args.download, device, *_data_settings(run_config))
+    train = datasets.load_run_data(run_config["dataset"], root, run_config["samples_per_class"], run_config["seed"],
+                                   args.download, device, *_data_settings(run_config),
+                                   functools.partial(_check_data, run_config, run_dir)).train
     plots_dir = args.plots_dir or plotting.default_plots_dir(run_config, run_dir)
     for epoch in epochs:
         state = runs.load_checkpoint(checkpoints[epoch], epoch)
@@ -235,23 +252,50 @@ def draw_representations(checkpoints: dict[int, Path], run_config: dict, run_dir
 def _find_run(args: argparse.Namespace, device: torch.device) -> tuple[Path, dict, list[tuple[int, Path]], dict]:
     """The run folder, its config, its checkpoints and the rows of its table, by epoch."""
     requested = config.resolve_config(args)
+    config.refuse_inapplicable(args, requested)
     run_dir = runs.usable_run_dir(config.default_run_dir(requested, args))
     run_config = _run_config(run_dir, args, requested)
+    _refuse_contradictions(args, requested, run_config, run_dir)
     checkpoints = runs.checkpoint_files(run_dir)
     if not checkpoints:
         raise UserError(f"{run_dir} has no checkpoints yet; train first: python train.py --run-dir {run_dir} ...")
     return run_dir, run_config, checkpoints, {row["epoch"]: row for row in runs.read_nc_metrics(run_dir)}
 
 
-def _load_data(run_config: dict, args: argparse.Namespace,
-               device: torch.device) -> tuple[engine.Split, engine.Split, int]:
-    """The run's training subset and test split; under torchrun process 0 downloads, then each process reads."""
+def _load_data(run_config: dict, args: argparse.Namespace, device: torch.device, run_dir: Path) -> datasets.RunData:
+    """The run's training subset and test split, once they are found to be those it was trained on (see
+    `_check_data`); under torchrun process 0 downloads, then each process reads."""
     root = args.data_root or Path(run_config["data_root"])
     if args.download:
         distributed.on_rank_zero(datasets.fetch, run_config["dataset"], root)
     return distributed.on_every_rank(datasets.load_run_data, run_config["dataset"], root,
                                      run_config["samples_per_class"], run_config["seed"], args.download, device,
-                                     *_data_settings(run_config))
+                                     *_data_settings(run_config), functools.partial(_check_data, run_config, run_dir))
+
+
+def _check_data(run_config: dict, run_dir: Path, fingerprint: dict) -> None:
+    """Refuse to measure a run on other data than it was trained on (its config.json's data_fingerprint),
+    naming what changed; a run trained before runs recorded their data is measured with a warning."""
+    warning = datasets.refuse_other_data(run_config.get("data_fingerprint"), fingerprint, run_config["dataset"],
+                                         run_dir, "measured")
+    if warning and distributed.is_main():
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def _refuse_contradictions(args: argparse.Namespace, requested: dict, run_config: dict, run_dir: Path) -> None:
+    """Refuse selection flags given beside --run-dir that select another run than the folder holds."""
+    found = config.contradictions(requested, set(args.given), run_config) if args.run_dir else []
+    if found:
+        raise UserError(f"{run_dir} holds another run than {', '.join(found)} select(s); drop those flags to "
+                        "measure it, or drop --run-dir to measure the run they select")
+
+
+def _given(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace) -> frozenset[str]:
+    """The dests of the flags given on the command line: argparse sets a default only where the namespace it
+    parses into lacks the attribute, so what a parse into one holding a marker changes was given."""
+    unset = object()
+    probe = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    return frozenset(dest for dest, value in vars(probe).items() if value is not unset)
 
 
 def _data_settings(run_config: dict) -> tuple[float, str | None, int | None]:

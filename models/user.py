@@ -12,6 +12,7 @@ The network is held as `net` of a `HookedNetwork`, which gives it the registry's
 prefixed by "net.".
 """
 import importlib
+import inspect
 import re
 
 import torch
@@ -58,6 +59,16 @@ class HookedNetwork(nn.Module):
     def stage_features(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         return [(self.stage_names[0], self.features(x))]
 
+    def check_output(self, x: torch.Tensor) -> None:
+        """Raise the UserError of `features` unless the network's output on `x` is its last nn.Linear's, in eval
+        mode and without gradients: nothing of the network (its batch-norm statistics) changes."""
+        training = self.training
+        try:
+            with torch.no_grad():
+                self.eval().features(x)
+        finally:
+            self.train(training)
+
 
 def build(spec: str, num_classes: int, in_channels: int, width: int) -> HookedNetwork:
     """The network `function(num_classes=..., in_channels=..., width=...)` of `spec` = "module.path:function"."""
@@ -72,7 +83,15 @@ def build(spec: str, num_classes: int, in_channels: int, width: int) -> HookedNe
     function = getattr(module, function_name, None)
     if not callable(function):
         raise UserError(f"--model {spec}: {module_name} has no function {function_name}")
-    net = function(num_classes=num_classes, in_channels=in_channels, width=width)
+    arguments = {"num_classes": num_classes, "in_channels": in_channels, "width": width}
+    try:
+        inspect.signature(function).bind(**arguments)
+    except TypeError:
+        raise UserError(f"--model {spec}: {function_name} must take num_classes=, in_channels= and width= (e.g. def "
+                        f"{function_name}(num_classes, in_channels, width)) and return an nn.Module") from None
+    except ValueError:
+        pass  # no signature to read (some built-ins): the call says whether it fits
+    net = function(**arguments)
     if not isinstance(net, nn.Module):
         raise UserError(f"--model {spec}: {function_name} returned a {type(net).__name__}, not an nn.Module")
     linear = [(name, module) for name, module in net.named_modules() if isinstance(module, nn.Linear)]

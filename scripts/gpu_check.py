@@ -39,10 +39,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from errors import ArgumentParser, UserError, interrupt_quietly, run_cli  # noqa: E402
+
+interrupt_quietly(__name__)  # before the imports below: Ctrl-C while torch's loads (seconds) is one line too
+
 import torch  # noqa: E402
 
 import runs  # noqa: E402
-from errors import ArgumentParser, UserError, run_cli  # noqa: E402
 
 COMPILE_TOLERANCE = 0.02  # relative: compiled kernels sum in another order, and three epochs amplify it
 BF16_TOLERANCE = 0.10  # relative: bf16 rounds every activation, another trajectory from the first step

@@ -61,6 +61,10 @@ from pathlib import Path  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from errors import STOPPED, ArgumentParser, UserError, interrupt_quietly, run_cli  # noqa: E402
+
+interrupt_quietly(__name__)  # before the imports below: Ctrl-C while torch's loads (seconds) is one line too
+
 import torch  # noqa: E402
 
 import config  # noqa: E402
@@ -69,7 +73,6 @@ import engine  # noqa: E402
 import losses  # noqa: E402
 import plotting  # noqa: E402
 import runs  # noqa: E402
-from errors import STOPPED, ArgumentParser, UserError, run_cli  # noqa: E402
 
 # Seconds per training epoch of full CIFAR-10 on ResNet-18 (width 64, batch 128) with CUDA graphs.
 # bf16: engine.train_epoch alone, measured on an H100 (docs/performance.md); fp32: an estimate, never

@@ -43,7 +43,7 @@ def test_a_checkpoint_measured_for_cuda_is_read_on_the_host(tmp_path):
     assert train.main(train.parse_args([*TINY, "--run-dir", str(run_dir)])) == 0
     args = validate_nc.parse_args(["--run-dir", str(run_dir), "--device", "cpu"])
     run_config = runs.read_config(run_dir)
-    train_split, test_split, _ = validate_nc._load_data(run_config, args, torch.device("cpu"))
+    train_split, test_split, *_ = validate_nc._load_data(run_config, args, torch.device("cpu"), run_dir)
     with pytest.raises(RuntimeError) as failure:  # the network's move to the GPU, after the checkpoint was read
         validate_nc._measure(1, runs.checkpoint_path(run_dir, 1), run_config, train_split, test_split, args,
                              torch.device("cuda"))

@@ -87,9 +87,10 @@ def test_a_follower_stops_once_its_trainer_has_died_and_the_checkpoints_it_left_
     assert killed.returncode == -9  # in epoch 4 (two steps an epoch): checkpoints 1-3 are there
     follower = subprocess.run([sys.executable, str(REPO / "validate_nc.py"), *follower_args(run_dir, "1")],
                               cwd=REPO, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
-    assert follower.returncode == 0, follower.stderr
+    assert follower.returncode == 1, follower.stderr  # it could not follow the run to its end
     assert measured_epochs(run_dir) == [1, 2, 3]
-    assert "it stopped before its last epoch (6), and its checkpoints through epoch 3 are measured" in follower.stderr
+    assert "it stopped before its last epoch (6), and its checkpoints through epoch 3 are measured" in \
+        follower.stderr.splitlines()[-1]
 
 
 @pytest.mark.slow

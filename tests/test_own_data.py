@@ -42,6 +42,25 @@ def too_few_outputs(num_classes, in_channels, width):
 
 def not_a_network(num_classes, in_channels, width):
     return "a network"
+
+
+class Doubled(nn.Module):
+    """A classifier whose output is twice its last nn.Linear's."""
+
+    def __init__(self, num_classes, in_channels):
+        super().__init__()
+        self.fc = nn.Linear(in_channels * 32 * 32, num_classes)
+
+    def forward(self, x):
+        return 2 * self.fc(x.flatten(1))
+
+
+def doubled(num_classes, in_channels, width):
+    return Doubled(num_classes, in_channels)
+
+
+def positional(classes):
+    return nn.Linear(3 * 32 * 32, classes)
 '''
 
 
@@ -90,7 +109,7 @@ def test_a_folder_reads_its_pixels_and_labels_its_classes_in_sorted_order(tmp_pa
 
 def test_an_unbalanced_folder_trains_on_its_largest_balanced_subset(tmp_path):
     write_folder(tmp_path / "data", {"a": (5, 1), "b": (2, 1), "c": (4, 1)})
-    train_split, test_split, per_class = datasets.load_run_data(
+    train_split, test_split, per_class, _ = datasets.load_run_data(
         datasets.canonical_name(f"folder:{tmp_path / 'data'}"), "unused", None, 0, False, CPU)
     assert per_class == 2 and torch.bincount(train_split[1]).tolist() == [2, 2, 2]
     assert len(test_split[1]) == 3
