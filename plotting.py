@@ -1080,8 +1080,9 @@ def _table1_cell(column: str, row: dict) -> str:
 
 
 def _accuracies_finite(row: dict, run_dir: Path) -> bool:
-    """Whether a row of nc_metrics.csv has numbers for its accuracies; if not, a warning says it is left out."""
-    broken = [column for column in ("train_acc", "test_acc") if not np.isfinite(row[column])]
+    """Whether a row of nc_metrics.csv has numbers for its accuracies (or none, as a run without a test split
+    has no test accuracy); if not, a warning says it is left out."""
+    broken = [column for column in ("train_acc", "test_acc") if row[column] is not None and not np.isfinite(row[column])]
     if broken:
         print(f"warning: {run_dir / NC_TABLE}, epoch {row['epoch']}: {', '.join(broken)} is not a number; the row is "
               "left out of Table 1", file=sys.stderr)
