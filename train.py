@@ -2,7 +2,7 @@
 
     python train.py --dataset CIFAR10      # ResNet-18, SGD, 350 epochs: the paper's run
     python train.py --dataset CIFAR100     # ResNet-50
-    python train.py --dataset synthetic    # the offline quick start: about 35 s on 2 CPU cores
+    python train.py --dataset synthetic    # the offline quick start (its time: README.md)
 
 The run folder (default runs/<DATASET>-<model>-<loss>-seed<seed>[-<non-default settings>], a non-default
 --epochs included) receives config.json, log.csv, checkpoints/epoch_XXXX.pt at log-spaced epochs, and
