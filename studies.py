@@ -59,8 +59,8 @@ STATUSES = ("done", "failed", "busy", "pending")
 MEASUREMENT_FLAGS = ("--layers", "--test-collapse", "--adversarial")  # validate_nc.py's, passed on by a study
 FINAL_COLUMNS = ["tpt_epoch", "tpt_test_acc", "last_epoch", "last_test_acc", *PAPER_KEYS,
                  "ncc_mismatch_train", "ncc_mismatch_test", *OTHER_KEYS]
-# tqdm redraws its bars several times a second, which in a log file is megabytes per long run.
-JOB_ENVIRONMENT = {"TQDM_MININTERVAL": "10", "PYTHONUNBUFFERED": "1"}
+# A job's output goes to its log file, where the scripts print lines, not progress bars (progress.py).
+JOB_ENVIRONMENT = {"PYTHONUNBUFFERED": "1"}
 
 
 @dataclass(frozen=True)
