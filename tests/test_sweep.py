@@ -116,7 +116,8 @@ def test_a_study_grown_by_a_seed_runs_the_new_runs_and_leaves_the_old_ones_and_t
     assert [(row["loss"], int(row["seed"])) for row in rows] == [(loss, seed) for loss in ("ce", "mse")
                                                                 for seed in (0, 1, 2)]
     assert [row for row in rows if row["seed"] != "2"] == old_rows
-    assert [row["run_dir"] for row in rows if row["seed"] == "2"] == [str(run_folder(loss, 2)) for loss in ("ce", "mse")]
+    assert [row["run_dir"] for row in rows if row["seed"] == "2"] == [str(run_folder(loss, 2))
+                                                                     for loss in ("ce", "mse")]
     assert all(row["status"] == "done" for row in rows)
     outcomes = json.loads((study_dir / "outcomes.json").read_text())
     assert {key: outcomes[key] for key in old_outcomes} == old_outcomes and len(outcomes) == 6
