@@ -15,6 +15,9 @@ Under torchrun the protocol is the same: the global batch is still --batch-size 
 its share of it), with the same learning rate and schedule; process 0 alone writes the run folder and
 prints. Batch norm is synchronised across the processes on CUDA (--sync-bn); on the CPU torch's
 SyncBatchNorm cannot run, so each process normalises with its own share of the batch there.
+
+Each epoch prints a line. On a terminal, progress bars (of the epochs and of each epoch's batches) are drawn
+below; with stdout or stderr redirected to a file or a pipe there are none, so that a log holds the lines alone.
 """
 from errors import STOPPED, ArgumentParser, UserError, interrupt_quietly, run_cli
 

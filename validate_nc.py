@@ -16,7 +16,8 @@ With --follow it measures each checkpoint as soon as train.py writes it, waits f
 once the checkpoint of the run's last epoch (config.json's `epochs`) is measured, or once no process
 has held the run's training lock for the grace period (default 60 s: the run stopped before its end,
 which it then reports with exit status 1), then draws the figures; it may start before train.py (it waits
-for the run's config.json).
+for the run's config.json). Each checkpoint measured prints a line; on a terminal a progress bar counts them
+against the checkpoints the run will write (none when stdout or stderr is redirected, as in a log).
 
     torchrun --nproc_per_node=K validate_nc.py ...   # each process measures its shard of each split
 
