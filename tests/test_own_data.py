@@ -231,12 +231,18 @@ def test_own_images_and_own_network_train_measure_and_draw_every_figure(tmp_path
     normalization = settings["normalization"]
     with torch.no_grad():
         features = model.net.eval()[:-1](datasets.normalize(images, normalization["mean"], normalization["std"]))
+    assert rows[-1]["nc1_penultimate"] == pytest.approx(numpy_nc1(features, labels), rel=1e-5)
+
+
+def numpy_nc1(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """NC1 = trace(Sigma_W pinv(Sigma_B)) / C by numpy, in float64, over classes of equal size."""
     h, y = features.double().numpy(), labels.numpy()
-    means = np.stack([h[y == c].mean(axis=0) for c in range(3)])
-    within = np.mean([np.cov(h[y == c].T, bias=True) for c in range(3)], axis=0)
-    between = (means - means.mean(axis=0)).T @ (means - means.mean(axis=0)) / 3
-    expected = np.trace(within @ np.linalg.pinv(between, rcond=1e-10, hermitian=True)) / 3
-    assert rows[-1]["nc1_penultimate"] == pytest.approx(expected, rel=1e-5)
+    classes = sorted(set(y.tolist()))
+    means = np.stack([h[y == c].mean(axis=0) for c in classes])
+    within = np.mean([np.cov(h[y == c].T, bias=True) for c in classes], axis=0)
+    centred = means - means.mean(axis=0)
+    between = centred.T @ centred / len(classes)
+    return np.trace(within @ np.linalg.pinv(between, rcond=1e-10, hermitian=True)) / len(classes)
 
 
 # ---------------------------------------------------------------- the README's snippet
@@ -269,10 +275,4 @@ def test_the_readme_s_measure_collapse_in_your_own_code_runs_as_printed_and_prin
     assert {"nc1", "cdnv", "self_duality", "hyperspherical_energy_means"} <= set(printed)
     assert all(isinstance(value, float) and math.isfinite(value) for value in printed.values())
     saved = torch.load(tmp_path / "snippet_data.pt", weights_only=True, map_location="cpu")
-    h, y = saved["features"].double().numpy(), saved["labels"].numpy()
-    classes = sorted(set(y.tolist()))
-    means = np.stack([h[y == c].mean(axis=0) for c in classes])
-    within = np.mean([np.cov(h[y == c].T, bias=True) for c in classes], axis=0)
-    centred = means - means.mean(axis=0)
-    expected = np.trace(within @ np.linalg.pinv(centred.T @ centred / len(classes), rcond=1e-10, hermitian=True))
-    assert printed["nc1"] == pytest.approx(expected / len(classes), rel=1e-6)
+    assert printed["nc1"] == pytest.approx(numpy_nc1(saved["features"], saved["labels"]), rel=1e-6)
