@@ -59,8 +59,8 @@ STATUSES = ("done", "failed", "busy", "pending")
 MEASUREMENT_FLAGS = ("--layers", "--test-collapse", "--adversarial")  # validate_nc.py's, passed on by a study
 FINAL_COLUMNS = ["tpt_epoch", "tpt_test_acc", "last_epoch", "last_test_acc", *PAPER_KEYS,
                  "ncc_mismatch_train", "ncc_mismatch_test", *OTHER_KEYS]
-# tqdm redraws its bars several times a second, which in a log file is megabytes per long run.
-JOB_ENVIRONMENT = {"TQDM_MININTERVAL": "10", "PYTHONUNBUFFERED": "1"}
+# A job's output goes to its log file, where the scripts print lines, not progress bars (progress.py).
+JOB_ENVIRONMENT = {"PYTHONUNBUFFERED": "1"}
 
 
 @dataclass(frozen=True)
@@ -159,18 +159,21 @@ def run_state(run: Run) -> str:
 
 
 def check(study: Study) -> None:
-    """Refuse, in one line, a study folder that holds another grid's study, or a study.json or outcomes.json
-    that sweep.py did not write; reads only."""
+    """Refuse, in one line, a study folder that holds a study this one does not grow (see `_growth_conflict`),
+    or a study.json or outcomes.json that sweep.py did not write; reads only."""
     old = read_study_file(study.folder / STUDY_FILE)
-    if old is not None and [run["run_dir"] for run in old["runs"]] != [run.run_dir for run in study.runs]:
-        raise UserError(f"{study.folder} holds another study ({len(old['runs'])} runs, made by: python sweep.py "
-                        f"{shlex.join(old['argv'])}); choose another --name, or repeat that command")
+    conflict = _growth_conflict(old, study) if old is not None else ""
+    if conflict:
+        raise UserError(f"{study.folder} holds another study: {conflict}. Repeat the command that made it, adding "
+                        f"values to grow it (python sweep.py {shlex.join(old['argv'])}), or choose another --name "
+                        "(the runs done already are found in their folders and skipped)")
     _read_outcomes(study.folder)
 
 
 def start(study: Study) -> None:
-    """Create the study's folder with its study.json and tables, after `check`ing what the folder holds (a
-    study folder belongs to one grid, as a run folder belongs to one run)."""
+    """Create the study's folder with its study.json and tables, after `check`ing what the folder holds: a
+    study folder belongs to one study, which may grow (study.json then lists the grown grid's runs; the runs
+    it held, their folders, logs and outcomes stay as they are)."""
     check(study)
     study.folder.mkdir(parents=True, exist_ok=True)
     study_json = {"name": study.name, "argv": study.argv, "grid": study.grid, "varied": study.varied,
@@ -267,6 +270,45 @@ def select_lr(rows: list[dict], varied: list[str]) -> list[dict]:
         if group not in best or error < best[group]["test_error"]:
             best[group] = {**dict(zip(keys, group)), "lr": lr, "test_error": error, "runs": len(members)}
     return list(best.values())
+
+
+def _growth_conflict(old: dict, study: Study) -> str:
+    """Why `study` is not the study in `old` (a study.json), grown or repeated: it runs another script, leaves
+    out one of its runs, or gives one of its runs other commands (other fixed flags: training or measurement
+    flags, the device); "" if it is. Its values may come in another order, and settings fixed in `old` may
+    vary."""
+    script = old["runs"][0].get("script", "train.py") if old["runs"] else study.runs[0].script
+    if script != study.runs[0].script:
+        return f"its runs are {script}'s and this command's {study.runs[0].script}'s (--script)"
+    planned = {run.run_dir: run for run in study.runs}
+    left_out = [run["run_dir"] for run in old["runs"] if run["run_dir"] not in planned]
+    if left_out:
+        return (f"this command leaves out {len(left_out)} of its {len(old['runs'])} runs ({left_out[0]}"
+                f"{', ...' if len(left_out) > 1 else ''}), and a study grows but does not shrink")
+    for run in old["runs"]:
+        for command, before, now in ((script, run["train"], planned[run["run_dir"]].train),
+                                     ("validate_nc.py", run["validate"], planned[run["run_dir"]].validate)):
+            there, here = _flag_words(before), _flag_words(now)
+            if sorted(there) != sorted(here):
+                return (f"for its run {run['run_dir']}, {command} gets {_words(there, here)} in it and "
+                        f"{_words(here, there)} in this command")
+    return ""
+
+
+def _flag_words(argv: list[str]) -> list[str]:
+    """A command's arguments as one string per flag with its values: ["--seed 1", "--deterministic"]."""
+    words: list[str] = []
+    for word in argv:
+        if word.startswith("--") or not words:
+            words.append(word)
+        else:
+            words[-1] += f" {word}"
+    return words
+
+
+def _words(mine: list[str], theirs: list[str]) -> str:
+    """The flags of `mine` (with their values) that `theirs` lacks, or "no other flag"."""
+    return " ".join(word for word in mine if word not in theirs) or "no other flag"
 
 
 class _Flags:

@@ -15,6 +15,9 @@ Under torchrun the protocol is the same: the global batch is still --batch-size 
 its share of it), with the same learning rate and schedule; process 0 alone writes the run folder and
 prints. Batch norm is synchronised across the processes on CUDA (--sync-bn); on the CPU torch's
 SyncBatchNorm cannot run, so each process normalises with its own share of the batch there.
+
+Each epoch prints a line. On a terminal, progress bars (of the epochs and of each epoch's batches) are drawn
+below; with stdout or stderr redirected to a file or a pipe there are none, so that a log holds the lines alone.
 """
 from errors import STOPPED, ArgumentParser, UserError, interrupt_quietly, run_cli
 
@@ -38,7 +41,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 import config
 import datasets
@@ -46,6 +48,7 @@ import devices
 import distributed
 import engine
 import losses
+import progress
 import runs
 from models import user
 
@@ -160,13 +163,13 @@ def train_for(settings: dict, run_dir: Path, step_model: nn.Module, model: nn.Mo
     analysed = set(config.analysis_epochs(settings))
     running_full = any(row["train_acc"] == 1.0 for row in log)
     began = tick = time.perf_counter()
-    quiet = not distributed.is_main()
-    bar = tqdm(range(start + 1, epochs + 1), initial=start, total=epochs, unit="epoch", desc=run_dir.name,
-               dynamic_ncols=True, disable=quiet)
+    shown = distributed.is_main()
+    bar = progress.bar(range(start + 1, epochs + 1), shown, initial=start, total=epochs, unit="epoch",
+                       desc=run_dir.name)
     for epoch in bar:
         lr = optimizer.param_groups[0]["lr"]
-        with tqdm(total=datasets.num_batches(len(train[1]), settings["batch_size"]), leave=False,
-                  unit="batch", dynamic_ncols=True, disable=quiet) as batches:
+        with progress.bar(None, shown, total=datasets.num_batches(len(train[1]), settings["batch_size"]),
+                          leave=False, unit="batch") as batches:
             row = engine.train_epoch(step_model, optimizer, loss_fn, train, settings, epoch, batches.update)
         distributed.broadcast_buffers(model)  # per-process batch norm: all evaluate and save process 0's statistics
         every = settings["eval_every"]
@@ -513,9 +516,9 @@ def _peak_memory(device: torch.device) -> str:
 
 
 def _say(text: str) -> None:
-    """Print a line above the progress bars, from process 0 only."""
+    """Print a line (above the progress bars on a terminal), from process 0 only."""
     if distributed.is_main():
-        tqdm.write(text)
+        progress.say(text)
 
 
 def _epoch_line(row: dict, epochs: int) -> str:

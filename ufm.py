@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import config
+import progress
 import runs
 import unconstrained
 from errors import ArgumentParser, UserError, run_cli
@@ -62,7 +62,7 @@ def train_run(run: dict, run_dir: Path, device: torch.device) -> None:
     print(f"run {run_dir}: K={run['classes']}, d={run['dim']}, N={sum(run['class_counts'])}, {run['loss']}, "
           f"{run['optimizer']} lr {run['lr']:g}, lamW {run['weight_decay_classifier']:g}, lamH "
           f"{run['weight_decay_features']:g}, {run['precision']} on {device}")
-    with tqdm(total=steps, unit="step", desc=run_dir.name, dynamic_ncols=True) as bar:
+    with progress.bar(total=steps, unit="step", desc=run_dir.name) as bar:
 
         def record(step: int, seconds: float) -> None:
             logged, metrics = unconstrained.measure(model, run)
@@ -72,8 +72,8 @@ def train_run(run: dict, run_dir: Path, device: torch.device) -> None:
             extra = [key for key in measured[-1] if key not in runs.NC_COLUMNS]
             runs.write_csv(run_dir / "nc_metrics.csv", measured, runs.NC_COLUMNS + extra)
             bar.update(step - bar.n)
-            bar.set_postfix(loss=f"{logged['train_loss']:.4g}", nc1=f"{metrics['nc1']:.3g}",
-                            grad=f"{logged['grad_norm']:.2g}")
+            progress.say(f"step {step}/{steps}  loss {logged['train_loss']:.4g}  NC1 {metrics['nc1']:.3g}  "
+                         f"gradient norm {logged['grad_norm']:.2g}  {seconds:.1f}s")
 
         unconstrained.train(model, run, measure_at, record)
     runs.write_summary(run_dir)

@@ -16,7 +16,8 @@ With --follow it measures each checkpoint as soon as train.py writes it, waits f
 once the checkpoint of the run's last epoch (config.json's `epochs`) is measured, or once no process
 has held the run's training lock for the grace period (default 60 s: the run stopped before its end,
 which it then reports with exit status 1), then draws the figures; it may start before train.py (it waits
-for the run's config.json).
+for the run's config.json). Each checkpoint measured prints a line; on a terminal a progress bar counts them
+against the checkpoints the run will write (none when stdout or stderr is redirected, as in a log).
 
     torchrun --nproc_per_node=K validate_nc.py ...   # each process measures its shard of each split
 
@@ -36,7 +37,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import config
 import datasets
@@ -44,6 +44,7 @@ import distributed
 import engine
 import losses
 import plotting
+import progress
 import runs
 
 REPRESENTATION_LAMBDAS = [step / 10 for step in range(11)]
@@ -118,7 +119,8 @@ def main(args: argparse.Namespace) -> int:
         todo = [(epoch, path) for epoch, path in checkpoints
                 if args.recompute or epoch not in table or _lacks(table[epoch], args, run_config)]
         data = _load_data(run_config, args, device, run_dir) if todo else None
-        skipped = measure_checkpoints(todo, run_config, run_dir, table, args, device, data, board)
+        with progress.bar(None, distributed.is_main(), total=len(todo), unit="checkpoint", desc=run_dir.name) as bar:
+            skipped = measure_checkpoints(todo, run_config, run_dir, table, args, device, data, board, bar)
         return _finish(run_config, run_dir, table, len(todo) - len(skipped), skipped, args, board, device)
 
 
@@ -138,6 +140,7 @@ def follow(args: argparse.Namespace, device: torch.device, held: contextlib.Exit
     config.refuse_inapplicable(args, requested)
     run_dir = config.default_run_dir(requested, args)
     table, board, tried, skipped, data, idle_since, stopped = None, None, set(), [], None, None, None
+    bar = held.enter_context(progress.bar(unit="checkpoint", desc=run_dir.name))
     while True:
         trainer = runs.training_process(run_dir)
         idle_since = None if trainer else idle_since or time.monotonic()
@@ -156,14 +159,15 @@ def follow(args: argparse.Namespace, device: torch.device, held: contextlib.Exit
                 else None
         todo = [(epoch, path) for epoch, path in runs.checkpoint_files(run_dir) if epoch not in tried
                 and (args.recompute or epoch not in table or _lacks(table[epoch], args, run_config))]
+        _count_checkpoints(bar, run_config, tried | set(table) - {epoch for epoch, _ in todo})
         if todo:
             data = data or _load_data(run_config, args, device, run_dir)
-            skipped += measure_checkpoints(todo, run_config, run_dir, table, args, device, data, board)
+            skipped += measure_checkpoints(todo, run_config, run_dir, table, args, device, data, board, bar)
             tried.update(epoch for epoch, _ in todo)
             continue  # more may have landed meanwhile
         last = run_config["epochs"]
         if last in tried or last in table:
-            print(f"followed {run_dir} to its last epoch, {last}", file=sys.stderr)
+            progress.say(f"followed {run_dir} to its last epoch, {last}", file=sys.stderr)
             break
         if idle:
             reached = f"its checkpoints through epoch {max(table)} are measured" if table else \
@@ -173,6 +177,7 @@ def follow(args: argparse.Namespace, device: torch.device, held: contextlib.Exit
                        "beside it")
             break
         time.sleep(FOLLOW_POLL)
+    bar.close()  # before the report's lines
     status = _finish(run_config, run_dir, table, len(tried) - len(skipped), skipped, args, board, device)
     if stopped:
         print(f"error: {stopped}", file=sys.stderr)
@@ -182,30 +187,50 @@ def follow(args: argparse.Namespace, device: torch.device, held: contextlib.Exit
 
 def measure_checkpoints(todo: list[tuple[int, Path]], run_config: dict, run_dir: Path, table: dict,
                         args: argparse.Namespace, device: torch.device, data: tuple | None,
-                        board=None) -> list[Path]:
+                        board, bar) -> list[Path]:
     """Measure each checkpoint on `data` (the run's training subset and test split, as `_load_data`
     returns them) and add its row to nc_metrics.csv (merged with the rows on disk, which another process
     may be adding too) and to `table`; returns the checkpoints that could not be measured: unreadable,
     of another run, or with weights or features that are not finite. Each is reported on one line and
-    gets no row."""
+    gets no row; each measured one gets a line of its numbers (by process 0), and `bar`, a progress bar
+    (progress.bar), advances by one per checkpoint. `board`: TensorBoard's writer, or None."""
     if not todo:
         return []
     train, test = data.train, data.test
     skipped = []
-    progress = tqdm(todo, unit="checkpoint", desc=run_dir.name, dynamic_ncols=True, disable=not distributed.is_main())
-    for epoch, path in progress:
+    shown = distributed.is_main()
+    for epoch, path in todo:
         try:
             row = {"epoch": epoch, **_measure(epoch, path, run_config, train, test, args, device)}
         except UserError as err:
-            if distributed.is_main():
-                tqdm.write(f"warning: {err}; skipped", file=sys.stderr)
+            row = None
             skipped.append(path)
+            if shown:
+                progress.say(f"warning: {err}; skipped", file=sys.stderr)
+        bar.update()
+        if row is None:
             continue
         table.update(distributed.on_rank_zero(runs.merge_nc_metrics, run_dir, [row]) or {epoch: row})
         if board is not None:
             runs.log_scalars(board, "collapse", row)
-        progress.set_postfix(epoch=epoch, nc1=f"{row['nc1']:.3g}", test_acc=f"{row['test_acc']:.2%}")
+        if shown:
+            progress.say(_checkpoint_line(row))
     return skipped
+
+
+def _count_checkpoints(bar, run_config: dict, behind: set[int]) -> None:
+    """Set --follow's bar to the run's analysis checkpoints: as many as it will write (config.json's, which
+    an extension rewrites), and as far as those of them measured already or tried by this follower."""
+    expected = config.analysis_epochs(run_config)
+    bar.total, bar.n = len(expected), len(behind.intersection(expected))
+    bar.refresh()
+
+
+def _checkpoint_line(row: dict) -> str:
+    """A measured checkpoint's line of progress."""
+    test = f"{row['test_acc']:.2%}" if row.get("test_acc") is not None else "-"
+    return (f"checkpoint {row['epoch']:>4}: train acc {row['train_acc']:.2%}  test acc {test}  NC1 {row['nc1']:.4g}  "
+            f"NCC mismatch {row['ncc_mismatch_train']:.3g}")
 
 
 def _finish(run_config: dict, run_dir: Path, table: dict, measured: int, skipped: list[Path],

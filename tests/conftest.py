@@ -1,8 +1,12 @@
 """Test-wide settings: one torch thread, since two threads on two loaded cores can be 100x slower; and the
 fixtures several test files share."""
+import faulthandler
 import os
 import re
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -36,3 +40,60 @@ def design_packages_only(tmp_path_factory) -> dict[str, str]:
     (folder / "sitecustomize.py").write_text(f"import sys\nsys.modules.update(dict.fromkeys({optional_packages()!r}))\n")
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(REPO)]), "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1"}
+
+
+
+# ---------------------------------------------------------------- a time limit per test
+# A test that hangs (a subprocess that never answers, a follower waiting for a trainer that is gone) fails
+# once it has run past its limit, at the line it had reached, and the suite goes on. pytest.ini sets the
+# limits (time_limit; slow_time_limit for tests marked slow or compile); @pytest.mark.time_limit(S) sets one
+# test's, 0 for none. The alarm (SIGALRM) interrupts Python code; a hang inside C code that never returns to
+# Python cannot be interrupted, so faulthandler ends the whole run HARD_STOP_S later, with every thread's stack.
+HARD_STOP_S = 60
+STDERR = pytest.StashKey[int]()  # the terminal's stderr (a descriptor), which pytest's capture of tests leaves alone
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini("time_limit", "seconds a test may run, setup and teardown included (0: no limit)", default="300")
+    parser.addini("slow_time_limit", "seconds a test marked slow or compile may run (0: no limit)", default="1200")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "time_limit(seconds): this test's own time limit (0: none)")
+    config.stash[STDERR] = os.dup(2)  # before any test's output is captured; open while the process lives
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem):
+    limit = _time_limit(item)
+    if not limit or threading.current_thread() is not threading.main_thread():  # which alone gets signals
+        yield
+        return
+
+    def out_of_time(signum: int, frame) -> None:
+        pytest.fail(f"{item.nodeid} ran past its time limit of {limit:g} s (pytest.ini's time_limit or "
+                    "slow_time_limit, or its time_limit marker) and was stopped where the traceback shows")
+
+    began = time.monotonic()
+    handler = signal.signal(signal.SIGALRM, out_of_time)
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, limit)
+    stderr = item.config.stash[STDERR]
+    faulthandler.dump_traceback_later(limit + HARD_STOP_S, exit=True, file=stderr)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        faulthandler.cancel_dump_traceback_later()
+        signal.signal(signal.SIGALRM, handler)
+        if outer:  # this test ran inside another (pytester's): the other's alarm again, less the time spent here
+            left = max(outer - (time.monotonic() - began), 0.001)
+            signal.setitimer(signal.ITIMER_REAL, left)
+            faulthandler.dump_traceback_later(left + HARD_STOP_S, exit=True, file=stderr)
+
+
+def _time_limit(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("time_limit")
+    if marker is not None:
+        return float(marker.args[0])
+    slow = item.get_closest_marker("slow") or item.get_closest_marker("compile")
+    return float(item.config.getini("slow_time_limit" if slow else "time_limit"))

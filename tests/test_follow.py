@@ -2,6 +2,7 @@
 numbers as a plain validation afterwards, a stop when training ends or dies, and a kill of the follower
 that leaves the table whole; runs.training_process, which tells it whether the run is being trained."""
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,6 +16,7 @@ import pytest
 import runs
 import validate_nc
 from errors import UserError
+from test_logs import run_on_a_terminal
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "synthetic", "--width", "4", "--samples-per-class", "20", "--device", "cpu"]
@@ -85,12 +87,14 @@ def test_a_follower_stops_once_its_trainer_has_died_and_the_checkpoints_it_left_
                              "--epochs", "6", "--num-checkpoints", "6", "--run-dir", str(run_dir)],
                             cwd=REPO, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9  # in epoch 4 (two steps an epoch): checkpoints 1-3 are there
-    follower = subprocess.run([sys.executable, str(REPO / "validate_nc.py"), *follower_args(run_dir, "1")],
-                              cwd=REPO, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
-    assert follower.returncode == 1, follower.stderr  # it could not follow the run to its end
+    # On a terminal, to see its bar: it counts the 6 checkpoints the run was to write, of which it measured 3.
+    code, drawn = run_on_a_terminal([sys.executable, str(REPO / "validate_nc.py"), *follower_args(run_dir, "1")])
+    assert code == 1, drawn  # it could not follow the run to its end
     assert measured_epochs(run_dir) == [1, 2, 3]
+    bars = [line for line in re.split("[\r\n]", drawn) if "%|" in line]  # drawn once config.json was read
+    assert bars and all("/6 [" in line for line in bars) and "3/6 [" in bars[-1]
     assert "it stopped before its last epoch (6), and its checkpoints through epoch 3 are measured" in \
-        follower.stderr.splitlines()[-1]
+        drawn.splitlines()[-1]
 
 
 @pytest.mark.slow
@@ -113,7 +117,15 @@ def test_a_follower_of_a_finished_and_measured_run_stops_at_once(tmp_path):
     trained = subprocess.run([sys.executable, str(REPO / "train.py"), *TINY, "--epochs", "2", "--num-checkpoints",
                               "2", "--run-dir", str(run_dir)], cwd=REPO, env=ONE_THREAD, capture_output=True)
     assert trained.returncode == 0
-    assert validate_nc.main(validate_nc.parse_args(follower_args(run_dir, "3600"))) == 0  # no trainer to wait for
+    # With an hour's grace, a follower that waited for a trainer would still be waiting when the bound ends it.
+    follower = start("validate_nc.py", *follower_args(run_dir, "3600"))
+    try:
+        code = follower.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        follower.kill()
+        pytest.fail("the follower of a finished run was still waiting after 300 s (its grace is 3600 s): it did not "
+                    f"see that the run's last checkpoint was there; it wrote: {follower.communicate()[1]}")
+    assert code == 0, follower.stderr.read()
     assert measured_epochs(run_dir) == [1, 2]
 
 

@@ -210,6 +210,31 @@ def test_equal_minority_rows_have_cosine_one_and_a_simplex_has_minus_one_over_c_
     assert list(datasets.minority_classes(5)) == [3, 4] and list(datasets.majority_classes(5)) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("answer, minority, majority", [(0, 0.0, 1 / 3), (2, 0.0, 1 / 3), (3, 0.5, 0.0), (4, 0.5, 0.0)])
+def test_the_measured_minority_numbers_are_those_of_the_last_classes_and_the_majority_s_of_the_first(
+        answer, minority, majority):
+    """Of 5 classes, 0-2 are the majority and 3-4 the minority (datasets.majority_classes, minority_classes). A
+    classifier whose bias makes it answer one class whatever the image is right on all that class's test images
+    and no other's: a third of the majority's (10 images of each class) or half the minority's. Its rows: the
+    two minority rows equal (cosine 1), the three majority rows orthogonal (cosine 0)."""
+    torch.manual_seed(0)
+    settings = {"model": "resnet18", "num_classes": 5, "in_channels": 1, "width": 4, "seed": 0, "imbalance": 10.0,
+                "normalization": {"mean": [0.5], "std": [0.25]}, "loss": "ce", "target_scale": None,
+                "label_smoothing": None, "focal_gamma": None}
+    model = engine.build_model(settings, torch.device("cpu")).eval()
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.weight[[0, 1, 2, 3, 4], [0, 1, 2, 3, 3]] = 1.0
+        model.fc.bias.copy_(1e4 * torch.nn.functional.one_hot(torch.tensor(answer), 5))
+    images = torch.randint(0, 256, (50, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(5).repeat(10)
+    measured = engine.measure_collapse(model, losses.loss_from_config(settings), (images[:30], labels[:30]),
+                                       (images, labels), settings, batch_size=16)
+    assert (measured["test_acc_minority"], measured["test_acc_majority"]) == (minority, pytest.approx(majority))
+    assert measured["test_acc"] == 0.2
+    assert (measured["minority_cosine"], measured["majority_cosine"]) == (pytest.approx(1.0), pytest.approx(0.0))
+
+
 # ---------------------------------------------------------------- a tiny imbalanced run end to end
 
 @pytest.fixture(scope="module")

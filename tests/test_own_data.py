@@ -1,5 +1,7 @@
 """Neural Collapse of one's own images (--dataset folder:PATH), network (--model module.path:function) and
 code (the README's "Measure collapse in your own code", run as printed)."""
+import ast
+import math
 import os
 import re
 import subprocess
@@ -216,13 +218,31 @@ def test_own_images_and_own_network_train_measure_and_draw_every_figure(tmp_path
                                                     "--adversarial-samples", "3"])) == 0
     rows = runs.read_nc_metrics(run_dir)
     assert [row["epoch"] for row in rows] == [1, 2, 3] and all(row["cdnv"] is not None for row in rows)
-    assert all(row["nc1_penultimate"] == row["nc1"] for row in rows)
     plots = tmp_path / "folder-shapes_plots" / run_dir.name
     assert {"panel.png", "fig8_adversarial_robustness.png", "fig9_other_measures.png", "layerwise_nc1.png",
             "training_curves.png"} <= {path.name for path in plots.iterdir()}
     state = runs.load_checkpoint(run_dir / "checkpoints" / "epoch_0003.pt")
     model = engine.build_model(state["config"], CPU)
     model.load_state_dict(state["model"])  # strict: the same keys
+    # The penultimate stage's NC1 is that of the output of the layer before the last nn.Linear (the Sequential
+    # cut there, no hook), by numpy's trace(Sigma_W pinv(Sigma_B)) / C on the run's 24 training images.
+    images, labels = datasets.load_run_data(f"folder:{tmp_path / 'shapes'}", "ignored", 8, 0, False, CPU,
+                                            image_size=8)[0]
+    normalization = settings["normalization"]
+    with torch.no_grad():
+        features = model.net.eval()[:-1](datasets.normalize(images, normalization["mean"], normalization["std"]))
+    assert rows[-1]["nc1_penultimate"] == pytest.approx(numpy_nc1(features, labels), rel=1e-5)
+
+
+def numpy_nc1(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """NC1 = trace(Sigma_W pinv(Sigma_B)) / C by numpy, in float64, over classes of equal size."""
+    h, y = features.double().numpy(), labels.numpy()
+    classes = sorted(set(y.tolist()))
+    means = np.stack([h[y == c].mean(axis=0) for c in classes])
+    within = np.mean([np.cov(h[y == c].T, bias=True) for c in classes], axis=0)
+    centred = means - means.mean(axis=0)
+    between = centred.T @ centred / len(classes)
+    return np.trace(within @ np.linalg.pinv(between, rcond=1e-10, hermitian=True)) / len(classes)
 
 
 # ---------------------------------------------------------------- the README's snippet
@@ -234,12 +254,25 @@ def readme_section(heading: str) -> str:
     return text[start:end if end >= 0 else len(text)]
 
 
+# Run after the snippet: its stand-ins' data and penultimate features (the Sequential cut before its last layer,
+# not the snippet's hook), for the test to measure by itself.
+SNIPPET_DATA = """
+import torch as _torch
+_images, _labels = loader.dataset.tensors
+with _torch.no_grad():
+    _torch.save({"features": model.eval()[:-1](_images), "labels": _labels}, "snippet_data.pt")
+"""
+
+
 @pytest.mark.slow
-def test_the_readme_s_measure_collapse_in_your_own_code_runs_as_printed(tmp_path):
-    blocks = re.findall(r"```python\n(.*?)```", readme_section("Measure collapse in your own code"), re.DOTALL)
-    assert blocks, "the section has no python code"
-    for code in blocks:
-        done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-        assert done.returncode == 0, done.stderr
-        assert "cdnv" in done.stdout and "nc1" in done.stdout
+def test_the_readme_s_measure_collapse_in_your_own_code_runs_as_printed_and_prints_the_nc1_of_its_data(tmp_path):
+    [code] = re.findall(r"```python\n(.*?)```", readme_section("Measure collapse in your own code"), re.DOTALL)
+    done = subprocess.run([sys.executable, "-c", code + SNIPPET_DATA], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    [line] = done.stdout.splitlines()
+    printed = ast.literal_eval(line)  # the dict of measures, as print shows it
+    assert {"nc1", "cdnv", "self_duality", "hyperspherical_energy_means"} <= set(printed)
+    assert all(isinstance(value, float) and math.isfinite(value) for value in printed.values())
+    saved = torch.load(tmp_path / "snippet_data.pt", weights_only=True, map_location="cpu")
+    assert printed["nc1"] == pytest.approx(numpy_nc1(saved["features"], saved["labels"]), rel=1e-6)

@@ -89,12 +89,13 @@ def test_a_run_cut_by_its_deadline_packs_what_it_measured(tmp_path):
     run_dir = tmp_path / "runs" / "synthetic-resnet18-ce-seed0-w4-spc20-ep500"
     timings = (results / "timings.txt").read_text()
     assert "NOT finished: the tables hold what was reached" in timings
-    assert len(runs.read_log(run_dir)) < 500
+    # Its epochs take a fraction of a second, each a checkpoint: the 48 s before the trainer is stopped reach
+    # dozens of them, measured, even on 2 busy cores; the archive must hold both tables as the run left them.
+    measured = runs.read_nc_metrics(run_dir)
+    assert 0 < len(runs.read_log(run_dir)) < 500 and measured, "no epoch trained or measured before the deadline"
     packed = archived(tmp_path / "out" / "paper_scale.tar.gz")
     for name in ("log.csv", "nc_metrics.csv"):  # every row the runs had written when they were stopped
-        if (run_dir / name).exists():
-            assert packed[f"{results.name}/{name}"] == (run_dir / name).read_bytes()
-    measured = runs.read_nc_metrics(run_dir)
+        assert packed[f"{results.name}/{name}"] == (run_dir / name).read_bytes(), name
     checkpoints = [epoch for epoch, _ in runs.checkpoint_files(run_dir)]
     assert [row["epoch"] for row in measured] == checkpoints[:len(measured)]  # in order, none half-written
 

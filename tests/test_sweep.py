@@ -97,6 +97,66 @@ def test_the_same_command_again_starts_nothing(study):
 
 
 @pytest.mark.slow
+def test_a_study_grown_by_a_seed_runs_the_new_runs_and_leaves_the_old_ones_and_their_rows_as_they_were(
+        study, tmp_path):
+    folder = copy_of(study[0], tmp_path)
+    study_dir = folder / "studies" / "grid"
+    # Every file but the study's own (study.json, its tables, outcomes.json): the runs, their figures and logs.
+    before = {path: value for path, value in snapshot(folder).items() if path.parent != study_dir}
+    assert all(folder / run_folder(loss, seed) / "last.pt" in before for loss, seed in SETTINGS)
+    old_rows = table_rows(study_dir / "runs.csv")
+    old_outcomes = json.loads((study_dir / "outcomes.json").read_text())
+    grown = ["--name", "grid", *TINY, "--loss", "ce", "mse", "--seed", "0", "1", "2", "--parallel", "2"]
+    code, output = sweep_in(folder, *grown)
+    assert code == 0, output
+    assert sorted(line.split()[0] for line in output.splitlines()[:-1] if not line.startswith("start ")) == \
+        ["done"] * 2 + ["skipped"] * 4
+    assert {path: value for path, value in snapshot(folder).items() if path in before} == before  # bytes and times
+    rows = table_rows(study_dir / "runs.csv")
+    assert [(row["loss"], int(row["seed"])) for row in rows] == [(loss, seed) for loss in ("ce", "mse")
+                                                                for seed in (0, 1, 2)]
+    assert [row for row in rows if row["seed"] != "2"] == old_rows
+    assert [row["run_dir"] for row in rows if row["seed"] == "2"] == [str(run_folder(loss, 2))
+                                                                     for loss in ("ce", "mse")]
+    assert all(row["status"] == "done" for row in rows)
+    outcomes = json.loads((study_dir / "outcomes.json").read_text())
+    assert {key: outcomes[key] for key in old_outcomes} == old_outcomes and len(outcomes) == 6
+    assert json.loads((study_dir / "study.json").read_text())["argv"] == grown
+    assert "6 runs: 6 done, 0 failed, 0 busy, 0 pending." in (study_dir / "table.md").read_text()
+
+
+@pytest.mark.parametrize("flags, conflict", [
+    (["--seed", "1"], "this command leaves out 1 of its 2 runs (runs/synthetic-resnet18-ce-seed0-w4-spc20-ep2), and "
+                      "a study grows but does not shrink"),
+    (["--seed", "0", "1", "2", "--num-checkpoints", "1"], "for its run runs/synthetic-resnet18-ce-seed1-w4-spc20-ep2, "
+     "train.py gets --num-checkpoints 2 in it and --num-checkpoints 1 in this command"),
+    (["--seed", "0", "1", "--layers"], "for its run runs/synthetic-resnet18-ce-seed1-w4-spc20-ep2, validate_nc.py "
+                                       "gets no other flag in it and --layers in this command"),
+    (["--script", "ufm.py"], "its runs are train.py's and this command's ufm.py's (--script)"),
+])
+def test_a_study_grows_by_values_and_a_command_that_is_not_it_grown_is_refused_saying_what_differs(
+        tmp_path, capsys, flags, conflict):
+    """Planned and recorded, not run: growing writes study.json and the tables; a conflict writes nothing."""
+    first = ["--name", "grid", *TINY, "--seed", "0"]
+    grown = ["--name", "grid", *TINY, "--seed", "1", "0"]  # values in another order, a setting fixed before varied
+    with working_directory(tmp_path):
+        for command in (first, grown):
+            studies.start(studies.plan(sweep.parse_args(command), "grid", command))
+        recorded = json.loads(Path("studies/grid/study.json").read_text())
+        assert recorded["argv"] == grown and recorded["varied"] == ["seed"]
+        assert [run["run_dir"] for run in recorded["runs"]] == [str(run_folder("ce", seed)) for seed in (1, 0)]
+        assert [row["status"] for row in table_rows(Path("studies/grid/runs.csv"))] == ["pending"] * 2
+        before = snapshot(tmp_path)
+        command = ["--name", "grid", *(TINY if "--script" not in flags else []), *flags]
+        assert run_cli(sweep.main, lambda: sweep.parse_args(command)) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == (f"error: studies/grid holds another study: {conflict}. Repeat the command that made it, adding "
+                    f"values to grow it (python sweep.py {' '.join(grown)}), or choose another --name (the runs "
+                    "done already are found in their folders and skipped)")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
 def test_a_killed_study_resumes_to_the_tables_and_bits_of_an_uninterrupted_one(study, tmp_path):
     reference, _, _ = study
     flags = ["--name", "grid", *TINY, "--loss", "ce", "--seed", "0", "1"]
