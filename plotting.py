@@ -120,6 +120,9 @@ STYLE_NAMES = {LOG_TABLE: {TRAINING: "training set (running average over the epo
                NC_TABLE: {TRAINING: r"training set: class means $\mu_c - \mu_G$, features $h$",
                           CLASSIFIERS: r"classifier rows $w_c$",
                           TEST: "test set (its own class means; Figure 7: the training means)"}}
+# The prime of c′ is Unicode's (U+2032), drawn from DejaVu Sans: mathtext draws an ASCII ' from the Computer
+# Modern font cmsy10, whose zero timestamps fontTools reports on stderr ("'created' timestamp seems very low")
+# each time a PDF embeds it.
 _X = r"\mathbf{x}_c"
 NC_FIGURES = {
     "fig2_equinorm.png": Panel(
@@ -127,12 +130,12 @@ NC_FIGURES = {
         (Quantity("equinorm_means"), Quantity("equinorm_weights", CLASSIFIERS), Quantity("equinorm_means_test", TEST)),
         log_y=True, table=NC_TABLE),
     "fig3_equiangularity.png": Panel(
-        "Equiangularity (Figure 3)", rf"$\mathrm{{Std}}_{{c \neq c'}}\ \cos({_X}, \mathbf{{x}}_{{c'}})$",
+        "Equiangularity (Figure 3)", rf"$\mathrm{{Std}}_{{c \neq c′}}\ \cos({_X}, \mathbf{{x}}_{{c′}})$",
         (Quantity("equiangular_means"), Quantity("equiangular_weights", CLASSIFIERS),
          Quantity("equiangular_means_test", TEST)), log_y=True, table=NC_TABLE),
     "fig4_max_equiangularity.png": Panel(
         "Maximal angle (Figure 4)",
-        rf"$\mathrm{{Avg}}_{{c \neq c'}}\ |\cos({_X}, \mathbf{{x}}_{{c'}}) + 1/(C-1)|$",
+        rf"$\mathrm{{Avg}}_{{c \neq c′}}\ |\cos({_X}, \mathbf{{x}}_{{c′}}) + 1/(C-1)|$",
         (Quantity("maxangle_means"), Quantity("maxangle_weights", CLASSIFIERS), Quantity("maxangle_means_test", TEST)),
         log_y=True, table=NC_TABLE),
     "fig5_self_duality.png": Panel(
@@ -156,7 +159,7 @@ OTHER_FILE = "fig9_other_measures.png"
 OTHER_PANELS = (
     Panel("Trace ratio (Tirer et al. 2023)", r"$\mathrm{Tr}(\Sigma_W)\ /\ \mathrm{Tr}(\Sigma_B)$",
           (Quantity("nc1_trace_ratio"), Quantity("nc1_trace_ratio_test", TEST)), log_y=True, table=NC_TABLE),
-    Panel("CDNV (Galanti et al. 2022)", r"$\mathrm{Avg}_{c < c'}\ (V_c + V_{c'})\ /\ (2\,\|\mu_c - \mu_{c'}\|^2)$",
+    Panel("CDNV (Galanti et al. 2022)", r"$\mathrm{Avg}_{c < c′}\ (V_c + V_{c′})\ /\ (2\,\|\mu_c - \mu_{c′}\|^2)$",
           (Quantity("cdnv"), Quantity("cdnv_test", TEST)), log_y=True, table=NC_TABLE),
     Panel("ETF error (Zhu et al. 2021, NC2)",
           "$\\|\\,G / \\|G\\|_F - E\\,\\|_F$\n" r"$G = \tilde{M}\tilde{M}^\top,\ W W^\top$",
@@ -166,11 +169,11 @@ OTHER_PANELS = (
           r"$\|\,W\tilde{M}^\top / \|W\tilde{M}^\top\|_F - E\,\|_F$",
           (Quantity("wh_alignment"), Quantity("wh_alignment_test", TEST)), log_y=True, table=NC_TABLE),
     Panel("Hyperspherical energy (Liu et al. 2023)",
-          r"$\mathrm{Avg}_{c \neq c'}\ 1\ /\ \|m_c - m_{c'}\|$" "\n" r"(grey: the simplex ETF's $\sqrt{(C-1)/2C}$)",
+          r"$\mathrm{Avg}_{c \neq c′}\ 1\ /\ \|m_c - m_{c′}\|$" "\n" r"(grey: the simplex ETF's $\sqrt{(C-1)/2C}$)",
           (Quantity("hyperspherical_energy_means"), Quantity("hyperspherical_energy_means_test", TEST)), log_y=False,
           table=NC_TABLE),
     Panel("Uniformity (Wu & Papyan 2024, GNC2)",
-          r"$\mathrm{Var}_{c \neq c'}\ \log\,(1\ /\ \|m_c - m_{c'}\|)$",
+          r"$\mathrm{Var}_{c \neq c′}\ \log\,(1\ /\ \|m_c - m_{c′}\|)$",
           (Quantity("gnc2_log_distance_var"), Quantity("gnc2_log_distance_var_test", TEST)), log_y=True, table=NC_TABLE),
     Panel("Uniform duality (Wu & Papyan, UNC3)", r"$\mathrm{Var}_c\ \langle w_c, \mu_c - \mu_G \rangle$",
           (Quantity("unc3_dot_var"), Quantity("unc3_dot_var_test", TEST)), log_y=True, table=NC_TABLE),
@@ -190,7 +193,7 @@ CURVES_FILE = "training_curves.png"
 # Minority Collapse (Fang, He, Long & Su 2021), for runs on an imbalanced training subset; the sixth panel,
 # the classifier row norms against the class sizes, is drawn by `_draw_norms`.
 MINORITY_FILE = "minority_collapse.png"
-_COSINE = r"$\mathrm{Avg}_{c \neq c'}\ \cos(w_c, w_{c'})$"
+_COSINE = r"$\mathrm{Avg}_{c \neq c′}\ \cos(w_c, w_{c′})$"
 MINORITY_PANELS = (
     Panel("Minority classes' classifiers", _COSINE, (Quantity("minority_cosine", CLASSIFIERS),),
           log_y=False, table=NC_TABLE),
