@@ -77,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--plots-dir", type=Path, help="where the figures go (default <DATASET>_plots/[<run name>/])")
     add("--format", choices=plotting.FORMATS, default="png", help="the figures' file format (default png; pdf "
         "and svg are vector files with text kept as text)")
+    plotting.add_figure_arguments(output)
     add("--tensorboard", action="store_true", help="also write each checkpoint's metrics, and the figures, to "
         "<run>/tensorboard/ for TensorBoard (nc_metrics.csv stays the record)")
     add = mixup.add_argument
@@ -103,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
+    plotting.figure_style(args)  # a --style that cannot be read is refused before any measuring
     with distributed.process_group(config.resolve_device(args.device)) as device, contextlib.ExitStack() as held:
         if args.follow:
             return follow(args, device, held)
@@ -212,7 +214,8 @@ def _finish(run_config: dict, run_dir: Path, table: dict, measured: int, skipped
             args: argparse.Namespace, board, device: torch.device) -> int:
     """The figures and the TPT table (see `_report`), the checkpoints that could not be measured named;
     the exit status: 1 if there were any."""
-    written = distributed.on_rank_zero(_report, run_config, run_dir, table, measured, args.plots_dir, args.format)
+    written = distributed.on_rank_zero(_report, run_config, run_dir, table, measured, args.plots_dir, args.format,
+                                       plotting.figure_style(args))
     if device.type == "cuda" and distributed.is_main():
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
     if board is not None and written:
@@ -245,7 +248,7 @@ def draw_representations(checkpoints: dict[int, Path], run_config: dict, run_dir
         table = plots_dir / f"mixup_representations_epoch{epoch}.csv"
         plots_dir.mkdir(parents=True, exist_ok=True)
         runs.write_csv(table, rows, engine.REPRESENTATION_COLUMNS)
-        print(plotting.plot_representations(table, table.with_suffix(f".{args.format}")))
+        print(plotting.plot_representations(table, table.with_suffix(f".{args.format}"), plotting.figure_style(args)))
     return 0
 
 
@@ -355,14 +358,14 @@ def _lacks(row: dict, args: argparse.Namespace, run_config: dict) -> bool:
 
 
 def _report(run_config: dict, run_dir: Path, table: dict, measured: int, plots_dir: Path | None,
-            figure_format: str) -> list[Path]:
+            figure_format: str, style: plotting.FigureStyle) -> list[Path]:
     """summary.json, the figures and the TPT table of a run with measurements, and a line saying what was
     done; the figures written."""
     if not table:
         return []
     runs.write_summary(run_dir)  # also where it was lost: a study counts a run done once it is there
     plots_dir = plots_dir or plotting.default_plots_dir(run_config, run_dir)
-    written = plotting.plot_run(run_dir, plots_dir, f".{figure_format}")
+    written = plotting.plot_run(run_dir, plots_dir, f".{figure_format}", style)
     summary = plotting.tpt_table(run_dir)
     runs.write_text(plots_dir / "tpt_table.md", summary)
     print(summary)
