@@ -989,7 +989,6 @@ def _draw(ax: plt.Axes, panel: Panel, lines: list[_Line], style: FigureStyle, ov
     if log_y:
         ax.set_yscale("log")
         readable_log_ticks(ax.yaxis)
-        _label_the_ends(ax)
     ax.set_xlabel(_time_axis(lines))
     ax.set_ylabel(panel.ylabel)
     ax.set_title(panel.heading(style))
@@ -1105,8 +1104,8 @@ class _ReadableLogLocator(matplotlib.ticker.LogLocator):
     where they do not, and over more than 3 decades: there 1-2-5 labels run into one another, as on ufm.py's
     axis of thousands of steps, and over more than 4, such as a fixed ETF's 1e-8, matplotlib's LogLocator
     draws no tick at all given several subs); at every integer multiple of them where that fits and 1-2-5
-    leaves fewer than MIN_LOG_TICKS in view (an axis spanning less than a decade); else at evenly spaced
-    round values."""
+    leaves fewer than MIN_LOG_TICKS in view (an axis spanning less than a decade); else, on an axis spanning
+    less than a decade, at evenly spaced round values."""
 
     def tick_values(self, vmin: float, vmax: float) -> np.ndarray:
         low, high = sorted((vmin, vmax))
@@ -1119,8 +1118,8 @@ class _ReadableLogLocator(matplotlib.ticker.LogLocator):
             shown = np.count_nonzero((ticks >= low) & (ticks <= high))
             if shown <= room and (chosen is None or shown > chosen[0]):
                 chosen = (shown, ticks)
-        if chosen is not None and chosen[0] >= MIN_LOG_TICKS:
-            return chosen[1]
+        if chosen is not None and (chosen[0] >= MIN_LOG_TICKS or high / low >= 10):
+            return chosen[1]  # over a decade or more, powers of ten even where only two are in view
         ticks = matplotlib.ticker.MaxNLocator(nbins=min(room, MIN_LOG_TICKS + 1)).tick_values(low, high)
         return ticks[ticks > 0]
 
@@ -1163,6 +1162,10 @@ def _finish(fig: plt.Figure, lines: list[_Line], drawn: dict[str, list[str]], st
                     for line in lines]
     legend_below(fig, handles, style.size is None)
     _title(fig, style, lambda: _describe(lines))
+    fig.get_layout_engine().execute(fig)  # the axes' final heights, which decide how many labels fit on them
+    for ax in fig.axes:
+        if ax.get_yscale() == "log":
+            _label_the_ends(ax)
 
 
 def _title(fig: plt.Figure, style: FigureStyle, default: Callable[[], str]) -> None:
