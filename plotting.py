@@ -153,8 +153,8 @@ class FigureStyle:
     dpi: int = field(default=DPI, metadata=_option(
         "--dpi", f"a PNG's dots per inch (default {DPI})", type=config.positive_int))
     style_file: str | None = field(default=None, metadata=_option(
-        "--style", "a matplotlib style file (or the name of one of matplotlib's styles), applied before the "
-        "options above", metavar="FILE"))
+        "--style", "a matplotlib style file, or the name of one of matplotlib's styles (seaborn-v0_8-paper); "
+        "--font-size overrides its font sizes", metavar="FILE"))
     number_figures: bool = field(default=False, metadata=_option(
         "--number-figures", "name the paper's figure after each subplot's title: \"Equinorm (Figure 2)\"",
         action="store_true"))
@@ -1070,9 +1070,9 @@ def _draw_norms(ax: plt.Axes, lines: list[_Line]) -> None:
         low, high = min(sizes), max(sizes)
         margin = (high / low) ** 0.1 if high > low else 10 ** 0.1
         ax.set_xlim(low / margin, high * margin)
-    ax.set_xlabel(r"training samples of the class, $N_c$")
+    ax.set_xlabel(r"training samples $N_c$")
     ax.set_ylabel(r"$\|w_c\|$")
-    ax.set_title("Classifier row norms, last checkpoint")
+    ax.set_title("Row norms, last checkpoint")
     ax.grid(True, which="major", alpha=0.3)
 
 

@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     measurement = parser.add_argument_group("measurement", "What is measured at each checkpoint, from which data, "
                                             "on what; nc_metrics.csv in the run folder receives a row per checkpoint.")
     output = parser.add_argument_group("output", "The figures, drawn from nc_metrics.csv and log.csv.")
+    plotting.add_figure_arguments(parser.add_argument_group("figure options", "How the figures look, whatever "
+                                                            "they show (the same options as plotting.py's)."))
     mixup = parser.add_argument_group("the Mixup representation figure", "Drawn by --representations instead of "
                                       "measuring.")
     add = measurement.add_argument
@@ -77,7 +79,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--plots-dir", type=Path, help="where the figures go (default <DATASET>_plots/[<run name>/])")
     add("--format", choices=plotting.FORMATS, default="png", help="the figures' file format (default png; pdf "
         "and svg are vector files with text kept as text)")
-    plotting.add_figure_arguments(output)
     add("--tensorboard", action="store_true", help="also write each checkpoint's metrics, and the figures, to "
         "<run>/tensorboard/ for TensorBoard (nc_metrics.csv stays the record)")
     add = mixup.add_argument
