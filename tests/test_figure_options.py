@@ -2,6 +2,7 @@
 figure command, read back from the files written; the defaults' size and fonts; the figure flaws fixed (log axes
 labelled at both ends without crowding, one onset line per run, one loss per axis, Figure 7's test curve on top,
 the row-norm panel's points off the frame); no absolute path in a title; nothing on stderr."""
+import itertools
 import re
 import subprocess
 import sys
@@ -42,6 +43,13 @@ def png_dpi(path: Path) -> tuple[int, int]:
 def svg_texts(path: Path) -> str:
     """The SVG's text, as matplotlib keeps it with svg.fonttype none: its <text> elements' contents."""
     return " ".join(re.findall(r"<text[^>]*>([^<]*)</text>", path.read_text()))
+
+
+@pytest.fixture(autouse=True)
+def no_figure_left_open():
+    """Figures drawn but not saved (the others of `nc_figures`, a failed assertion's) closed after each test."""
+    yield
+    plt.close("all")
 
 
 @pytest.fixture
@@ -112,10 +120,13 @@ def test_the_font_size_is_that_of_every_text_and_a_style_file_applies_under_it(t
 
 def test_the_defaults_fit_a_7_inch_text_width_at_8_to_9_points(tmp_path):
     run_dirs = [fully_measured(write_run(tmp_path / name, seed=seed)) for name, seed in (("a", 0), ("b", 1))]
-    figures = {**dict(plotting.nc_figures(run_dirs)), "panel": plotting.panel_figure(run_dirs),
-               "curves": plotting.curves_figure(run_dirs), "layers": plotting.layers_figure(run_dirs[0]),
-               "representations": plotting.representations_figure(write_representations(tmp_path / "r.csv"))}
-    for name, fig in figures.items():
+    table = write_representations(tmp_path / "r.csv")
+    figures = itertools.chain(plotting.nc_figures(run_dirs), (
+        (name, draw()) for name, draw in (("panel", lambda: plotting.panel_figure(run_dirs)),
+                                          ("curves", lambda: plotting.curves_figure(run_dirs)),
+                                          ("layers", lambda: plotting.layers_figure(run_dirs[0])),
+                                          ("representations", lambda: plotting.representations_figure(table)))))
+    for name, fig in figures:  # one at a time, each closed before the next is drawn
         fig.canvas.draw()
         sizes = {text.get_fontsize() for text in fig.findobj(matplotlib.text.Text) if text.get_text()}
         width = fig.get_size_inches()[0]
