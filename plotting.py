@@ -86,7 +86,7 @@ CURVES_PER_ROW = 3
 PANEL_SIZE = (7.0, 5.0)
 MINORITY_UNTESTED_SIZE = (7.0, 2.4)  # the Minority Collapse figure's top row alone
 OTHER_SIZE = (7.0, 4.6)  # Figure 9's 2x4 panels
-REPRESENTATIONS_SIZE = (3.5, 3.5)
+REPRESENTATIONS_SIZE = (3.5, 3.3)
 MAX_LEGEND_COLUMNS = 4
 MIN_WRAP = 12  # characters: a legend label or title is never wrapped narrower than this
 SIDE_MARGIN = 0.02  # of the figure's width, kept clear of a legend or title on each side
@@ -207,9 +207,10 @@ NC_FIGURES = {
 }
 # Figure 8 is drawn when the table has it (validate_nc.py --adversarial); the 2x3 panel is Figures 2-7.
 ROBUSTNESS_FIGURE = ("fig8_adversarial_robustness.png", Panel(
-    "Adversarial robustness", r"DeepFool $\mathrm{Avg}_x\ \|r(x)\|_2\ /\ \|x\|_2$ (pixels in [0, 1])",
+    "Robustness to DeepFool", r"$\mathrm{Avg}_x\ \|r(x)\|_2\ /\ \|x\|_2$",
     (Quantity("deepfool_robustness", TEST),), log_y=False, table=NC_TABLE, figure=8,
-    names={TEST: "a fixed sample of test images, attacked away from the network's decision"}))
+    names={TEST: "a fixed sample of test images x (pixels in [0, 1]); r(x): DeepFool's step across the network's "
+           "decision"}))
 # Figure 9: the field's other measures (nc_metrics.py), one panel each, drawn when the table has them.
 OTHER_FILE = "fig9_other_measures.png"
 OTHER_PANELS = (
