@@ -13,7 +13,12 @@ any number of runs.
 
 A figure is written as PNG (150 dpi), PDF or SVG (vectors, text kept as text): a file named by --out in
 its suffix's format, the files of a folder in --format's (default png); --format and a suffix that
-disagree, or a folder named like a file, are refused before anything is drawn.
+disagree, or a folder named like a file, are refused before anything is drawn. Every figure command takes
+the options of FigureStyle, for a paper: --title TEXT (or '' for none), --label RUN_OR_GROUP LABEL, --size
+WIDTH HEIGHT in inches, --font-size, --dpi, --style FILE and --number-figures; by default a figure of
+several panels is 7 inches wide (a journal's text width), one of a single panel 3.5, with text at 8-9 pt.
+
+    python plotting.py panel RUN_A RUN_B --label RUN_A SGD --label RUN_B Adam --title '' --out fig.pdf
 
 Several runs are overlaid, one colour per run, labelled by the settings on which their configs differ and
 which apply to them (a loss's parameter only under that loss; learning-rate milestones only where they
@@ -211,7 +216,10 @@ ROBUSTNESS_FIGURE = ("fig8_adversarial_robustness.png", Panel(
     (Quantity("deepfool_robustness", TEST),), log_y=False, table=NC_TABLE, figure=8,
     names={TEST: "a fixed sample of test images x (pixels in [0, 1]); r(x): DeepFool's step across the network's "
            "decision"}))
-# Figure 9: the field's other measures (nc_metrics.py), one panel each, drawn when the table has them.
+# Figure 9: the field's other measures (nc_metrics.py), one panel each, drawn when the table has them. Their
+# papers (docs/other_measures.md), left out of titles that must fit a quarter of a page's width: the trace
+# ratio Tirer et al. 2023, CDNV Galanti et al. 2022, ETF error and alignment Zhu et al. 2021, hyperspherical
+# energy Liu et al. 2023, GNC2 and UNC3 Wu & Papyan 2024.
 OTHER_FILE = "fig9_other_measures.png"
 OTHER_PANELS = (
     Panel("Trace ratio (NC1)", r"$\mathrm{Tr}(\Sigma_W)\ /\ \mathrm{Tr}(\Sigma_B)$",

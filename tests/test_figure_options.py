@@ -67,15 +67,17 @@ def test_every_figure_command_writes_the_title_label_and_size_asked_for(tmp_path
     out = tmp_path / "out"
     run = str(measured_run)
     commands = {"nc": ["nc", run, "--out", f"{out}/nc"], "curves": ["curves", run, "--out", f"{out}/curves.svg"],
-                "panel": ["panel", run, "--out", f"{out}/panel.svg"], "layers": ["layers", run, "--out", f"{out}/l.svg"],
+                "panel": ["panel", run, "--out", f"{out}/panel.svg"],
+                "layers": ["layers", run, "--out", f"{out}/l.svg"],
                 "representations": ["representations", str(table), "--out", f"{out}/r.svg"],
                 "study": ["study", str(study), "--out", f"{out}/study"]}
     for name, command in commands.items():
-        label = [] if name in ("layers", "representations") else ["--label", "synthetic" if name == "study" else run, LABEL]
+        group = "synthetic" if name == "study" else run  # a study of seeds is one group, named by its dataset
+        label = [] if name in ("layers", "representations") else ["--label", group, LABEL]
         options = ["--title", TITLE, "--size", "5", "3.2", "--format", "svg", *label]
         assert plotting.main(plotting.parse_args([*command, *options])) == 0, name
     written = sorted(out.rglob("*.svg"))
-    assert len(written) == 15  # Figures 2-9, curves, panel, layers, representations; the study's panel, curves, Figure 9
+    assert len(written) == 15  # Figures 2-9, curves, panel, layers, representations; the study's panel, curves, fig9
     for path in written:
         assert svg_inches(path) == pytest.approx((5, 3.2), abs=0.01), path
         texts = svg_texts(path)

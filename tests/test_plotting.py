@@ -339,8 +339,8 @@ def test_a_legend_of_labels_wider_than_the_figure_is_wrapped_inside_it(tmp_path)
     fig = plotting.panel_figure(deep)
     assert [text.get_text() for text in fig.legends[0].get_texts()][-3:] == ["x/run", "y/run", "z/run"]
     plt.close(fig)
-    long = {f"{folder.parent.name}/run": f"a label of run {folder.parent.name}, " + ", ".join(["much longer than the figure"] * 6)
-            for folder in deep}
+    wide = ", ".join(["a label longer than the figure"] * 6)
+    long = {f"{folder.parent.name}/run": f"run {folder.parent.name}, {wide}" for folder in deep}
     fig = plotting.panel_figure(deep, style=plotting.FigureStyle(labels={str(deep[0]): long["x/run"],
                                                                         "y/run": long["y/run"]}))
     texts = [text.get_text() for text in fig.legends[0].get_texts()][-3:]
