@@ -132,6 +132,15 @@ class Panel:
         return f"{self.title} (Figure {self.figure})" if style.number_figures and self.figure else self.title
 
 
+class _LabelPairs(argparse.Action):
+    """--label's pairs in the order given. Unlike argparse's "append", it starts a new list over any value that
+    is not one yet: validate_nc.py parses into a namespace of markers to learn which flags were given."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        given = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, [*(given if isinstance(given, list) else []), tuple(values)])
+
+
 def _option(flag: str, help: str, **argparse_options) -> dict:
     """A FigureStyle field's command-line flag, as its metadata: `add_figure_arguments` reads it."""
     return {"flag": flag, "help": help, **argparse_options}
@@ -146,7 +155,7 @@ class FigureStyle:
         "paper's protocol); --title '' for none", metavar="TEXT"))
     labels: Mapping[str, str] = field(default_factory=dict, metadata=_option(
         "--label", "the legend's label of a run (its folder, as given or by its name) or of a group (as the default "
-        "legend names it, without its count of runs); repeat for each", nargs=2, action="append",
+        "legend names it, without its count of runs); repeat for each", nargs=2, action=_LabelPairs,
         metavar=("RUN_OR_GROUP", "LABEL")))
     size: tuple[float, float] | None = field(default=None, metadata=_option(
         "--size", "the whole figure's width and height in inches, legend included (default: 7 inches wide for "

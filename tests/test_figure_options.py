@@ -159,9 +159,11 @@ def test_a_label_for_no_run_is_refused_on_one_line_naming_the_runs(tmp_path):
 
 
 def test_validate_nc_takes_the_figure_options():
-    args = validate_nc.parse_args(["--title", TITLE, "--size", "4", "3", "--dpi", "300", "--number-figures"])
+    args = validate_nc.parse_args(["--title", TITLE, "--size", "4", "3", "--dpi", "300", "--number-figures",
+                                   "--label", "runs/a", "A", "--label", "runs/b", "B"])
     assert plotting.figure_style(args) == plotting.FigureStyle(title=TITLE, size=(4.0, 3.0), dpi=300,
-                                                                number_figures=True)
+                                                                number_figures=True, labels={"runs/a": "A", "runs/b": "B"})
+    assert args.given >= {"title", "size", "dpi", "number_figures", "labels"}
 
 
 def test_a_pdf_is_written_without_a_warning_or_a_line_on_stderr(tmp_path, capsys, caplog):
