@@ -13,7 +13,12 @@ any number of runs.
 
 A figure is written as PNG (150 dpi), PDF or SVG (vectors, text kept as text): a file named by --out in
 its suffix's format, the files of a folder in --format's (default png); --format and a suffix that
-disagree, or a folder named like a file, are refused before anything is drawn.
+disagree, or a folder named like a file, are refused before anything is drawn. Every figure command takes
+the options of FigureStyle, for a paper: --title TEXT (or '' for none), --label RUN_OR_GROUP LABEL, --size
+WIDTH HEIGHT in inches, --font-size, --dpi, --style FILE and --number-figures; by default a figure of
+several panels is 7 inches wide (a journal's text width), one of a single panel 3.5, with text at 8-9 pt.
+
+    python plotting.py panel RUN_A RUN_B --label RUN_A SGD --label RUN_B Adam --title '' --out fig.pdf
 
 Several runs are overlaid, one colour per run, labelled by the settings on which their configs differ and
 which apply to them (a loss's parameter only under that loss; learning-rate milestones only where they
@@ -46,9 +51,10 @@ from errors import ArgumentParser, UserError, interrupt_quietly, run_cli
 interrupt_quietly(__name__)  # before the imports below: Ctrl-C while torch's loads (seconds) is one line too
 
 import argparse
+import functools
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import matplotlib
@@ -69,28 +75,35 @@ import datasets
 import runs
 import study_files
 
-DPI = 150
-# >= 10 pt at the saved size; vector files keep text as text (searchable, editable, reproducible).
-STYLE = {"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10, "svg.fonttype": "none", "pdf.fonttype": 42}
+DPI = 150  # of a PNG, unless --dpi says otherwise
+FONT_SIZE = 9.0  # points at the saved size: tick labels and legends one point smaller, 8-9 pt in print
+# Vector files keep text as text (searchable, editable, reproducible).
+STYLE = {"svg.fonttype": "none", "pdf.fonttype": 42, "lines.linewidth": 1.2}
 FORMATS = ("png", "pdf", "svg")
 # Every suffix matplotlib could write: a folder named like one of these is taken for a mistyped file.
 FIGURE_SUFFIXES = frozenset(FigureCanvasBase.get_supported_filetypes())
 VECTOR_METADATA = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}  # no timestamps: same tables, same bytes
-SINGLE_SIZE = (7.0, 5.0)  # every size is that of the figure without its legend, which adds its own height
-CURVES_SIZE = (15.0, 4.8)
-PANEL_SIZE = (12.0, 7.0)
-MINORITY_UNTESTED_SIZE = (12.0, 3.8)  # the Minority Collapse figure's top row alone
-OTHER_SIZE = (18.0, 7.0)  # Figure 9's 2x4 panels
-REPRESENTATIONS_SIZE = (6.5, 6.0)
+# A journal's text width is about 7 inches: the wide figures take it, the single ones half of it. Each size
+# is that of the figure without its legend, which adds its own height (unless --size fixes the whole).
+SINGLE_SIZE = (3.5, 2.8)
+CURVES_SIZE = (7.0, 2.4)  # per row of up to CURVES_PER_ROW panels
+CURVES_PER_ROW = 3
+PANEL_SIZE = (7.0, 5.0)
+MINORITY_UNTESTED_SIZE = (7.0, 2.4)  # the Minority Collapse figure's top row alone
+OTHER_SIZE = (7.0, 4.6)  # Figure 9's 2x4 panels
+REPRESENTATIONS_SIZE = (3.5, 3.3)
 MAX_LEGEND_COLUMNS = 4
 MIN_WRAP = 12  # characters: a legend label or title is never wrapped narrower than this
 SIDE_MARGIN = 0.02  # of the figure's width, kept clear of a legend or title on each side
 MIN_LOG_TICKS = 3
+MAX_SIZE_TICKS = 4  # class sizes labelled one by one on the row-norm panel, if no more than this
+END_GAP, END_REACH = 0.15, 0.25  # of a log axis's height: see _label_the_ends
 SOLID, DASHED, DASH_DOT = "-", "--", "-."
 TPT_STYLE = {"linestyle": (0, (1, 2)), "linewidth": 1.5, "alpha": 0.8}  # dotted: unlike either quantity
 TPT_COLOUR_ALONE = "black"  # a single run's onset, unlike its own curves' colour
-MARKER_SIZE = 3
-LEGEND_MARKER_SIZE = 8
+REFERENCE_STYLE = {"color": "0.5", "linewidth": 1.0}  # a theory's value, such as the simplex ETF's, named in the legend
+MARKER_SIZE = 2.5
+LEGEND_MARKER_SIZE = 6
 NC_TABLE, LOG_TABLE = "nc_metrics.csv", "log.csv"
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet read a CSV cell as a formula
 
@@ -112,6 +125,62 @@ class Panel:
     log_y: bool
     table: str
     names: dict[str, str] | None = None  # the legend's name of each line style, if not the table's usual ones
+    figure: int | None = None  # the paper's figure it reproduces, named in its title with --number-figures
+
+    def heading(self, style: "FigureStyle") -> str:
+        """The axes' title: "Equinorm", or "Equinorm (Figure 2)" with --number-figures."""
+        return f"{self.title} (Figure {self.figure})" if style.number_figures and self.figure else self.title
+
+
+class _LabelPairs(argparse.Action):
+    """--label's pairs in the order given. Unlike argparse's "append", it starts a new list over any value that
+    is not one yet: validate_nc.py parses into a namespace of markers to learn which flags were given."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        given = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, [*(given if isinstance(given, list) else []), tuple(values)])
+
+
+def _option(flag: str, help: str, **argparse_options) -> dict:
+    """A FigureStyle field's command-line flag, as its metadata: `add_figure_arguments` reads it."""
+    return {"flag": flag, "help": help, **argparse_options}
+
+
+@dataclass(frozen=True)
+class FigureStyle:
+    """How a figure is drawn and written, whatever it shows: every figure command takes these options (its
+    flags are derived from the fields, by `add_figure_arguments`), and every figure function this object."""
+    title: str | None = field(default=None, metadata=_option(
+        "--title", "the figure's title (default: the dataset, the network and the settings that depart from the "
+        "paper's protocol); --title '' for none", metavar="TEXT"))
+    labels: Mapping[str, str] = field(default_factory=dict, metadata=_option(
+        "--label", "the legend's label of a run (its folder, as given or by its name) or of a group (as the default "
+        "legend names it, without its count of runs); repeat for each", nargs=2, action=_LabelPairs,
+        metavar=("RUN_OR_GROUP", "LABEL")))
+    size: tuple[float, float] | None = field(default=None, metadata=_option(
+        "--size", "the whole figure's width and height in inches, legend included (default: 7 inches wide for "
+        "figures of several panels, 3.5 for one, and as tall as the legend needs)", nargs=2,
+        type=config.positive_float, metavar=("WIDTH", "HEIGHT")))
+    font_size: float | None = field(default=None, metadata=_option(
+        "--font-size", f"points at the saved size (default {FONT_SIZE:g}, or the style file's; tick labels and the "
+        "legend one point smaller)", type=config.positive_float, metavar="PT"))
+    dpi: int = field(default=DPI, metadata=_option(
+        "--dpi", f"a PNG's dots per inch (default {DPI})", type=config.positive_int))
+    style_file: str | None = field(default=None, metadata=_option(
+        "--style", "a matplotlib style file, or the name of one of matplotlib's styles (seaborn-v0_8-paper); "
+        "--font-size overrides its font sizes", metavar="FILE"))
+    number_figures: bool = field(default=False, metadata=_option(
+        "--number-figures", "name the paper's figure after each subplot's title: \"Equinorm (Figure 2)\"",
+        action="store_true"))
+
+    def rc(self) -> dict:
+        """The matplotlib settings of a figure: the repo's, then the style file's, then the font size."""
+        size = self.font_size or _style_params(self.style_file).get("font.size") or FONT_SIZE
+        fonts = {"font.size": size, "axes.titlesize": size, "axes.labelsize": size, "figure.titlesize": size,
+                 "xtick.labelsize": size - 1, "ytick.labelsize": size - 1, "legend.fontsize": size - 1}
+        if self.font_size is None:
+            fonts = {key: value for key, value in fonts.items() if key not in _style_params(self.style_file)}
+        return {**STYLE, **_style_params(self.style_file), **fonts}
 
 
 TRAINING, CLASSIFIERS, TEST = SOLID, DASHED, DASH_DOT
@@ -119,62 +188,68 @@ TRAINING, CLASSIFIERS, TEST = SOLID, DASHED, DASH_DOT
 STYLE_NAMES = {LOG_TABLE: {TRAINING: "training set (running average over the epoch, train mode)", TEST: "test set"},
                NC_TABLE: {TRAINING: r"training set: class means $\mu_c - \mu_G$, features $h$",
                           CLASSIFIERS: r"classifier rows $w_c$",
-                          TEST: "test set (its own class means; Figure 7: the training means)"}}
+                          TEST: "test set (its own class means)"}}
+# The prime of c′ is Unicode's (U+2032), drawn from DejaVu Sans: mathtext draws an ASCII ' from the Computer
+# Modern font cmsy10, whose zero timestamps fontTools reports on stderr ("'created' timestamp seems very low")
+# each time a PDF embeds it.
 _X = r"\mathbf{x}_c"
 NC_FIGURES = {
     "fig2_equinorm.png": Panel(
-        "Equinorm (Figure 2)", rf"$\mathrm{{Std}}_c\,\|{_X}\|\ /\ \mathrm{{Avg}}_c\,\|{_X}\|$",
+        "Equinorm", rf"$\mathrm{{Std}}_c\,\|{_X}\|\ /\ \mathrm{{Avg}}_c\,\|{_X}\|$",
         (Quantity("equinorm_means"), Quantity("equinorm_weights", CLASSIFIERS), Quantity("equinorm_means_test", TEST)),
-        log_y=True, table=NC_TABLE),
+        log_y=True, table=NC_TABLE, figure=2),
     "fig3_equiangularity.png": Panel(
-        "Equiangularity (Figure 3)", rf"$\mathrm{{Std}}_{{c \neq c'}}\ \cos({_X}, \mathbf{{x}}_{{c'}})$",
+        "Equiangularity", rf"$\mathrm{{Std}}_{{c \neq c′}}\ \cos({_X}, \mathbf{{x}}_{{c′}})$",
         (Quantity("equiangular_means"), Quantity("equiangular_weights", CLASSIFIERS),
-         Quantity("equiangular_means_test", TEST)), log_y=True, table=NC_TABLE),
+         Quantity("equiangular_means_test", TEST)), log_y=True, table=NC_TABLE, figure=3),
     "fig4_max_equiangularity.png": Panel(
-        "Maximal angle (Figure 4)",
-        rf"$\mathrm{{Avg}}_{{c \neq c'}}\ |\cos({_X}, \mathbf{{x}}_{{c'}}) + 1/(C-1)|$",
+        "Maximal angle",
+        rf"$\mathrm{{Avg}}_{{c \neq c′}}\ |\cos({_X}, \mathbf{{x}}_{{c′}}) + 1/(C-1)|$",
         (Quantity("maxangle_means"), Quantity("maxangle_weights", CLASSIFIERS), Quantity("maxangle_means_test", TEST)),
-        log_y=True, table=NC_TABLE),
+        log_y=True, table=NC_TABLE, figure=4),
     "fig5_self_duality.png": Panel(
-        "Self-duality (Figure 5)", r"$\|\,W / \|W\|_F - \tilde{M} / \|\tilde{M}\|_F\,\|_F^2$",
-        (Quantity("self_duality"), Quantity("self_duality_test", TEST)), log_y=True, table=NC_TABLE),
+        "Self-duality", r"$\|\,W / \|W\|_F - \tilde{M} / \|\tilde{M}\|_F\,\|_F^2$",
+        (Quantity("self_duality"), Quantity("self_duality_test", TEST)), log_y=True, table=NC_TABLE, figure=5),
     "fig6_nc1.png": Panel(
-        "Within-class variation (Figure 6)", r"$\mathrm{Tr}(\Sigma_W\,\Sigma_B^{+})\ /\ C$",
-        (Quantity("nc1"), Quantity("nc1_test", TEST)), log_y=True, table=NC_TABLE),
+        "Within-class variation", r"$\mathrm{Tr}(\Sigma_W\,\Sigma_B^{+})\ /\ C$",
+        (Quantity("nc1"), Quantity("nc1_test", TEST)), log_y=True, table=NC_TABLE, figure=6),
     "fig7_ncc_mismatch.png": Panel(
-        "NCC mismatch (Figure 7)",
+        "NCC mismatch",
         r"proportion with $\mathrm{argmax}_c\,(w_c \cdot h + b_c)$" "\n" r"$\neq \mathrm{argmin}_c\,\|h - \mu_c\|$",
-        (Quantity("ncc_mismatch_train"), Quantity("ncc_mismatch_test", TEST)), log_y=False, table=NC_TABLE),
+        (Quantity("ncc_mismatch_train"), Quantity("ncc_mismatch_test", TEST)), log_y=False, table=NC_TABLE, figure=7,
+        names={TEST: "test set (NCC mismatch: the training class means)"}),
 }
 # Figure 8 is drawn when the table has it (validate_nc.py --adversarial); the 2x3 panel is Figures 2-7.
 ROBUSTNESS_FIGURE = ("fig8_adversarial_robustness.png", Panel(
-    "Adversarial robustness (Figure 8)", r"DeepFool $\mathrm{Avg}_x\ \|r(x)\|_2\ /\ \|x\|_2$ (pixels in [0, 1])",
-    (Quantity("deepfool_robustness", TEST),), log_y=False, table=NC_TABLE,
-    names={TEST: "a fixed sample of test images, attacked away from the network's decision"}))
-# Figure 9: the field's other measures (nc_metrics.py), one panel each, drawn when the table has them.
+    "Robustness to DeepFool", r"$\mathrm{Avg}_x\ \|r(x)\|_2\ /\ \|x\|_2$",
+    (Quantity("deepfool_robustness", TEST),), log_y=False, table=NC_TABLE, figure=8,
+    names={TEST: "a fixed sample of test images x (pixels in [0, 1]); r(x): DeepFool's step across the network's "
+           "decision"}))
+# Figure 9: the field's other measures (nc_metrics.py), one panel each, drawn when the table has them. Their
+# papers (docs/other_measures.md), left out of titles that must fit a quarter of a page's width: the trace
+# ratio Tirer et al. 2023, CDNV Galanti et al. 2022, ETF error and alignment Zhu et al. 2021, hyperspherical
+# energy Liu et al. 2023, GNC2 and UNC3 Wu & Papyan 2024.
 OTHER_FILE = "fig9_other_measures.png"
 OTHER_PANELS = (
-    Panel("Trace ratio (Tirer et al. 2023)", r"$\mathrm{Tr}(\Sigma_W)\ /\ \mathrm{Tr}(\Sigma_B)$",
+    Panel("Trace ratio (NC1)", r"$\mathrm{Tr}(\Sigma_W)\ /\ \mathrm{Tr}(\Sigma_B)$",
           (Quantity("nc1_trace_ratio"), Quantity("nc1_trace_ratio_test", TEST)), log_y=True, table=NC_TABLE),
-    Panel("CDNV (Galanti et al. 2022)", r"$\mathrm{Avg}_{c < c'}\ (V_c + V_{c'})\ /\ (2\,\|\mu_c - \mu_{c'}\|^2)$",
+    Panel("CDNV", r"$\mathrm{Avg}_{c < c′}\ \frac{V_c + V_{c′}}{2\,\|\mu_c - \mu_{c′}\|^2}$",
           (Quantity("cdnv"), Quantity("cdnv_test", TEST)), log_y=True, table=NC_TABLE),
-    Panel("ETF error (Zhu et al. 2021, NC2)",
-          "$\\|\\,G / \\|G\\|_F - E\\,\\|_F$\n" r"$G = \tilde{M}\tilde{M}^\top,\ W W^\top$",
+    Panel("ETF error (NC2)", r"$\|\,G / \|G\|_F - E\,\|_F$",  # G: the Gram matrix of the means or of W
           (Quantity("etf_error_means"), Quantity("etf_error_weights", CLASSIFIERS), Quantity("etf_error_means_test", TEST)),
           log_y=True, table=NC_TABLE),
-    Panel("Alignment of W and means (Zhu et al., NC3)",
+    Panel("Alignment (NC3)",
           r"$\|\,W\tilde{M}^\top / \|W\tilde{M}^\top\|_F - E\,\|_F$",
           (Quantity("wh_alignment"), Quantity("wh_alignment_test", TEST)), log_y=True, table=NC_TABLE),
-    Panel("Hyperspherical energy (Liu et al. 2023)",
-          r"$\mathrm{Avg}_{c \neq c'}\ 1\ /\ \|m_c - m_{c'}\|$" "\n" r"(grey: the simplex ETF's $\sqrt{(C-1)/2C}$)",
+    Panel("Hyperspherical energy", r"$\mathrm{Avg}_{c \neq c′}\ 1\ /\ \|m_c - m_{c′}\|$",
           (Quantity("hyperspherical_energy_means"), Quantity("hyperspherical_energy_means_test", TEST)), log_y=False,
           table=NC_TABLE),
-    Panel("Uniformity (Wu & Papyan 2024, GNC2)",
-          r"$\mathrm{Var}_{c \neq c'}\ \log\,(1\ /\ \|m_c - m_{c'}\|)$",
+    Panel("Uniformity (GNC2)",
+          r"$\mathrm{Var}_{c \neq c′}\ \log\,(1\ /\ \|m_c - m_{c′}\|)$",
           (Quantity("gnc2_log_distance_var"), Quantity("gnc2_log_distance_var_test", TEST)), log_y=True, table=NC_TABLE),
-    Panel("Uniform duality (Wu & Papyan, UNC3)", r"$\mathrm{Var}_c\ \langle w_c, \mu_c - \mu_G \rangle$",
+    Panel("Uniform duality (UNC3)", r"$\mathrm{Var}_c\ \langle w_c, \mu_c - \mu_G \rangle$",
           (Quantity("unc3_dot_var"), Quantity("unc3_dot_var_test", TEST)), log_y=True, table=NC_TABLE),
-    Panel("Uniform duality, cosines (UNC3)", r"$\mathrm{Var}_c\ \cos(w_c, \mu_c - \mu_G)$",
+    Panel("UNC3 of cosines", r"$\mathrm{Var}_c\ \cos(w_c, \mu_c - \mu_G)$",
           (Quantity("unc3_cosine_var"), Quantity("unc3_cosine_var_test", TEST)), log_y=True, table=NC_TABLE),
 )
 ENERGY_PANEL = 4  # the index in OTHER_PANELS of the energy, whose panel marks the simplex ETF's value
@@ -190,18 +265,18 @@ CURVES_FILE = "training_curves.png"
 # Minority Collapse (Fang, He, Long & Su 2021), for runs on an imbalanced training subset; the sixth panel,
 # the classifier row norms against the class sizes, is drawn by `_draw_norms`.
 MINORITY_FILE = "minority_collapse.png"
-_COSINE = r"$\mathrm{Avg}_{c \neq c'}\ \cos(w_c, w_{c'})$"
+_COSINE = r"$\mathrm{Avg}_{c \neq c′}\ \cos(w_c, w_{c′})$"
 MINORITY_PANELS = (
     Panel("Minority classes' classifiers", _COSINE, (Quantity("minority_cosine", CLASSIFIERS),),
           log_y=False, table=NC_TABLE),
     Panel("Majority classes' classifiers", _COSINE, (Quantity("majority_cosine", CLASSIFIERS),),
           log_y=False, table=NC_TABLE),
     Panel("Test accuracy, minority classes", "accuracy (fraction correct)", (Quantity("test_acc_minority", TEST),),
-          log_y=False, table=NC_TABLE),
+          log_y=False, table=NC_TABLE, names={TEST: "test set"}),
     Panel("Test accuracy, majority classes", "accuracy (fraction correct)", (Quantity("test_acc_majority", TEST),),
-          log_y=False, table=NC_TABLE),
+          log_y=False, table=NC_TABLE, names={TEST: "test set"}),
     Panel("Test accuracy, all classes", "accuracy (fraction correct)", (Quantity("test_acc", TEST),),
-          log_y=False, table=NC_TABLE),
+          log_y=False, table=NC_TABLE, names={TEST: "test set"}),
 )
 
 
@@ -219,18 +294,19 @@ TABLE1_NOTE = ("TPT onset: the first measured checkpoint whose clean training se
                "points.")
 GROUPED_NOTE = " A group's cell: the mean over its runs [minimum, maximum]; the onset's over the runs that reach it."
 
-def plot_run(run_dir: Path, out_dir: Path, suffix: str = ".png") -> list[Path]:
+def plot_run(run_dir: Path, out_dir: Path, suffix: str = ".png", style: FigureStyle = FigureStyle()) -> list[Path]:
     """Figures 2-7 (and 8 and the layer-wise figure when measured), the 2x3 panel and the training
     curves of one run, written into `out_dir` in the format of `suffix`; the paths written."""
     out_dir = Path(out_dir)
-    written = plot_runs([run_dir], out_dir, suffix=suffix)
-    written.append(plot_panel([run_dir], out_dir / f"panel{suffix}"))
-    written.append(plot_curves([run_dir], out_dir / Path(CURVES_FILE).with_suffix(suffix)))
+    written = plot_runs([run_dir], out_dir, suffix=suffix, style=style)
+    written.append(plot_panel([run_dir], out_dir / f"panel{suffix}", style=style))
+    written.append(plot_curves([run_dir], out_dir / Path(CURVES_FILE).with_suffix(suffix), style=style))
     measured = runs.read_nc_metrics(run_dir)
     if runs.stage_columns(measured):
-        written.append(plot_layers(run_dir, out_dir / Path(LAYERS_FILE).with_suffix(suffix)))
+        written.append(plot_layers(run_dir, out_dir / Path(LAYERS_FILE).with_suffix(suffix), style))
     if _has_minority_columns(measured):
-        written.append(plot_minority_collapse([run_dir], out_dir / Path(MINORITY_FILE).with_suffix(suffix)))
+        written.append(plot_minority_collapse([run_dir], out_dir / Path(MINORITY_FILE).with_suffix(suffix),
+                                              style=style))
     return written
 
 
@@ -248,94 +324,115 @@ def run_figure_names(run_dir: Path, suffix: str = ".png") -> list[str]:
     return [Path(name).stem + suffix for name in names]
 
 
-def plot_runs(run_dirs: list[Path], out_dir: Path, group_by: list[str] = (), suffix: str = ".png") -> list[Path]:
+def plot_runs(run_dirs: list[Path], out_dir: Path, group_by: list[str] = (), suffix: str = ".png",
+              style: FigureStyle = FigureStyle()) -> list[Path]:
     """Figures 2-7 (and 8 when measured) with the runs (or groups of runs) overlaid, one file per figure
     in `out_dir`."""
-    return [_save(fig, Path(out_dir) / Path(filename).with_suffix(suffix))
-            for filename, fig in nc_figures(run_dirs, group_by)]
+    return [_save(fig, Path(out_dir) / Path(filename).with_suffix(suffix), style)
+            for filename, fig in nc_figures(run_dirs, group_by, style)]
 
 
-def plot_curves(run_dirs: list[Path], out_path: Path, group_by: list[str] = ()) -> Path:
+def plot_curves(run_dirs: list[Path], out_path: Path, group_by: list[str] = (),
+                style: FigureStyle = FigureStyle()) -> Path:
     """The training curves (loss | accuracy | test ECE per epoch, from log.csv) at `out_path`."""
-    return _save(curves_figure(run_dirs, group_by), out_path)
+    return _save(curves_figure(run_dirs, group_by, style), out_path, style)
 
 
-def plot_panel(run_dirs: list[Path], out_path: Path, group_by: list[str] = ()) -> Path:
+def plot_panel(run_dirs: list[Path], out_path: Path, group_by: list[str] = (),
+               style: FigureStyle = FigureStyle()) -> Path:
     """Figures 2-7 as one compact 2x3 panel (the same content as the single figures) at `out_path`."""
-    return _save(panel_figure(run_dirs, group_by), out_path)
+    return _save(panel_figure(run_dirs, group_by, style), out_path, style)
 
 
-def plot_other_measures(run_dirs: list[Path], out_path: Path, group_by: list[str] = ()) -> Path:
+def plot_other_measures(run_dirs: list[Path], out_path: Path, group_by: list[str] = (),
+                        style: FigureStyle = FigureStyle()) -> Path:
     """Figure 9, the field's other measures (see `other_measures_figure`), at `out_path`."""
-    return _save(other_measures_figure(_load_lines(run_dirs, NC_TABLE, group_by)), out_path)
+    return _save(other_measures_figure(_load_lines(run_dirs, NC_TABLE, group_by, style.labels), style), out_path,
+                 style)
 
 
-def plot_minority_collapse(run_dirs: list[Path], out_path: Path, group_by: list[str] = ()) -> Path:
+def plot_minority_collapse(run_dirs: list[Path], out_path: Path, group_by: list[str] = (),
+                           style: FigureStyle = FigureStyle()) -> Path:
     """The Minority Collapse figure of imbalanced runs (see `minority_figure`) at `out_path`."""
-    return _save(minority_figure(run_dirs, group_by), out_path)
+    return _save(minority_figure(run_dirs, group_by, style), out_path, style)
 
 
-def plot_layers(run_dir: Path, out_path: Path) -> Path:
+def plot_layers(run_dir: Path, out_path: Path, style: FigureStyle = FigureStyle()) -> Path:
     """The layer-wise NC1 figure (see `layers_figure`) at `out_path`."""
-    return _save(layers_figure(run_dir), out_path)
+    return _save(layers_figure(run_dir, style), out_path, style)
 
 
-def plot_representations(table: Path, out_path: Path | None = None) -> Path:
+def plot_representations(table: Path, out_path: Path | None = None, style: FigureStyle = FigureStyle()) -> Path:
     """The Mixup representation figure (see `representations_figure`) at `out_path`, by default beside
     the CSV, as .png."""
-    return _save(representations_figure(Path(table)), Path(out_path) if out_path else Path(table).with_suffix(".png"))
+    return _save(representations_figure(Path(table), style),
+                 Path(out_path) if out_path else Path(table).with_suffix(".png"), style)
 
 
-def nc_figures(run_dirs: list[Path], group_by: list[str] = ()) -> Iterator[tuple[str, plt.Figure]]:
+def nc_figures(run_dirs: list[Path], group_by: list[str] = (),
+               style: FigureStyle = FigureStyle()) -> Iterator[tuple[str, plt.Figure]]:
     """Figures 2-7 (and 8 when measured) with the runs (or groups) overlaid: (file name, figure), one at a
     time, for the caller to save (which closes it)."""
-    lines = _load_lines(run_dirs, NC_TABLE, group_by)
+    lines = _load_lines(run_dirs, NC_TABLE, group_by, style.labels)
     figures = dict(NC_FIGURES)
     if _present(ROBUSTNESS_FIGURE[1], lines):
         figures[ROBUSTNESS_FIGURE[0]] = ROBUSTNESS_FIGURE[1]
     for filename, panel in figures.items():
-        with plt.rc_context(STYLE):
-            fig, ax = plt.subplots(figsize=SINGLE_SIZE, layout="constrained")
-            _finish(fig, lines, _draw(ax, panel, lines), panel.names or STYLE_NAMES[panel.table])
+        with plt.rc_context(style.rc()):
+            fig, ax = plt.subplots(figsize=style.size or SINGLE_SIZE, layout="constrained")
+            _finish(fig, lines, _draw(ax, panel, lines, style), style)
         yield filename, fig
     if any(_present(panel, lines) for panel in OTHER_PANELS):
-        yield OTHER_FILE, other_measures_figure(lines)
+        yield OTHER_FILE, other_measures_figure(lines, style)
 
 
-def curves_figure(run_dirs: list[Path], group_by: list[str] = ()) -> plt.Figure:
-    """Loss | accuracy | test ECE per epoch from log.csv, the runs (or groups) overlaid."""
-    lines = _load_lines(run_dirs, LOG_TABLE, group_by)
-    with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=CURVES_SIZE, layout="constrained")
-        styles = set().union(*(_draw(ax, panel, lines) for ax, panel in zip(axes, CURVE_PANELS)))
-        _finish(fig, lines, styles, STYLE_NAMES[LOG_TABLE])
+def curves_figure(run_dirs: list[Path], group_by: list[str] = (), style: FigureStyle = FigureStyle()) -> plt.Figure:
+    """Loss | accuracy | test ECE per epoch from log.csv, the runs (or groups) overlaid; runs trained with
+    different losses get a loss panel each, since their values are not on one scale, and a panel that no run
+    has numbers for (the test ECE of runs without a test split) is left out."""
+    lines = _load_lines(run_dirs, LOG_TABLE, group_by, style.labels)
+    losses = list(dict.fromkeys(_loss_name(line) for line in lines))
+    loss_panels = [(CURVE_PANELS[0], lines)] if len(losses) == 1 else [
+        (replace(CURVE_PANELS[0], title=f"Loss ({loss})"), [line for line in lines if _loss_name(line) == loss])
+        for loss in losses]
+    panels = [*loss_panels, *((panel, lines) for panel in CURVE_PANELS[1:] if _present(panel, lines))]
+    rows = -(-len(panels) // CURVES_PER_ROW)
+    with plt.rc_context(style.rc()):
+        fig, axes = plt.subplots(rows, min(len(panels), CURVES_PER_ROW), squeeze=False, layout="constrained",
+                                 figsize=style.size or (CURVES_SIZE[0], CURVES_SIZE[1] * rows))
+        for ax in axes.flat[len(panels):]:
+            ax.remove()
+        drawn = _merge(*(_draw(ax, panel, shown, style, overlay=len(lines) > 1)
+                         for ax, (panel, shown) in zip(axes.flat, panels)))
+        _finish(fig, lines, drawn, style)
     return fig
 
 
-def panel_figure(run_dirs: list[Path], group_by: list[str] = ()) -> plt.Figure:
+def panel_figure(run_dirs: list[Path], group_by: list[str] = (), style: FigureStyle = FigureStyle()) -> plt.Figure:
     """Figures 2-7 in one 2x3 panel, the runs (or groups) overlaid."""
-    lines = _load_lines(run_dirs, NC_TABLE, group_by)
-    with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(2, 3, figsize=PANEL_SIZE, layout="constrained")
-        styles = set().union(*(_draw(ax, panel, lines) for ax, panel in zip(axes.flat, NC_FIGURES.values())))
-        _finish(fig, lines, styles, STYLE_NAMES[NC_TABLE])
+    lines = _load_lines(run_dirs, NC_TABLE, group_by, style.labels)
+    with plt.rc_context(style.rc()):
+        fig, axes = plt.subplots(2, 3, figsize=style.size or PANEL_SIZE, layout="constrained")
+        drawn = _merge(*(_draw(ax, panel, lines, style) for ax, panel in zip(axes.flat, NC_FIGURES.values())))
+        _finish(fig, lines, drawn, style)
     return fig
 
 
-def other_measures_figure(lines: list["_Line"]) -> plt.Figure:
+def other_measures_figure(lines: list["_Line"], style: FigureStyle = FigureStyle()) -> plt.Figure:
     """Figure 9: the field's other measures, one panel each, the runs (or groups) of `lines` overlaid; the
     energy panel marks the simplex ETF's value, sqrt((C - 1) / (2 C)), its minimum."""
-    with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(2, 4, figsize=OTHER_SIZE, layout="constrained")
-        styles = set().union(*(_draw(ax, panel, lines) for ax, panel in zip(axes.flat, OTHER_PANELS)))
-        for classes in sorted({run["num_classes"] for line in lines for run in line.configs if "num_classes" in run}):
-            energy = np.sqrt((classes - 1) / (2 * classes))
-            axes.flat[ENERGY_PANEL].axhline(energy, color="0.5", linewidth=1)
-        _finish(fig, lines, styles, STYLE_NAMES[NC_TABLE])
+    with plt.rc_context(style.rc()):
+        fig, axes = plt.subplots(2, 4, figsize=style.size or OTHER_SIZE, layout="constrained")
+        drawn = _merge(*(_draw(ax, panel, lines, style) for ax, panel in zip(axes.flat, OTHER_PANELS)))
+        classes = sorted({run["num_classes"] for line in lines for run in line.configs if "num_classes" in run})
+        for count in classes:
+            axes.flat[ENERGY_PANEL].axhline(np.sqrt((count - 1) / (2 * count)), **REFERENCE_STYLE)
+        reference = [Line2D([], [], **REFERENCE_STYLE, label=r"simplex ETF's energy $\sqrt{(C-1)/(2C)}$")]
+        _finish(fig, lines, drawn, style, reference if classes else [])
     return fig
 
 
-def layers_figure(run_dir: Path) -> plt.Figure:
+def layers_figure(run_dir: Path, style: FigureStyle = FigureStyle()) -> plt.Figure:
     """NC1 after each stage of the network (validate_nc.py --layers) against depth, on a log axis, one
     line per measured checkpoint coloured by its epoch; the TPT onset's checkpoint in black."""
     measured = _read_required(Path(run_dir), NC_TABLE)
@@ -348,13 +445,13 @@ def layers_figure(run_dir: Path) -> plt.Figure:
     norm = matplotlib.colors.LogNorm(vmin=rows[0]["epoch"], vmax=max(rows[-1]["epoch"], rows[0]["epoch"] + 1))
     colours = plt.get_cmap("viridis")
     depth = np.arange(1, len(stages) + 1)
-    with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=SINGLE_SIZE, layout="constrained")
+    with plt.rc_context(style.rc()):
+        fig, ax = plt.subplots(figsize=style.size or SINGLE_SIZE, layout="constrained")
         for row in rows:
             values = np.array([row[column] for column in stages], dtype=float)
             values[values <= 0] = np.nan
             tpt = row["epoch"] == onset
-            ax.plot(depth, values, marker="o", markersize=MARKER_SIZE, linewidth=2.5 if tpt else 1.2,
+            ax.plot(depth, values, marker="o", markersize=MARKER_SIZE, linewidth=2.0 if tpt else 1.0,
                     color=TPT_COLOUR_ALONE if tpt else colours(norm(row["epoch"])), zorder=3 if tpt else 2)
         bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=colours), ax=ax,
                            label="epoch of the checkpoint")
@@ -363,46 +460,44 @@ def layers_figure(run_dir: Path) -> plt.Figure:
             ax.set_yscale("log")  # left linear if every value is 0 (one sample per class), or it could not draw
             readable_log_ticks(ax.yaxis)
         ax.set_xticks(depth, [column.removeprefix("nc1_") for column in stages], rotation=30)
-        ax.set_xlabel("stage of the network (its globally averaged output), in depth order")
+        ax.set_xlabel("stage of the network, in depth order")
         ax.set_ylabel(r"$\mathrm{Tr}(\Sigma_W\,\Sigma_B^{+})\ /\ C$ after the stage")
-        ax.set_title("Within-class variation layer by layer")
+        ax.set_title("Within-class variation by layer")
         ax.grid(True, which="major", alpha=0.3)
         if onset is not None:
-            legend_below(fig, [Line2D([], [], color=TPT_COLOUR_ALONE, linewidth=2.5, marker="o", markersize=MARKER_SIZE,
-                                      label=f"TPT onset (epoch {onset})")])
-        title_above(fig, _describe(_load_lines([run_dir], NC_TABLE, [])))
+            legend_below(fig, [Line2D([], [], color=TPT_COLOUR_ALONE, linewidth=2.0, marker="o", markersize=MARKER_SIZE,
+                                      label=f"TPT onset (epoch {onset})")], style.size is None)
+        _title(fig, style, lambda: _describe(_load_lines([run_dir], NC_TABLE, [], {})))
     return fig
 
 
-def minority_figure(run_dirs: list[Path], group_by: list[str] = ()) -> plt.Figure:
+def minority_figure(run_dirs: list[Path], group_by: list[str] = (), style: FigureStyle = FigureStyle()) -> plt.Figure:
     """Minority Collapse (Fang, He, Long & Su 2021): the mean cosine between the classifier rows
     of the minority classes and of the majority classes (the grey line: a simplex's -1/(C-1)), and the test
     accuracy on each and on all classes, against epochs with the TPT onset; and each classifier row's norm
     against its class's training samples at each run's last measured checkpoint. Balanced runs, which have
     no minority, show in the accuracy over all classes only; where no run has a test split (ufm.py's runs),
     the figure is the top row alone."""
-    lines = _load_lines(run_dirs, NC_TABLE, group_by)
+    lines = _load_lines(run_dirs, NC_TABLE, group_by, style.labels)
     tested = any(_present(panel, lines) for panel in MINORITY_PANELS[2:])
-    with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(2 if tested else 1, 3, figsize=PANEL_SIZE if tested else MINORITY_UNTESTED_SIZE,
-                                 layout="constrained", squeeze=False)
+    with plt.rc_context(style.rc()):
+        fig, axes = plt.subplots(2 if tested else 1, 3, layout="constrained", squeeze=False,
+                                 figsize=style.size or (PANEL_SIZE if tested else MINORITY_UNTESTED_SIZE))
         epoch_axes = [*axes[0, :2], *(axes[1] if tested else [])]
-        styles = set().union(*(_draw(ax, panel, lines) for ax, panel in zip(epoch_axes, MINORITY_PANELS)))
+        drawn = _merge(*(_draw(ax, panel, lines, style) for ax, panel in zip(epoch_axes, MINORITY_PANELS)))
         simplex = -1 / (lines[0].configs[0].get("num_classes", 2) - 1)
         for ax in axes[0, :2]:
-            ax.axhline(simplex, color="0.5", linewidth=1)
-            ax.text(0.02, simplex, "simplex ETF, $-1/(C-1)$", transform=ax.get_yaxis_transform(), ha="left",
-                    va="bottom", color="0.4", fontsize=9)
+            ax.axhline(simplex, **REFERENCE_STYLE)
         for row, floor in ((axes[0, :2], -1.0), *([(axes[1], 0.0)] if tested else [])):  # one scale to compare
             low, high = zip(*(ax.get_ylim() for ax in row))
             for ax in row:
                 ax.set_ylim(max(min(low), floor), max(high))
         _draw_norms(axes[0, 2], lines)
-        _finish(fig, lines, styles, {CLASSIFIERS: STYLE_NAMES[NC_TABLE][CLASSIFIERS], TEST: "test set"})
+        _finish(fig, lines, drawn, style, [Line2D([], [], **REFERENCE_STYLE, label=r"simplex ETF's $-1/(C-1)$")])
     return fig
 
 
-def representations_figure(table: Path) -> plt.Figure:
+def representations_figure(table: Path, style: FigureStyle = FigureStyle()) -> plt.Figure:
     """The Mixup representation figure (Fisher, Meng & Papyan 2024, Figure 1) from the CSV that
     `validate_nc.py --representations` writes.
 
@@ -411,12 +506,12 @@ def representations_figure(table: Path) -> plt.Figure:
     rows = _read_representations(Path(table))
     points = [row for row in rows if row["kind"] in ("same", "mixed")]
     radius = max(np.hypot(row["x"], row["y"]) for row in points) or 1.0
-    with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=REPRESENTATIONS_SIZE, layout="constrained")
+    with plt.rc_context(style.rc()):
+        fig, ax = plt.subplots(figsize=style.size or REPRESENTATIONS_SIZE, layout="constrained")
         handles = []
         for kind, colours, label in (("same", "Greens", "same-class mixes"), ("mixed", "Purples", "two-class mixes")):
             chosen = [row for row in points if row["kind"] == kind]
-            ax.scatter([row["x"] for row in chosen], [row["y"] for row in chosen], s=6,
+            ax.scatter([row["x"] for row in chosen], [row["y"] for row in chosen], s=4,
                        c=[0.25 + 0.75 * row["lam"] for row in chosen], cmap=colours, vmin=0, vmax=1, linewidths=0)
             # The points are specks in pale to dark shades; the legend shows one mid-dark, at a size one can read.
             handles.append(Line2D([], [], linestyle="none", marker="o", markersize=LEGEND_MARKER_SIZE,
@@ -425,19 +520,21 @@ def representations_figure(table: Path) -> plt.Figure:
         scale = radius / max(np.hypot(row["x"], row["y"]) for row in arrows)
         for row in arrows:
             ax.annotate("", xy=(scale * row["x"], scale * row["y"]), xytext=(0, 0),
-                        arrowprops={"arrowstyle": "->", "color": "black", "linewidth": 1.5})
-            ax.annotate(f"$w_{{{row['class_a']}}}$", (1.08 * scale * row["x"], 1.08 * scale * row["y"]), ha="center")
+                        arrowprops={"arrowstyle": "->", "color": "black", "linewidth": 1.2})
+            ax.annotate(f"$w_{{{row['class_a']}}}$", (1.1 * scale * row["x"], 1.1 * scale * row["y"]), ha="center",
+                        va="center")
         means = [row for row in rows if row["kind"] == "mean"]
-        ax.scatter([row["x"] for row in means], [row["y"] for row in means], marker="x", s=60, color="black")
+        ax.scatter([row["x"] for row in means], [row["y"] for row in means], marker="x", s=30, color="black")
         handles.append(Line2D([], [], linestyle="none", marker="x", markersize=LEGEND_MARKER_SIZE, markeredgewidth=1.5,
                               color="black", label="class means (clean)"))
-        limit = 1.2 * radius  # room for the arrows' tips and labels, which are not drawn outside the axes
+        limit = 1.25 * radius  # room for the arrows' tips and labels, which are not drawn outside the axes
         ax.set(xlim=(-limit, limit), ylim=(-limit, limit), aspect="equal")
         ax.set_xlabel("simplex plane, axis 1")
         ax.set_ylabel("simplex plane, axis 2")
-        ax.set_title(f"Mixup representations of classes {', '.join(str(row['class_a']) for row in arrows)}\n"
-                     "(darker: larger weight of the first class of the pair)")
-        legend_below(fig, handles)
+        handles.append(Line2D([], [], linestyle="none", label="darker: larger weight of the first class of a pair"))
+        legend_below(fig, handles, style.size is None)
+        _title(fig, style, lambda: f"Mixup representations of classes "
+                                   f"{', '.join(str(row['class_a']) for row in arrows)}")
     return fig
 
 
@@ -519,12 +616,12 @@ def run_labels(configs: list[dict], names: list[str]) -> list[str]:
     return [label or name for label, name in zip(labels, names)]
 
 
-def legend_below(fig: plt.Figure, handles: list) -> Legend:
+def legend_below(fig: plt.Figure, handles: list, grow: bool = True) -> Legend:
     """One legend of `handles`, centred below the axes of `fig` (a constrained layout), and whole inside
     the figure: in as many columns (up to MAX_LEGEND_COLUMNS) as fit the figure's width, its labels
-    wrapped at spaces (never inside $math$) where even one column would not fit, and the figure made
-    taller by the legend's height, so that its axes keep their size whatever the legend holds. Every
-    figure of the repo puts its legend here."""
+    wrapped at spaces (never inside $math$) where even one column would not fit, and (with `grow`) the figure
+    made taller by the legend's height, so that its axes keep their size whatever the legend holds; without,
+    the axes make room for it in the figure's size. Every figure of the repo puts its legend here."""
     renderer = fig.canvas.get_renderer()
     labels = [handle.get_label() for handle in handles]
     chars = max(len(line) for label in labels for line in label.split("\n"))
@@ -534,7 +631,8 @@ def legend_below(fig: plt.Figure, handles: list) -> Legend:
         legend = _fitting_legend(fig, handles, labels, chars, renderer)
     if legend is None:  # a word longer than MIN_WRAP characters and the figure's width: as narrow as it goes
         legend = fig.legend(handles, [_wrap(label, MIN_WRAP) for label in labels], loc="outside lower center")
-    fig.set_figheight(fig.get_figheight() + legend.get_window_extent(renderer).height / fig.dpi)
+    if grow:
+        fig.set_figheight(fig.get_figheight() + legend.get_window_extent(renderer).height / fig.dpi)
     return legend
 
 
@@ -586,25 +684,49 @@ def figure_folder(out: Path, command: str) -> Path:
     return out
 
 
+def add_figure_arguments(group: argparse._ActionsContainer) -> None:
+    """The flags of FigureStyle's fields (their metadata), which every figure command takes."""
+    for option in fields(FigureStyle):
+        flag, settings = option.metadata["flag"], dict(option.metadata)
+        del settings["flag"]
+        group.add_argument(flag, dest=option.name, **settings)
+
+
+def figure_style(args: argparse.Namespace) -> FigureStyle:
+    """The FigureStyle that the flags of `add_figure_arguments` ask for; a UserError for a style file that
+    cannot be read, before anything is drawn."""
+    given = {option.name: getattr(args, option.name) for option in fields(FigureStyle)
+             if getattr(args, option.name) is not None}
+    given["labels"] = dict(given.get("labels") or [])
+    if "size" in given:
+        given["size"] = tuple(given["size"])
+    _style_params(given.get("style_file"))
+    return FigureStyle(**given)
+
+
 # Studies (sweep.py): the runs of studies/<name>/, one line per group of runs equal in every varied
 # setting but the seed, so that the seeds make the band.
 
-def plot_study(study_dir: Path, out_dir: Path | None = None, suffix: str = ".png") -> list[Path]:
+def plot_study(study_dir: Path, out_dir: Path | None = None, suffix: str = ".png",
+               style: FigureStyle = FigureStyle()) -> list[Path]:
     """A study's Figures 2-7 panel (panel.png) and training curves (training_curves.png), with its finished
     runs grouped by the study's varied settings except the seed (each group's mean over seeds, and their
     min-max band); for a learning-rate grid, each group at its chosen learning rate only, as the study's
     tables list them (its jobs rewrite them as each ends). The files go to the study's folder, or to
-    `out_dir` with a copy of table.md, in the format of `suffix`. The run folders are read where sweep.py put them, relative to the folder it ran in."""
+    `out_dir` with a copy of table.md, in the format of `suffix`. The run folders are read where sweep.py put
+    them, relative to the folder it ran in."""
     study_dir = Path(study_dir)
     out_dir = Path(out_dir) if out_dir else study_dir
     study, run_dirs = study_runs(study_dir)
     group_by = [key for key in study["varied"] if key != "seed"] or ["dataset"]  # one group: every seed
-    written = [plot_panel(run_dirs, out_dir / f"panel{suffix}", group_by),
-               plot_curves(run_dirs, out_dir / Path(CURVES_FILE).with_suffix(suffix), group_by)]
+    written = [plot_panel(run_dirs, out_dir / f"panel{suffix}", group_by, style),
+               plot_curves(run_dirs, out_dir / Path(CURVES_FILE).with_suffix(suffix), group_by, style)]
     if _imbalanced(run_dirs):
-        written.append(plot_minority_collapse(run_dirs, out_dir / Path(MINORITY_FILE).with_suffix(suffix), group_by))
+        written.append(plot_minority_collapse(run_dirs, out_dir / Path(MINORITY_FILE).with_suffix(suffix), group_by,
+                                              style))
     if any(row.get("cdnv") is not None for run_dir in run_dirs for row in runs.read_nc_metrics(run_dir)):
-        written.append(plot_other_measures(run_dirs, out_dir / Path(OTHER_FILE).with_suffix(suffix), group_by))
+        written.append(plot_other_measures(run_dirs, out_dir / Path(OTHER_FILE).with_suffix(suffix), group_by,
+                                           style))
     if out_dir != study_dir:
         written.append(out_dir / study_files.MARKDOWN_TABLE)
         runs.write_text(written[-1], (study_dir / study_files.MARKDOWN_TABLE).read_text())
@@ -627,7 +749,7 @@ def group_series(run_dirs: list[Path], group_by: list[str], column: str,
     settings (per run if none), its label, the epochs all its runs have, and the mean, minimum and maximum
     over its runs at those epochs."""
     series = []
-    for line in _load_lines(run_dirs, table, group_by):
+    for line in _load_lines(run_dirs, table, group_by, {}):
         epochs, values, _ = _aggregate([tables[table] for tables in line.tables], column, log_y=False)
         series.append((line.label, epochs, values.mean(axis=0), values.min(axis=0), values.max(axis=0)))
     return series
@@ -641,8 +763,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         sub = commands.add_parser(name, help=summary, description=summary)
         sub.add_argument("--out", type=Path, required=required, help=out_help)
         if name != "table":
-            sub.add_argument("--format", choices=FORMATS, help="png (150 dpi), pdf or svg (vectors, text kept as "
-                             "text); default: the suffix of a file given to --out, else png")
+            sub.add_argument("--format", choices=FORMATS, help="png, pdf or svg (vectors, text kept as text); "
+                             "default: the suffix of a file given to --out, else png")
+            add_figure_arguments(sub.add_argument_group("figure options", "How the figure looks, whatever it shows."))
         return sub
 
     def runs_and_groups(sub: argparse.ArgumentParser, what: str,
@@ -680,22 +803,23 @@ def main(args: argparse.Namespace) -> int:
         return _print_table(args)
     figure_format = args.format
     suffix = f".{figure_format or FORMATS[0]}"
+    style = figure_style(args)
     if args.command == "representations":
         out = figure_path(args.out, figure_format) if args.out else args.table.with_suffix(suffix)
-        written = [plot_representations(args.table, out)]
+        written = [plot_representations(args.table, out, style)]
     elif args.command == "layers":
-        written = [plot_layers(args.run_dir, figure_path(args.out, figure_format))]
+        written = [plot_layers(args.run_dir, figure_path(args.out, figure_format), style)]
     elif args.command == "nc":
-        written = plot_runs(args.run_dirs, figure_folder(args.out, "nc"), args.group_by, suffix)
+        written = plot_runs(args.run_dirs, figure_folder(args.out, "nc"), args.group_by, suffix, style)
     elif args.command == "study":
-        written = plot_study(args.study_dir, args.out and figure_folder(args.out, "study"), suffix)
+        written = plot_study(args.study_dir, args.out and figure_folder(args.out, "study"), suffix, style)
     elif args.command == "curves":
         named_file = args.out.suffix.lower().lstrip(".") in FIGURE_SUFFIXES
         out = (figure_path(args.out, figure_format) if named_file
                else figure_folder(args.out, "curves") / Path(CURVES_FILE).with_suffix(suffix))
-        written = [plot_curves(args.run_dirs, out, args.group_by)]
+        written = [plot_curves(args.run_dirs, out, args.group_by, style)]
     else:
-        written = [plot_panel(args.run_dirs, figure_path(args.out, figure_format), args.group_by)]
+        written = [plot_panel(args.run_dirs, figure_path(args.out, figure_format), args.group_by, style)]
     for path in written:
         print(path)
     return 0
@@ -735,9 +859,9 @@ _READERS = {NC_TABLE: (runs.read_nc_metrics, "python validate_nc.py --run-dir {}
 _DEFAULT_MILESTONES = "default milestones"
 
 
-def _load_lines(run_dirs: list[Path], needed: str, group_by: list[str]) -> list[_Line]:
+def _load_lines(run_dirs: list[Path], needed: str, group_by: list[str], given: Mapping[str, str]) -> list[_Line]:
     """The runs' tables (`needed` must exist; the other is read if present), one line per run, or per
-    group of runs with equal `group_by` settings."""
+    group of runs with equal `group_by` settings, labelled as `given` (FigureStyle.labels) names them."""
     run_dirs = [Path(run_dir) for run_dir in run_dirs]
     tables = []
     for run_dir in run_dirs:
@@ -746,11 +870,13 @@ def _load_lines(run_dirs: list[Path], needed: str, group_by: list[str]) -> list[
     configs = [runs.read_config(run_dir, required=()) or {} for run_dir in run_dirs]
     if group_by:
         members = _groups(configs, group_by)
-        labels = [_group_label(configs[group[0]], group_by) + f" ({len(group)} run{'s' * (len(group) > 1)})"
-                  for group in members]
+        names = [[_group_label(configs[group[0]], group_by)] for group in members]
+        labels = [name[0] + f" ({len(group)} run{'s' * (len(group) > 1)})" for name, group in zip(names, members)]
     else:
         members = [[i] for i in range(len(run_dirs))]
         labels = run_labels(configs, _folder_names(run_dirs))
+        names = [[str(run_dir), run_dir.name, label] for run_dir, label in zip(run_dirs, labels)]
+    labels = _given_labels(labels, names, given, "group" if group_by else "run")
     colours = _colours(len(members))
     return [_Line(label, colour, [configs[i] for i in group], [tables[i] for i in group])
             for label, colour, group in zip(labels, colours, members)]
@@ -777,13 +903,15 @@ def _group_label(run: dict, group_by: list[str]) -> str:
 def _applied_settings(run: dict) -> dict:
     """The user-facing settings (config.SETTING_NAMES) of a run's config.json that apply to it: a setting
     its loss or optimizer does not use (None there: kappa under cross-entropy, the momentum of Adam) is
-    left out, the whole training set (samples_per_class None) is "all", and milestones that are the
-    default of the run's length are _DEFAULT_MILESTONES."""
+    left out, the whole training set (samples_per_class None) is "all", a folder dataset is its folder's
+    name, and milestones that are the default of the run's length are _DEFAULT_MILESTONES."""
     applied = {}
     for key in config.SETTING_NAMES:
         value = run.get(key)
         if key == "samples_per_class" and value is None:
             value = "all"
+        elif key == "dataset" and value is not None:
+            value = _dataset_name(value)
         elif key == "lr_milestones" and value == config.default_milestones(run.get("epochs") or 0):
             value = _DEFAULT_MILESTONES
         if value is not None:
@@ -810,32 +938,70 @@ def _read_required(run_dir: Path, filename: str) -> list[dict]:
     return rows
 
 
+def _given_labels(labels: list[str], names: list[list[str]], given: Mapping[str, str], kind: str) -> list[str]:
+    """`labels` with those of the lines that `given` names (by any of their `names`) replaced by its labels; a
+    UserError for a name that is no line's."""
+    unknown = [name for name in given if not any(name in line_names for line_names in names)]
+    if unknown:
+        raise UserError(f"--label {unknown[0]!r}: no {kind} of that name; name one of "
+                        f"{', '.join(repr(line_names[-1 if kind == 'run' else 0]) for line_names in names)}")
+    return [next((given[name] for name in line_names if name in given), label)
+            for label, line_names in zip(labels, names)]
+
+
 def _folder_names(run_dirs: list[Path]) -> list[str]:
-    """The runs' folder names, or their full paths where two folders share a name."""
-    names = [run_dir.resolve().name for run_dir in run_dirs]
-    return names if len(set(names)) == len(names) else [str(run_dir) for run_dir in run_dirs]
+    """The runs' folder names or, where two folders share a name, the fewest last parts of their paths that
+    tell them apart ("a/seed0", "b/seed0"): never a whole absolute path."""
+    parts = [run_dir.resolve().parts[1:] for run_dir in run_dirs]
+    for depth in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(path[-depth:]) for path in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [run_dir.resolve().name for run_dir in run_dirs]  # one folder given twice: nothing tells them apart
 
 
-def _draw(ax: plt.Axes, panel: Panel, lines: list[_Line]) -> set[str]:
+def _dataset_name(name: str) -> str:
+    """A dataset as a figure names it: a folder of one's own images by the folder's name, not its path."""
+    return Path(name[len(datasets.FOLDER_PREFIX):]).name if datasets.is_folder(name) else name
+
+
+def _loss_name(line: _Line) -> str:
+    """The loss (config.json's `loss`) of a line's runs, "ce" for a run from before the setting; several
+    joined by "/"."""
+    return "/".join(dict.fromkeys(run.get("loss") or "ce" for run in line.configs))
+
+
+def _draw(ax: plt.Axes, panel: Panel, lines: list[_Line], style: FigureStyle, overlay: bool | None = None
+          ) -> dict[str, list[str]]:
     """Draw every line's quantities of `panel` on `ax` (a group's mean with its min-max band) and the TPT
-    onsets; return the line styles drawn ("zeros" too where a zero was left off a log axis). A panel with
-    no positive value to show (NC1 of one sample per class is 0 at every checkpoint) keeps a linear axis."""
+    onsets (in each line's colour when `overlay`, by default when there are several lines, else black);
+    return what the legend must name: per line style drawn, its names, and "markers", "tpt" and "zeros"
+    (a zero left off a log axis) when drawn. A test curve is drawn over the others with open markers, so
+    that one equal to the training curve still shows. A panel with no positive value to show (NC1 of one
+    sample per class is 0 at every checkpoint) keeps a linear axis."""
+    overlay = len(lines) > 1 if overlay is None else overlay
     marker = _marker(panel)
-    drawn = set()
+    names = {**STYLE_NAMES[panel.table], **(panel.names or {})}
+    drawn = {"markers": []} if marker else {}
     log_y = panel.log_y and _any_positive(panel, lines)
     for line in lines:
         for quantity in _present(panel, lines):
             epochs, values, hidden = _aggregate([tables[panel.table] for tables in line.tables], quantity.column,
                                                 log_y)
-            ax.plot(epochs, values.mean(axis=0), linestyle=quantity.style, color=line.colour, marker=marker,
-                    markersize=MARKER_SIZE)
+            ax.plot(epochs, values.mean(axis=0), linestyle=quantity.style, color=line.colour,
+                    **_marker_style(marker, quantity.style, line.colour))
             if len(values) > 1:
                 ax.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=line.colour, alpha=0.2,
                                 linewidth=0)
-            drawn |= {quantity.style} | ({"zeros"} if hidden else set())
+            drawn = _merge(drawn, {quantity.style: [names[quantity.style]]}, {"zeros": []} if hidden else {})
+    onsets = {}
+    for line in lines:
         for epoch in sorted({epoch for epoch in line.tpt_epochs if epoch is not None}):
-            ax.axvline(epoch, color=line.colour if len(lines) > 1 else TPT_COLOUR_ALONE, **TPT_STYLE)
-            drawn.add("tpt")
+            onsets.setdefault(epoch, []).append(line.colour if overlay else TPT_COLOUR_ALONE)
+    for epoch, colours in onsets.items():
+        for k, colour in enumerate(colours):  # runs with one onset take turns along one dotted line
+            ax.axvline(epoch, color=colour, **{**TPT_STYLE, "linestyle": _shared_dots(k, len(colours))})
+        drawn["tpt"] = []
     ax.set_xscale("log")
     readable_log_ticks(ax.xaxis)
     if log_y:
@@ -843,9 +1009,54 @@ def _draw(ax: plt.Axes, panel: Panel, lines: list[_Line]) -> set[str]:
         readable_log_ticks(ax.yaxis)
     ax.set_xlabel(_time_axis(lines))
     ax.set_ylabel(panel.ylabel)
-    ax.set_title(panel.title)
+    ax.set_title(panel.heading(style))
     ax.grid(True, which="major", alpha=0.3)
     return drawn
+
+
+def _merge(*drawn: dict[str, list[str]]) -> dict[str, list[str]]:
+    """What several calls of `_draw` drew, each name once, in the order first drawn."""
+    merged = {}
+    for entries in drawn:
+        for key, names in entries.items():
+            merged.setdefault(key, [])
+            merged[key] += [name for name in names if name not in merged[key]]
+    return merged
+
+
+def _marker_style(marker: str, line_style: str, colour: tuple) -> dict:
+    """The markers of a curve: open and over the others for a test curve, filled for the rest."""
+    if not marker:
+        return {}
+    if line_style == TEST:
+        return {"marker": marker, "markersize": MARKER_SIZE + 1.5, "markerfacecolor": "none",
+                "markeredgecolor": colour, "zorder": 3}
+    return {"marker": marker, "markersize": MARKER_SIZE}
+
+
+def _shared_dots(k: int, count: int) -> tuple:
+    """The dash pattern of the k-th of `count` onset lines at one epoch: every count-th dot of TPT_STYLE's,
+    shifted by k dots, so that each run's colour shows along the line."""
+    offset, (on, off) = TPT_STYLE["linestyle"]
+    return (offset + k * (on + off), (on, count * (on + off) - on))
+
+
+def _label_the_ends(ax: plt.Axes) -> None:
+    """Widen a log y axis's view to its next labelled tick at an end where the curves rise (or fall) by more
+    than END_GAP of the axis past the last label, if that tick is within END_REACH of it: the top decade of
+    a curve is then labelled."""
+    low, high = ax.get_ylim()
+    span = np.log(high / low)
+    ticks = ax.yaxis.get_major_locator().tick_values(low, high)
+    inside = ticks[(ticks >= low) & (ticks <= high)]
+    if not inside.size:
+        return
+    above, below = ticks[ticks > high], ticks[ticks < low]
+    if above.size and np.log(high / inside.max()) > END_GAP * span and np.log(above.min() / high) < END_REACH * span:
+        high = above.min()
+    if below.size and np.log(inside.min() / low) > END_GAP * span and np.log(low / below.max()) < END_REACH * span:
+        low = below.max()
+    ax.set_ylim(low, high)
 
 
 def _time_axis(lines: list[_Line]) -> str:
@@ -857,18 +1068,29 @@ def _time_axis(lines: list[_Line]) -> str:
 def _draw_norms(ax: plt.Axes, lines: list[_Line]) -> None:
     """Each classifier row's norm ||w_c|| (weight_norm_<c>) against its class's training samples (config.json's
     class_counts), at each run's last measured checkpoint, in its line's colour."""
+    sizes = set()
     for line in lines:
         for run, tables in zip(line.configs, line.tables):
             last = tables[NC_TABLE][-1]
             counts = run.get("class_counts") or []
             norms = [last.get(f"weight_norm_{label}") for label in range(len(counts))]
             if counts and None not in norms:
-                ax.plot(counts, norms, linestyle="none", marker="o", color=line.colour, alpha=0.7)
+                ax.plot(counts, norms, linestyle="none", marker="o", markersize=MARKER_SIZE + 1, color=line.colour,
+                        alpha=0.7)
+                sizes.update(counts)
     ax.set_xscale("log")
-    readable_log_ticks(ax.xaxis)
-    ax.set_xlabel(r"training samples of the class, $N_c$")
+    if sizes and len(sizes) <= MAX_SIZE_TICKS:  # the few class sizes themselves, each labelled
+        ax.set_xticks(sorted(sizes), [f"{size:g}" for size in sorted(sizes)])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    else:
+        readable_log_ticks(ax.xaxis)
+    if sizes:  # the points off the frame: a tenth of the axis (or of a factor of 10) clear on each side
+        low, high = min(sizes), max(sizes)
+        margin = (high / low) ** 0.1 if high > low else 10 ** 0.1
+        ax.set_xlim(low / margin, high * margin)
+    ax.set_xlabel(r"training samples $N_c$")
     ax.set_ylabel(r"$\|w_c\|$")
-    ax.set_title("Classifier row norms, last checkpoint")
+    ax.set_title("Row norms, last checkpoint")
     ax.grid(True, which="major", alpha=0.3)
 
 
@@ -896,21 +1118,27 @@ def _present(panel: Panel, lines: list[_Line]) -> list[Quantity]:
 
 
 class _ReadableLogLocator(matplotlib.ticker.LogLocator):
-    """Ticks at 1, 2 and 5 times powers of ten (at powers of ten alone over more than 3 decades: there 1-2-5
-    labels run into one another, as on ufm.py's axis of thousands of steps, and over more than 4, such as a
-    fixed ETF's 1e-8, matplotlib's LogLocator draws no tick at all given several subs); where that
-    leaves fewer than MIN_LOG_TICKS in view (an axis spanning less than a decade), at every integer multiple
-    of them; and where even that does not, at evenly spaced round values."""
+    """Ticks at 1, 2 and 5 times powers of ten where their labels fit along the axis (at powers of ten alone
+    where they do not, and over more than 3 decades: there 1-2-5 labels run into one another, as on ufm.py's
+    axis of thousands of steps, and over more than 4, such as a fixed ETF's 1e-8, matplotlib's LogLocator
+    draws no tick at all given several subs); at every integer multiple of them where that fits and 1-2-5
+    leaves fewer than MIN_LOG_TICKS in view (an axis spanning less than a decade); else, on an axis spanning
+    less than a decade, at evenly spaced round values."""
 
     def tick_values(self, vmin: float, vmax: float) -> np.ndarray:
         low, high = sorted((vmin, vmax))
-        wide = high / low > 1e3
-        for subs in ((1.0,),) if wide else ((1.0, 2.0, 5.0), tuple(np.arange(1.0, 10.0))):
-            self.set_params(subs=subs)
+        room = max(self.axis.get_tick_space(), MIN_LOG_TICKS) if self.axis is not None else 9
+        options = ((1.0,),) if high / low > 1e3 else ((1.0,), (1.0, 2.0, 5.0), tuple(np.arange(1.0, 10.0)))
+        chosen = None
+        for subs in options:  # sparse to dense: the densest whose labels fit
+            self.set_params(subs=subs, numticks=room + 2)
             ticks = super().tick_values(vmin, vmax)
-            if np.count_nonzero((ticks >= low) & (ticks <= high)) >= MIN_LOG_TICKS:
-                return ticks
-        ticks = matplotlib.ticker.MaxNLocator(nbins=MIN_LOG_TICKS + 1).tick_values(low, high)
+            shown = np.count_nonzero((ticks >= low) & (ticks <= high))
+            if shown <= room and (chosen is None or shown > chosen[0]):
+                chosen = (shown, ticks)
+        if chosen is not None and (chosen[0] >= MIN_LOG_TICKS or high / low >= 10):
+            return chosen[1]  # over a decade or more, powers of ten even where only two are in view
+        ticks = matplotlib.ticker.MaxNLocator(nbins=min(room, MIN_LOG_TICKS + 1)).tick_values(low, high)
         return ticks[ticks > 0]
 
 
@@ -932,30 +1160,45 @@ def _marker(panel: Panel) -> str:
     return "o" if panel.table == NC_TABLE else ""
 
 
-def _finish(fig: plt.Figure, lines: list[_Line], drawn: set[str], names: dict[str, str]) -> None:
-    """The figure's title (what was trained, and how it departs from the paper's protocol) and one legend
-    below the axes: the line styles drawn, by their `names`, the TPT onset and, for several lines, their
-    colours."""
+def _finish(fig: plt.Figure, lines: list[_Line], drawn: dict[str, list[str]], style: FigureStyle,
+            extra: list[Line2D] = ()) -> None:
+    """The figure's title (by default what was trained, and how it departs from the paper's protocol) and one
+    legend below the axes: the line styles drawn, by their names, the TPT onset, the `extra` handles (a
+    theory's value) and, for several lines or labels given, the lines' colours."""
     colour = lines[0].colour if len(lines) == 1 else "0.3"
-    handles = [Line2D([], [], color=colour, linestyle=style, label=name)
-               for style, name in names.items() if style in drawn]
+    handles = [Line2D([], [], color=colour, linestyle=line_style, label=name,
+                      **_marker_style("o" if "markers" in drawn else "", line_style, colour))
+               for line_style in (TRAINING, CLASSIFIERS, TEST) for name in drawn.get(line_style, [])]
     if "tpt" in drawn:
         handles.append(Line2D([], [], color=TPT_COLOUR_ALONE if len(lines) == 1 else colour, **TPT_STYLE,
                               label="TPT onset"))
+    handles += extra
     if "zeros" in drawn:
         handles.append(Line2D([], [], linestyle="none", label="(zeros are not shown on log axes)"))
-    if len(lines) > 1:
+    if len(lines) > 1 or style.labels:
         handles += [Line2D([], [], color=line.colour, linewidth=3, label=line.label + _no_tpt_note(line))
                     for line in lines]
-    legend_below(fig, handles)
-    title_above(fig, _describe(lines))
+    legend_below(fig, handles, style.size is None)
+    _title(fig, style, lambda: _describe(lines))
+    fig.get_layout_engine().execute(fig)  # the axes' final heights, which decide how many labels fit on them
+    for ax in fig.axes:
+        if ax.get_yscale() == "log":
+            _label_the_ends(ax)
+
+
+def _title(fig: plt.Figure, style: FigureStyle, default: Callable[[], str]) -> None:
+    """The figure's title: --title's text, none for --title '', else `default()`."""
+    text = default() if style.title is None else style.title
+    if text:
+        title_above(fig, text)
 
 
 def _describe(lines: list[_Line]) -> str:
-    """Dataset / model of the runs, the departures from the paper's protocol they share and, for one
-    line, whether its training error never reached zero."""
+    """Dataset / model of the runs (a folder dataset by its folder's name, never its path), the departures
+    from the paper's protocol they share and, for one line, whether its training error never reached zero."""
     every = [run for line in lines for run in line.configs]
-    pairs = "; ".join(dict.fromkeys(f"{run.get('dataset', '?')} / {run.get('model', '?')}" for run in every))
+    pairs = "; ".join(dict.fromkeys(f"{_dataset_name(run.get('dataset', '?'))} / {run.get('model', '?')}"
+                                    for run in every))
     shared = [text for text in config.protocol_departures(every[0])
               if all(text in config.protocol_departures(run) for run in every[1:])]
     title = pairs + (f" ({', '.join(shared)})" if shared else "")
@@ -1011,23 +1254,23 @@ def _wrap(text: str, chars: int) -> str:
     return "\n".join(wrapped)
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: plt.Figure, path: Path, style: FigureStyle = FigureStyle()) -> Path:
     """Write `fig` in the format its suffix names and close it: .pdf or .svg as vectors (text kept as
-    text), .png at 150 dpi with 256 colours: line art loses nothing visible, and the file is a third of
+    text), .png at the style's dpi with 256 colours: line art loses nothing visible, and the file is a third of
     the size of matplotlib's RGBA one (the 2x3 panel of three runs stays under 300 KB)."""
     path = Path(path)
     kind = path.suffix.lower().lstrip(".")
     try:
         if kind not in FORMATS:
             raise UserError(f"cannot write {path}: name a .png, .pdf or .svg file")
-        with runs.atomic_path(path) as tmp, plt.rc_context(STYLE):
+        with runs.atomic_path(path) as tmp, plt.rc_context(style.rc()):
             path.parent.mkdir(parents=True, exist_ok=True)
             if kind == "png":
-                fig.set_dpi(DPI)
+                fig.set_dpi(style.dpi)
                 fig.canvas.draw()
                 pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3]
                 image = Image.fromarray(pixels).quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-                image.save(tmp, format="png", optimize=True, dpi=(DPI, DPI))
+                image.save(tmp, format="png", optimize=True, dpi=(style.dpi, style.dpi))
             else:
                 fig.savefig(tmp, format=kind, metadata=VECTOR_METADATA[kind])
     finally:
@@ -1111,6 +1354,25 @@ def _read_representations(table: Path) -> list[dict]:
                  "class_b": int(row["class_b"])} for row in runs.read_csv(table)]
     except (KeyError, ValueError, TypeError):
         raise UserError(f"{table} is not a representation table written by validate_nc.py --representations") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _style_params(style_file: str | None) -> dict:
+    """The settings of a matplotlib style file, or of one of matplotlib's named styles ({} for None); a
+    UserError if it is neither."""
+    if style_file is None:
+        return {}
+    if Path(style_file).is_file():
+        try:
+            params = matplotlib.rc_params_from_file(style_file, use_default_template=False)
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise UserError(f"--style {style_file}: not a matplotlib style file ({err})") from None
+    elif style_file in plt.style.library:
+        params = plt.style.library[style_file]
+    else:
+        raise UserError(f"--style {style_file}: no such file, nor one of matplotlib's styles "
+                        f"({', '.join(sorted(plt.style.library)[:5])}, ...)")
+    return {key: value for key, value in params.items() if key != "backend"}
 
 
 def _percent(fraction: float | None) -> str:

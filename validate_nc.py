@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     measurement = parser.add_argument_group("measurement", "What is measured at each checkpoint, from which data, "
                                             "on what; nc_metrics.csv in the run folder receives a row per checkpoint.")
     output = parser.add_argument_group("output", "The figures, drawn from nc_metrics.csv and log.csv.")
+    plotting.add_figure_arguments(parser.add_argument_group("figure options", "How the figures look, whatever "
+                                                            "they show (the same options as plotting.py's)."))
     mixup = parser.add_argument_group("the Mixup representation figure", "Drawn by --representations instead of "
                                       "measuring.")
     add = measurement.add_argument
@@ -104,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
+    plotting.figure_style(args)  # a --style that cannot be read is refused before any measuring
     with distributed.process_group(config.resolve_device(args.device)) as device, contextlib.ExitStack() as held:
         if args.follow:
             return follow(args, device, held)
@@ -237,7 +240,8 @@ def _finish(run_config: dict, run_dir: Path, table: dict, measured: int, skipped
             args: argparse.Namespace, board, device: torch.device) -> int:
     """The figures and the TPT table (see `_report`), the checkpoints that could not be measured named;
     the exit status: 1 if there were any."""
-    written = distributed.on_rank_zero(_report, run_config, run_dir, table, measured, args.plots_dir, args.format)
+    written = distributed.on_rank_zero(_report, run_config, run_dir, table, measured, args.plots_dir, args.format,
+                                       plotting.figure_style(args))
     if device.type == "cuda" and distributed.is_main():
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
     if board is not None and written:
@@ -270,7 +274,7 @@ def draw_representations(checkpoints: dict[int, Path], run_config: dict, run_dir
         table = plots_dir / f"mixup_representations_epoch{epoch}.csv"
         plots_dir.mkdir(parents=True, exist_ok=True)
         runs.write_csv(table, rows, engine.REPRESENTATION_COLUMNS)
-        print(plotting.plot_representations(table, table.with_suffix(f".{args.format}")))
+        print(plotting.plot_representations(table, table.with_suffix(f".{args.format}"), plotting.figure_style(args)))
     return 0
 
 
@@ -380,14 +384,14 @@ def _lacks(row: dict, args: argparse.Namespace, run_config: dict) -> bool:
 
 
 def _report(run_config: dict, run_dir: Path, table: dict, measured: int, plots_dir: Path | None,
-            figure_format: str) -> list[Path]:
+            figure_format: str, style: plotting.FigureStyle) -> list[Path]:
     """summary.json, the figures and the TPT table of a run with measurements, and a line saying what was
     done; the figures written."""
     if not table:
         return []
     runs.write_summary(run_dir)  # also where it was lost: a study counts a run done once it is there
     plots_dir = plots_dir or plotting.default_plots_dir(run_config, run_dir)
-    written = plotting.plot_run(run_dir, plots_dir, f".{figure_format}")
+    written = plotting.plot_run(run_dir, plots_dir, f".{figure_format}", style)
     summary = plotting.tpt_table(run_dir)
     runs.write_text(plots_dir / "tpt_table.md", summary)
     print(summary)

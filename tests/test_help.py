@@ -48,6 +48,7 @@ def test_validate_nc_py_groups_the_run_it_selects_measurement_output_and_the_rep
         "measurement": ["--device", "--eval-batch-size", "--data-root", "--download", "--recompute", "--follow",
                         *MEASUREMENT],
         "output": ["--plots-dir", "--format", "--tensorboard"],
+        "figure options": ["--title", "--label", "--size", "--font-size", "--dpi", "--style", "--number-figures"],
         "the Mixup representation figure": ["--representations", "--representation-epochs", "--classes",
                                             "--bn-mode"]}
     description, entries = groups["which run"]

@@ -66,11 +66,11 @@ def test_plot_run_writes_every_figure_as_a_png_of_its_width_in_inches_times_150_
     written = plotting.plot_run(write_run(tmp_path / "run"), tmp_path / "figures")
     assert {path.name for path in written} == NC_FILES | {"training_curves.png", "panel.png"}
     assert all(path.parent == tmp_path / "figures" for path in written)
-    sizes = {"training_curves.png": (2250, 720), "panel.png": (1800, 1050)}  # 15x4.8 in, 12x7 in
+    sizes = {"training_curves.png": (1050, 360), "panel.png": (1050, 750)}  # 7x2.4 in, 7x5 in
     for path in written:
         width, height = png_size(path)
-        nominal = sizes.get(path.name, (1050, 750))  # 7x5 in, and the legend's height below
-        assert width == nominal[0] and nominal[1] < height < nominal[1] + 150
+        nominal = sizes.get(path.name, (525, 420))  # 3.5x2.8 in, and the legend's height below
+        assert width == nominal[0] and nominal[1] < height < nominal[1] + 250
     assert not list((tmp_path / "figures").glob("*.tmp"))
 
 
@@ -120,17 +120,17 @@ def test_cli_overlays_two_runs_into_the_six_figures(tmp_path, capsys):
     out = tmp_path / "overlay"
     assert plotting.main(plotting.parse_args(["nc", str(first), str(second), "--out", str(out)])) == 0
     assert {path.name for path in out.iterdir()} == NC_FILES
-    assert all(png_size(out / name)[0] == 1050 for name in NC_FILES)
+    assert all(png_size(out / name)[0] == 525 for name in NC_FILES)
     assert str(out / "fig2_equinorm.png") in capsys.readouterr().out
 
 
 def test_cli_curves_of_two_runs(tmp_path):
     runs = [str(write_run(tmp_path / name, seed=seed)) for name, seed in (("s0", 0), ("s1", 1))]
     plotting.main(plotting.parse_args(["curves", *runs, "--out", str(tmp_path / "out")]))
-    assert png_size(tmp_path / "out" / "training_curves.png")[0] == 2250
+    assert png_size(tmp_path / "out" / "training_curves.png")[0] == 1050
 
 
-def test_panel_of_three_long_noisy_runs_is_a_png_12_inches_wide_under_300_kb(tmp_path):
+def test_panel_of_three_long_noisy_runs_is_a_png_7_inches_wide_under_300_kb(tmp_path):
     rng = np.random.default_rng(0)
     epochs = np.unique(np.round(np.logspace(0, np.log10(350), 60)).astype(int))  # 46 log-spaced checkpoints
     folders = []
@@ -142,7 +142,7 @@ def test_panel_of_three_long_noisy_runs_is_a_png_12_inches_wide_under_300_kb(tmp
         folders.append(str(folder))
     out = tmp_path / "docs" / "panel.png"
     assert plotting.main(plotting.parse_args(["panel", *folders, "--out", str(out)])) == 0
-    assert png_size(out)[0] == 1800
+    assert png_size(out)[0] == 1050
     assert out.stat().st_size < 300 * 1024
 
 
@@ -331,13 +331,22 @@ def test_every_figure_keeps_its_whole_legend_inside_the_image_below_the_axes(tmp
 
 
 def test_a_legend_of_labels_wider_than_the_figure_is_wrapped_inside_it(tmp_path):
-    """Runs whose folders share a name are labelled by their paths, here each longer than the figure."""
-    deep = [tmp_path / ("a" * 60) / ("b" * 60) / letter / "run" for letter in "xyz"]
+    """Runs whose folders share a name are labelled by the last parts of their paths that tell them apart (never
+    the absolute path); labels given longer than the figure are wrapped inside it."""
+    deep = [tmp_path / ("a" * 60) / letter / "run" for letter in "xyz"]
     for folder in deep:
         write_run(folder)
     fig = plotting.panel_figure(deep)
-    assert any(str(deep[0]) in text.get_text().replace("\n", "") for text in fig.legends[0].get_texts())
-    assert_whole_legends("long paths", fig)
+    assert [text.get_text() for text in fig.legends[0].get_texts()][-3:] == ["x/run", "y/run", "z/run"]
+    plt.close(fig)
+    wide = ", ".join(["a label longer than the figure"] * 6)
+    long = {f"{folder.parent.name}/run": f"run {folder.parent.name}, {wide}" for folder in deep}
+    fig = plotting.panel_figure(deep, style=plotting.FigureStyle(labels={str(deep[0]): long["x/run"],
+                                                                        "y/run": long["y/run"]}))
+    texts = [text.get_text() for text in fig.legends[0].get_texts()][-3:]
+    assert [text.replace("\n", " ") for text in texts[:2]] == [long["x/run"], long["y/run"]]
+    assert texts[2] == "z/run" and "\n" in texts[0]
+    assert_whole_legends("long labels", fig)
 
 
 @pytest.mark.slow
@@ -468,8 +477,9 @@ def test_the_representation_legend_shows_its_markers_large_and_dark_enough_to_re
     fig = plotting.representations_figure(write_representations(tmp_path / "mixup.csv"))
     legend = fig.legends[0]
     assert [text.get_text() for text in legend.get_texts()] == ["same-class mixes", "two-class mixes",
-                                                                "class means (clean)"]
-    for handle in legend.legend_handles:
+                                                                "class means (clean)",
+                                                                "darker: larger weight of the first class of a pair"]
+    for handle in legend.legend_handles[:3]:
         red, green, blue = matplotlib.colors.to_rgb(handle.get_color())
         assert handle.get_markersize() >= 6 and 0.2126 * red + 0.7152 * green + 0.0722 * blue < 0.6
     plt.close(fig)
@@ -589,7 +599,7 @@ def test_figure_9_overlays_runs_and_groups_them(tmp_path):
                                               "--group-by", "classifier"])) == 0
     assert {path.name for path in out.iterdir()} == NC_FILES | {"fig9_other_measures.png"}
     width, height = png_size(out / "fig9_other_measures.png")
-    assert width == 2700 and height >= 1050  # 18x7 in, taller by its legend
+    assert width == 1050 and height >= 690  # 7x4.6 in, taller by its legend
     # A table measured before these columns existed draws Figures 2-7 alone.
     assert {path.name for path in plotting.plot_runs([write_run(tmp_path / "old")], tmp_path / "old_out")} == NC_FILES
 

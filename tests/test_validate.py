@@ -56,7 +56,7 @@ def test_every_figure_is_a_png_at_150_dpi(run_dir):
         with Image.open(plots / name) as image:
             assert image.format == "PNG"
             assert image.info["dpi"] == pytest.approx((150, 150), abs=0.1)
-            assert image.width >= 600 and image.height >= 400
+            assert image.width >= 525 and image.height >= 360  # at least 3.5 inches wide, 2.4 tall
     assert "| synthetic |" in (plots / "tpt_table.md").read_text()
 
 
