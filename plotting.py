@@ -160,7 +160,8 @@ OTHER_PANELS = (
           (Quantity("cdnv"), Quantity("cdnv_test", TEST)), log_y=True, table=NC_TABLE),
     Panel("ETF error (Zhu et al. 2021, NC2)",
           "$\\|\\,G / \\|G\\|_F - E\\,\\|_F$\n" r"$G = \tilde{M}\tilde{M}^\top,\ W W^\top$",
-          (Quantity("etf_error_means"), Quantity("etf_error_weights", CLASSIFIERS), Quantity("etf_error_means_test", TEST)),
+          (Quantity("etf_error_means"), Quantity("etf_error_weights", CLASSIFIERS),
+           Quantity("etf_error_means_test", TEST)),
           log_y=True, table=NC_TABLE),
     Panel("Alignment of W and means (Zhu et al., NC3)",
           r"$\|\,W\tilde{M}^\top / \|W\tilde{M}^\top\|_F - E\,\|_F$",
@@ -171,7 +172,8 @@ OTHER_PANELS = (
           table=NC_TABLE),
     Panel("Uniformity (Wu & Papyan 2024, GNC2)",
           r"$\mathrm{Var}_{c \neq c'}\ \log\,(1\ /\ \|m_c - m_{c'}\|)$",
-          (Quantity("gnc2_log_distance_var"), Quantity("gnc2_log_distance_var_test", TEST)), log_y=True, table=NC_TABLE),
+          (Quantity("gnc2_log_distance_var"), Quantity("gnc2_log_distance_var_test", TEST)), log_y=True,
+          table=NC_TABLE),
     Panel("Uniform duality (Wu & Papyan, UNC3)", r"$\mathrm{Var}_c\ \langle w_c, \mu_c - \mu_G \rangle$",
           (Quantity("unc3_dot_var"), Quantity("unc3_dot_var_test", TEST)), log_y=True, table=NC_TABLE),
     Panel("Uniform duality, cosines (UNC3)", r"$\mathrm{Var}_c\ \cos(w_c, \mu_c - \mu_G)$",
@@ -594,7 +596,8 @@ def plot_study(study_dir: Path, out_dir: Path | None = None, suffix: str = ".png
     runs grouped by the study's varied settings except the seed (each group's mean over seeds, and their
     min-max band); for a learning-rate grid, each group at its chosen learning rate only, as the study's
     tables list them (its jobs rewrite them as each ends). The files go to the study's folder, or to
-    `out_dir` with a copy of table.md, in the format of `suffix`. The run folders are read where sweep.py put them, relative to the folder it ran in."""
+    `out_dir` with a copy of table.md, in the format of `suffix`. The run folders are read where sweep.py put them,
+    relative to the folder it ran in."""
     study_dir = Path(study_dir)
     out_dir = Path(out_dir) if out_dir else study_dir
     study, run_dirs = study_runs(study_dir)
@@ -1047,8 +1050,8 @@ def _table1_row(run_dir: Path) -> dict:
     return {"run_dir": str(run_dir), "dataset": settings.get("dataset"), "model": settings.get("model"),
             "tpt_epoch": onset["epoch"] if onset else None, "tpt_test_acc": onset["test_acc"] if onset else None,
             "last_epoch": last["epoch"], "last_test_acc": last["test_acc"],
-            "change": last["test_acc"] - onset["test_acc"] if onset and None not in (onset["test_acc"], last["test_acc"])
-            else None,
+            "change": last["test_acc"] - onset["test_acc"]
+            if onset and None not in (onset["test_acc"], last["test_acc"]) else None,
             "best_train_acc": max((row["train_acc"] for row in measured if row["train_acc"] is not None), default=None)}
 
 
@@ -1082,7 +1085,8 @@ def _table1_cell(column: str, row: dict) -> str:
 def _accuracies_finite(row: dict, run_dir: Path) -> bool:
     """Whether a row of nc_metrics.csv has numbers for its accuracies (or none, as a run without a test split
     has no test accuracy); if not, a warning says it is left out."""
-    broken = [column for column in ("train_acc", "test_acc") if row[column] is not None and not np.isfinite(row[column])]
+    broken = [column for column in ("train_acc", "test_acc")
+              if row[column] is not None and not np.isfinite(row[column])]
     if broken:
         print(f"warning: {run_dir / NC_TABLE}, epoch {row['epoch']}: {', '.join(broken)} is not a number; the row is "
               "left out of Table 1", file=sys.stderr)

@@ -21,7 +21,8 @@ folder has one writer of its training files: train.py holds an OS lock on `.trai
 (the kernel releases it when the process ends, however it ends), and only the holder removes temporary
 files left by dead writers, only those named as this module names them. It writes each epoch's files on
 a background thread (`BackgroundWriter`) while the next epoch trains, one epoch's files at a time;
-`training_process` tells another process (validate_nc.py --follow) whether a trainer holds the lock. Table updates that read before
+`training_process` tells another process (validate_nc.py --follow) whether a trainer holds the lock. Table updates
+that read before
 they write (nc_metrics.csv, summary.json) hold `.tables.lock` for the moment of the update, so processes
 measuring the same run never lose each other's rows. The tables are read row by row: a row that does not
 parse completely (a cut or edited file) is left out with a warning naming the file and line.
@@ -126,7 +127,8 @@ _NC_REQUIRED = [column for column in NC_COLUMNS if column not in OTHER_KEYS]
 # or held-out features where measure_features.py had none (validate_nc.py fills them all), and the test columns
 # of ufm.py's runs, which have no test split (both tables' `epoch` column counts its steps: config.json's time_unit).
 _MAY_BE_EMPTY = {"log.csv": {"test_loss", "test_acc", "test_ece"},
-                 "nc_metrics.csv": {"train_acc", "train_loss", "test_acc", "test_loss", "test_ece", "ncc_mismatch_train",
+                 "nc_metrics.csv": {"train_acc", "train_loss", "test_acc", "test_loss", "test_ece",
+                                    "ncc_mismatch_train",
                                     "ncc_mismatch_test", *CLASSIFIER_KEYS}}
 # What a run's config.json must hold for the scripts to rebuild its network and data.
 CONFIG_KEYS = ("dataset", "num_classes", "in_channels", "model", "width", "epochs", "num_checkpoints", "loss",

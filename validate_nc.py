@@ -107,7 +107,8 @@ def main(args: argparse.Namespace) -> int:
         if args.follow:
             return follow(args, device, held)
         run_dir, run_config, checkpoints, table = distributed.on_every_rank(_find_run, args, device)
-        distributed.on_rank_zero(_refuse_unwritable, run_dir, args.plots_dir or plotting.default_plots_dir(run_config, run_dir),
+        distributed.on_rank_zero(_refuse_unwritable, run_dir,
+                                 args.plots_dir or plotting.default_plots_dir(run_config, run_dir),
                                  not args.representations)
         if args.representations:
             return distributed.on_rank_zero(draw_representations, dict(checkpoints), run_config, run_dir, args,
@@ -386,7 +387,8 @@ def _run_config(run_dir: Path, args: argparse.Namespace, requested: dict) -> dic
     run_config = runs.read_config(run_dir) if run_dir.is_dir() else None
     if run_config is None:
         data = "" if requested["dataset"] == "synthetic" else \
-            f" --data-root {args.data_root}" if args.data_root else " --download (or --data-root DIR, a folder with a copy)"
+            f" --data-root {args.data_root}" if args.data_root else \
+            " --download (or --data-root DIR, a folder with a copy)"
         train_flags = config.selection_flags(requested) + (["--run-dir", str(run_dir)] if args.run_dir else [])
         raise UserError(f"no run folder at {run_dir}; {_nearest_runs(run_dir.parent, requested)}train it with: "
                         f"python train.py {' '.join(train_flags)}{data}")

@@ -471,7 +471,8 @@ def known_precision(epochs: int, checkpoints: int, seconds_left: float) -> tuple
 def _start(plan: Plan, seed: int, compiled: bool, clock: "_Clock") -> Job:
     """Start seed's trainer on a run folder of its own (which it resumes if the folder holds a last.pt)."""
     run_dir = plan.run_dir(seed)
-    command = [sys.executable, "train.py", *plan.run_flags(seed), "--num-checkpoints", str(plan.num_checkpoints), "--eval-every", "0", "--save-last", "checkpoint",
+    command = [sys.executable, "train.py", *plan.run_flags(seed), "--num-checkpoints", str(plan.num_checkpoints),
+               "--eval-every", "0", "--save-last", "checkpoint",
                "--run-dir", str(run_dir)] + (["--compile"] if compiled else [])
     name = f"train-seed{seed}-{plan.precision}" + ("" if compiled or not plan.compiled else "-eager")
     return Job(seed, run_dir, _spawn(command, plan.log(name)), compiled, [command], clock.now())

@@ -33,6 +33,7 @@ def design_packages_only(tmp_path_factory) -> dict[str, str]:
     """An environment for subprocesses (and theirs) in which only the design's packages import: a
     sitecustomize on PYTHONPATH makes every optional package's import fail as a missing one's does."""
     folder = tmp_path_factory.mktemp("design-packages-only")
-    (folder / "sitecustomize.py").write_text(f"import sys\nsys.modules.update(dict.fromkeys({optional_packages()!r}))\n")
+    (folder / "sitecustomize.py").write_text(
+        f"import sys\nsys.modules.update(dict.fromkeys({optional_packages()!r}))\n")
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(REPO)]), "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1"}

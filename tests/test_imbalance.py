@@ -308,7 +308,8 @@ def test_class_balanced_validation_under_torchrun_equals_one_process(imbalanced_
 @pytest.mark.slow
 def test_an_imbalanced_run_extends_and_trains_with_any_loss_and_mixup(imbalanced_run, tmp_path):
     run_dir = shutil.copytree(imbalanced_run, tmp_path / "run")
-    assert train.main(train.parse_args([*TINY, "--imbalance", "10", "--run-dir", str(run_dir), "--extend-to", "4"])) == 0
+    assert train.main(train.parse_args([*TINY, "--imbalance", "10", "--run-dir", str(run_dir),
+                                        "--extend-to", "4"])) == 0
     assert [row["epoch"] for row in runs.read_log(run_dir)] == [1, 2, 3, 4]
     assert runs.read_config(run_dir)["class_counts"] == [20] * 5 + [2] * 5
     mixed = tmp_path / "mixed"

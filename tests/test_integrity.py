@@ -148,7 +148,8 @@ def test_runs_of_other_lengths_have_their_own_folders_and_validate_finds_each(tm
     flags = ["--dataset", "synthetic", "--width", "4", "--samples-per-class", "20", "--device", "cpu"]
     assert train.main(train.parse_args([*flags, "--epochs", "1", "--num-checkpoints", "1"])) == 0
     assert train.main(train.parse_args([*flags, "--epochs", "2", "--num-checkpoints", "1"])) == 0
-    short, longer = tmp_path / "runs/synthetic-resnet18-ce-seed0-w4-spc20-ep1", tmp_path / "runs/synthetic-resnet18-ce-seed0-w4-spc20-ep2"
+    short = tmp_path / "runs/synthetic-resnet18-ce-seed0-w4-spc20-ep1"
+    longer = tmp_path / "runs/synthetic-resnet18-ce-seed0-w4-spc20-ep2"
     assert [row["epoch"] for row in runs.read_log(short)] == [1]
     assert [row["epoch"] for row in runs.read_log(longer)] == [1, 2]
     assert validate_nc.main(validate_nc.parse_args([*flags, "--epochs", "1"])) == 0

@@ -151,7 +151,8 @@ def test_a_run_without_nc_metrics_names_the_folder_and_validate_nc(tmp_path):
     (run / "nc_metrics.csv").unlink()
     for command in (["nc", str(run), "--out", str(tmp_path / "out")],
                     ["panel", str(run), "--out", str(tmp_path / "panel.png")]):
-        with pytest.raises(UserError, match=f"{re.escape(str(run))}.*python validate_nc.py --run-dir {re.escape(str(run))}"):
+        with pytest.raises(UserError,
+                           match=f"{re.escape(str(run))}.*python validate_nc.py --run-dir {re.escape(str(run))}"):
             plotting.main(plotting.parse_args(command))
     with pytest.raises(UserError, match="python validate_nc.py"):
         plotting.tpt_table(run)

@@ -326,7 +326,8 @@ def test_a_network_function_of_another_signature_is_one_line_naming_the_signatur
 
 
 def test_a_network_whose_output_is_not_its_last_linear_layer_s_is_refused_before_training(tiny_nets, tmp_path):
-    with pytest.raises(UserError, match=r"the network of --model tiny_nets:doubled does not end with its last nn.Linear "
+    with pytest.raises(UserError, match=r"the network of --model tiny_nets:doubled does not end with its last "
+                                        r"nn.Linear "
                                         r"\(fc\): its output must be that layer's output"):
         train.main(train.parse_args([*TINY, "--model", "tiny_nets:doubled", "--run-dir", str(tmp_path / "run")]))
     assert not (tmp_path / "run").exists()

@@ -208,7 +208,8 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     marker.unlink()
 
     run_dir = tmp_path / "run"
-    assert command("train.py", *TINY, "--epochs", "1", "--num-checkpoints", "1", "--run-dir", str(run_dir)).returncode == 0
+    assert command("train.py", *TINY, "--epochs", "1", "--num-checkpoints", "1",
+                   "--run-dir", str(run_dir)).returncode == 0
     torch.save(evil, runs.checkpoint_path(run_dir, 1))
     result = command("validate_nc.py", "--run-dir", str(run_dir), "--device", "cpu",
                      "--plots-dir", str(tmp_path / "plots"))

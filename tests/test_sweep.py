@@ -79,7 +79,8 @@ def test_a_study_writes_its_tables_and_each_run_is_the_run_train_py_alone_makes(
     table = (study_dir / "table.md").read_text()
     assert "4 runs: 4 done, 0 failed, 0 busy, 0 pending." in table
     assert sum(line.startswith("| ce |") or line.startswith("| mse |") for line in table.splitlines()) == 4
-    assert sum(line.startswith("start ") for line in output.splitlines()) == 4 and "4 done, 0 failed, 0 busy, 0 interrupted, 0 skipped" in output
+    assert sum(line.startswith("start ") for line in output.splitlines()) == 4
+    assert "4 done, 0 failed, 0 busy, 0 interrupted, 0 skipped" in output
 
 
 @pytest.mark.slow
@@ -104,7 +105,8 @@ def test_a_killed_study_resumes_to_the_tables_and_bits_of_an_uninterrupted_one(s
     killed = subprocess.Popen([sys.executable, str(REPO / "sweep.py"), *flags], cwd=tmp_path, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while not ((tmp_path / second / "last.pt").exists() and _status(tmp_path / "studies/grid/runs.csv", 0) == "done"):
+        while not ((tmp_path / second / "last.pt").exists()
+                   and _status(tmp_path / "studies/grid/runs.csv", 0) == "done"):
             assert killed.poll() is None, "the sweep ended before the second run had begun"
             time.sleep(0.02)
     finally:

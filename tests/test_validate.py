@@ -157,7 +157,8 @@ def test_the_same_flags_find_the_folder_train_wrote(tmp_path, monkeypatch):
     assert [row["epoch"] for row in runs.read_nc_metrics(run_dir)] == [1]
     assert (tmp_path / "synthetic_plots" / run_dir.name / "fig6_nc1.png").is_file()
     train.main(train.parse_args([*flags, "--batch-size", "64", "--epochs", "1", "--num-checkpoints", "1"]))
-    assert validate_nc.main(validate_nc.parse_args([*flags, "--batch-size", "64", "--epochs", "1"])) == 0  # the training batch
+    # the training batch
+    assert validate_nc.main(validate_nc.parse_args([*flags, "--batch-size", "64", "--epochs", "1"])) == 0
     assert runs.read_nc_metrics(tmp_path / "runs" / "synthetic-resnet18-ce-seed0-w4-spc20-ep1-bs64")
 
 
