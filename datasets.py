@@ -149,14 +149,16 @@ def folder_classes(name: str) -> list[str]:
     return found["train"]
 
 
-def load_run_data(name: str, root: str | Path, samples_per_class: int | None, seed: int, download: bool,
-                  device: torch.device, imbalance: float = 1.0, profile: str | None = None,
-                  image_size: int | None = None, check: Callable[[dict], None] | None = None) -> RunData:
-    """A run's data on `device`: the seeded training subset (`subset_indices`), the whole test split (never
-    subsampled, so an imbalanced run is tested as a balanced one), the samples kept of the largest class
-    (a folder's images at `image_size`, see the module), and the fingerprint of both splits as read, which
-    `check` (if given) is called with first: a run refuses data other than its own before anything else is
-    said of it (that it has too few images for the run's subset)."""
+def load_run_data(run: dict, root: str | Path, download: bool, device: torch.device,
+                  check: Callable[[dict], None] | None = None) -> RunData:
+    """A run's data on `device`, by its settings `run` (config.json's: dataset, samples_per_class, seed and,
+    where a config.json written before them lacks them, imbalance 1, imbalance_profile and image_size None):
+    the seeded training subset (`subset_indices`), the whole test split (never subsampled, so an imbalanced
+    run is tested as a balanced one), the samples kept of the largest class (a folder's images at the run's
+    image size, see the module), and the fingerprint of both splits as read, which `check` (if given) is
+    called with first: a run refuses data other than its own before anything else is said of it (that it has
+    too few images for the run's subset)."""
+    name, image_size = run["dataset"], run.get("image_size")
     if is_folder(name):
         classes = folder_classes(name)
         _refuse_too_large_folder(name, image_size)
@@ -177,7 +179,8 @@ def load_run_data(name: str, root: str | Path, samples_per_class: int | None, se
     fingerprint = data_fingerprint(name, (train_images, train_labels), (test_images, test_labels), classes)
     if check is not None:
         check(fingerprint)
-    keep = subset_indices(train_labels, samples_per_class, seed, imbalance, profile)
+    keep = subset_indices(train_labels, run["samples_per_class"], run["seed"], run.get("imbalance", 1.0),
+                          run.get("imbalance_profile"))
     per_class = int(torch.bincount(train_labels[keep]).max())
     return RunData((train_images[keep].to(device), train_labels[keep].to(device)),
                    (test_images.to(device), test_labels.to(device)), per_class, fingerprint)

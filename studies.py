@@ -49,7 +49,7 @@ import plotting
 import runs
 import unconstrained
 from errors import ArgumentParser, UserError
-from nc_metrics import OTHER_KEYS, PAPER_KEYS
+from nc_metrics import OTHER_KEYS, PAPER_KEYS, tpt_row
 from study_files import LOCK, MARKDOWN_TABLE, OUTCOMES_FILE, RUNS_TABLE, STUDY_FILE, Run, read_json, read_study_file
 
 REPO = Path(__file__).resolve().parent
@@ -370,7 +370,7 @@ def _drawn(run_dir: Path) -> bool:
     settings = runs.read_config(run_dir, required=("dataset",))
     if settings is None:
         return False
-    plots_dir = plotting.default_plots_dir(settings, run_dir)
+    plots_dir = runs.default_plots_dir(settings, run_dir)
     return all((plots_dir / name).is_file() for name in [*plotting.run_figure_names(run_dir), "tpt_table.md"])
 
 
@@ -492,7 +492,7 @@ def _row(run: Run, varied: list[str], outcome: dict | None) -> dict:
         status = outcome["status"] if outcome and outcome["status"] in ("failed", "busy") else "pending"
         return {**row, "status": status, "reason": outcome["reason"] if outcome else ""}
     measured = runs.read_nc_metrics(Path(run.run_dir))
-    onset, last = runs.tpt_row(measured), measured[-1]
+    onset, last = tpt_row(measured), measured[-1]
     return {**row, "status": "done", "tpt_epoch": onset and onset["epoch"], "tpt_test_acc": onset and onset["test_acc"],
             "last_epoch": last["epoch"], "last_test_acc": last["test_acc"],
             **{key: last.get(key) for key in FINAL_COLUMNS[4:]},
@@ -515,7 +515,7 @@ def _markdown(study: dict, rows: list[dict], columns: list[str], choices: list[d
 
 
 def _markdown_table(columns: list[str], rows: list[dict]) -> list[str]:
-    header = [config.SETTING_NAMES.get(column) or column for column in columns]
+    header = [config.LABELS.get(column) or column for column in columns]
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns),
             *("| " + " | ".join(_cell(column, row.get(column)) for column in columns) + " |" for row in rows)]
 

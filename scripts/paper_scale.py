@@ -72,6 +72,7 @@ import datasets  # noqa: E402
 import engine  # noqa: E402
 import losses  # noqa: E402
 import plotting  # noqa: E402
+import reports  # noqa: E402
 import runs  # noqa: E402
 
 # Seconds per training epoch of full CIFAR-10 on ResNet-18 (width 64, batch 128) with CUDA graphs.
@@ -121,9 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "unpacked from .gpu/cifar10-jpeg.zip when missing)")
     add("--seeds", type=config.positive_int, default=1, help="seeds 0..N-1 trained at once as N processes on the "
         "GPU, if the probe shows that they finish by the deadline (seed 0 alone otherwise); default 1")
-    add("--epochs", type=config.positive_int, help=f"default {config.PROTOCOL['epochs']} "
+    add("--epochs", type=config.positive_int, help=f"default {config.EPOCHS.default} "
         f"({TINY['epochs']} with --tiny)")
-    add("--num-checkpoints", type=config.positive_int, help=f"default {config.PROTOCOL['num_checkpoints']} "
+    add("--num-checkpoints", type=config.positive_int, help=f"default {config.NUM_CHECKPOINTS.default} "
         f"({TINY['num_checkpoints']} with --tiny)")
     add("extra", nargs=argparse.REMAINDER, metavar="-- FLAGS", help="flags after -- go to train.py and "
         "validate_nc.py alike: the flags that select the run (e.g. -- --width 32)")
@@ -233,7 +234,7 @@ class Plan:
     def name(self) -> str:
         """results/<name>: dataset-model[-loss if not ce][-settings], -bf16, -<N>seeds."""
         parts = self.run_dir(0).name.split("-")
-        kept = parts[:2] + ([parts[2]] if parts[2] != config.PROTOCOL["loss"] else []) + parts[4:]
+        kept = parts[:2] + ([parts[2]] if parts[2] != config.LOSS.default else []) + parts[4:]
         return "-".join(kept) + (f"-{len(self.seeds)}seeds" if len(self.seeds) > 1 else "")
 
     def results_dir(self) -> Path:
@@ -285,8 +286,8 @@ def make_plan(args: argparse.Namespace, clock: "_Clock") -> Plan:
     if not cuda and not args.tiny:
         raise UserError("no CUDA GPU here: the paper-scale run needs one; scripts/paper_scale.sh --tiny runs every "
                         "step of it on the CPU")
-    epochs = args.epochs or (TINY["epochs"] if args.tiny else config.PROTOCOL["epochs"])
-    checkpoints = args.num_checkpoints or (TINY["num_checkpoints"] if args.tiny else config.PROTOCOL["num_checkpoints"])
+    epochs = args.epochs or (TINY["epochs"] if args.tiny else config.EPOCHS.default)
+    checkpoints = args.num_checkpoints or (TINY["num_checkpoints"] if args.tiny else config.NUM_CHECKPOINTS.default)
     data_root = None if args.tiny else args.data_root.resolve()
     dataset = TINY["flags"] if args.tiny else ["--dataset", "CIFAR10", "--data-root", str(data_root)]
     if args.precision != "auto":
@@ -409,7 +410,7 @@ def pack(plan: Plan, outcome: Outcome, clock: "_Clock") -> None:
                 with runs.atomic_path(target / name) as tmp:
                     shutil.copyfile(job.run_dir / name, tmp)
         if runs.read_nc_metrics(target):
-            runs.write_text(target / "tpt_table.md", plotting.tpt_table(target))
+            runs.write_text(target / "tpt_table.md", reports.tpt_table(target))
             measured.append(target)
     runs.write_text(results / "timings.txt", earlier + timings(plan, outcome, clock))
     print((results / "timings.txt").read_text(), end="", flush=True)

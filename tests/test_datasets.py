@@ -296,11 +296,13 @@ def test_batches_augment_when_asked():
 
 def test_load_run_data_keeps_the_balanced_subset():
     (train_images, train_labels), (test_images, test_labels), per_class, _ = datasets.load_run_data(
-        "synthetic", "ignored", 3, seed=0, download=False, device=torch.device("cpu"))
+        {"dataset": "synthetic", "samples_per_class": 3, "seed": 0}, "ignored", download=False,
+        device=torch.device("cpu"))
     assert per_class == 3 and train_images.shape == (30, 3, 32, 32)
     assert torch.bincount(train_labels).tolist() == [3] * 10
     assert len(test_labels) == 500 and test_images.shape == (500, 3, 32, 32)
-    _, _, everything, _ = datasets.load_run_data("synthetic", "ignored", None, 0, False, torch.device("cpu"))
+    _, _, everything, _ = datasets.load_run_data({"dataset": "synthetic", "samples_per_class": None, "seed": 0},
+                                                 "ignored", False, torch.device("cpu"))
     assert everything == 100
 
 

@@ -84,7 +84,8 @@ def test_the_subset_is_drawn_from_the_seed_and_nested_in_the_balanced_one():
 
 def test_the_run_data_keeps_the_whole_test_split():
     (_, train_labels), (_, test_labels), per_class, _ = datasets.load_run_data(
-        "synthetic", "ignored", 40, 0, False, torch.device("cpu"), 4, "exp")
+        {"dataset": "synthetic", "samples_per_class": 40, "seed": 0, "imbalance": 4, "imbalance_profile": "exp"},
+        "ignored", False, torch.device("cpu"))
     assert torch.bincount(train_labels).tolist() == datasets.imbalanced_counts(10, 40, 4, "exp") and per_class == 40
     assert torch.bincount(test_labels).tolist() == [50] * 10
 
@@ -241,8 +242,9 @@ def test_the_run_records_its_counts_and_its_table_the_minority_collapse_columns(
 @pytest.mark.slow
 def test_the_measurement_is_class_balanced_and_its_cosines_those_of_the_checkpoint(imbalanced_run):
     settings = runs.read_config(imbalanced_run)
-    train_split, test_split, *_ = datasets.load_run_data("synthetic", "ignored", 20, 0, False, torch.device("cpu"),
-                                                         10, "step")
+    train_split, test_split, *_ = datasets.load_run_data(
+        {"dataset": "synthetic", "samples_per_class": 20, "seed": 0, "imbalance": 10, "imbalance_profile": "step"},
+        "ignored", False, torch.device("cpu"))
     state = runs.load_checkpoint(runs.checkpoint_path(imbalanced_run, 3))
     model = engine.build_model(settings, torch.device("cpu"))
     model.load_state_dict(state["model"])
@@ -273,7 +275,8 @@ def test_changing_the_ratio_of_a_run_is_refused(imbalanced_run, tmp_path):
 @pytest.mark.slow
 def test_a_balanced_run_measured_class_balanced_gives_the_same_bits(imbalanced_run):
     settings = {**runs.read_config(imbalanced_run), "imbalance": 1.0, "imbalance_profile": None}
-    train_split, test_split, *_ = datasets.load_run_data("synthetic", "ignored", 20, 0, False, torch.device("cpu"))
+    train_split, test_split, *_ = datasets.load_run_data(
+        {"dataset": "synthetic", "samples_per_class": 20, "seed": 0}, "ignored", False, torch.device("cpu"))
     state = runs.load_checkpoint(runs.checkpoint_path(imbalanced_run, 2))
     model = engine.build_model(settings, torch.device("cpu"))
     model.load_state_dict(state["model"])

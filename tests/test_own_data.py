@@ -22,6 +22,13 @@ from errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
+
+
+def own_run(folder: Path) -> dict:
+    """The settings by which datasets.load_run_data reads a run of the images in `folder` (whole, seed 0)."""
+    return {"dataset": datasets.canonical_name(f"folder:{folder}"), "samples_per_class": None, "seed": 0}
+
+
 TINY_NETS = '''
 import torch.nn as nn
 
@@ -110,7 +117,7 @@ def test_a_folder_reads_its_pixels_and_labels_its_classes_in_sorted_order(tmp_pa
 def test_an_unbalanced_folder_trains_on_its_largest_balanced_subset(tmp_path):
     write_folder(tmp_path / "data", {"a": (5, 1), "b": (2, 1), "c": (4, 1)})
     train_split, test_split, per_class, _ = datasets.load_run_data(
-        datasets.canonical_name(f"folder:{tmp_path / 'data'}"), "unused", None, 0, False, CPU)
+        own_run(tmp_path / "data"), "unused", False, CPU)
     assert per_class == 2 and torch.bincount(train_split[1]).tolist() == [2, 2, 2]
     assert len(test_split[1]) == 3
 
@@ -152,7 +159,7 @@ def test_a_folder_that_does_not_fit_is_refused_with_one_line(tmp_path, layout, m
         else:
             path.write_bytes(content or b"")
     with pytest.raises(UserError, match=message):
-        datasets.load_run_data(datasets.canonical_name(f"folder:{tmp_path / 'data'}"), "unused", None, 0, False, CPU)
+        datasets.load_run_data(own_run(tmp_path / "data"), "unused", False, CPU)
 
 
 def test_download_is_refused_for_a_folder(tmp_path):

@@ -217,7 +217,7 @@ def test_a_panel_that_cannot_be_drawn_leaves_the_tables_and_the_archive_packed(t
         raise RuntimeError("no fonts")
 
     monkeypatch.setattr(module.plotting, "plot_panel", broken)
-    monkeypatch.setattr(module.plotting, "tpt_table", lambda folder: "table\n")
+    monkeypatch.setattr(module.reports, "tpt_table", lambda folder: "table\n")
     module.pack(plan, module.Outcome(jobs=[job]), module._Clock(60))
     assert "the panel could not be drawn (RuntimeError: no fonts); the tables are packed" in capsys.readouterr().out
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["paper_scale.tar.gz", "timings.txt"]

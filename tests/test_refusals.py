@@ -23,6 +23,7 @@ import datasets
 import engine
 import models
 import plotting
+import reports
 import runs
 import train
 import validate_nc
@@ -337,11 +338,11 @@ def test_a_network_whose_output_is_not_its_last_linear_layer_s_is_refused_before
 
 def test_a_nan_row_is_left_out_of_table_1_with_a_warning(tmp_path, capsys):
     run = write_accuracies(tmp_path / "run", [(1, math.nan, math.nan), (5, 0.95, 0.70), (10, 0.99, 0.75)])
-    row, = plotting.table1([run])
+    row, = reports.table1([run])
     assert (row["best_train_acc"], row["last_epoch"], row["last_test_acc"], row["tpt_epoch"]) == (0.99, 10, 0.75, None)
     assert capsys.readouterr().err.splitlines() == [f"warning: {run / 'nc_metrics.csv'}, epoch 1: train_acc, test_acc "
                                                     "is not a number; the row is left out of Table 1"]
-    assert "best train accuracy 99.00%" in plotting.tpt_table(run)
+    assert "best train accuracy 99.00%" in reports.tpt_table(run)
 
 
 @pytest.mark.parametrize("name", ['=HYPERLINK("evil","click")', "+1", "-1", "@SUM(1)"])

@@ -36,8 +36,8 @@ def loaded(run_dir, epoch: int):
     state = runs.load_checkpoint(runs.checkpoint_path(run_dir, epoch))
     model = engine.build_model(state["config"], torch.device("cpu"))
     model.load_state_dict(state["model"])
-    train_split = datasets.load_run_data("synthetic", state["config"]["data_root"],
-                                         state["config"]["samples_per_class"], 0, False, torch.device("cpu")).train
+    train_split = datasets.load_run_data(state["config"], state["config"]["data_root"], False,
+                                         torch.device("cpu")).train
     return model, train_split, state["config"]
 
 

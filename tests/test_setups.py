@@ -116,7 +116,8 @@ def test_settings_show_in_the_run_name_and_flags_only_when_they_are_not_the_defa
 
 def test_a_config_written_before_these_settings_existed_means_the_defaults():
     current = settings()
-    older = {key: value for key, value in current.items() if key not in config.ADDED_SETTINGS}
+    added = ("imbalance", "classifier", "bias", "classifier_weight_decay", "image_size")
+    older = {key: value for key, value in current.items() if key not in added}
     assert config.result_differences(older, current) == []
     assert config.result_differences(older, settings("--no-bias")) == ["bias: True -> False"]
 
@@ -160,3 +161,14 @@ def test_each_group_decays_at_its_own_rate(optimizer):
     for name, parameter in model.named_parameters():
         factor = 1 - 0.5 * (0.3 if name.startswith("fc.") else 0.01)
         assert torch.allclose(parameter.detach(), factor * before[name], rtol=1e-6, atol=0), name
+
+
+def test_a_module_function_model_keeps_its_case_and_its_config_json_reads_back(tmp_path):
+    settings = config.resolve_config(train.parse_args(["--model", "My_Nets.Deep:Small_Net"]))
+    assert settings["model"] == "My_Nets.Deep:Small_Net"
+    runs.write_config(tmp_path, {**settings, "samples_per_class": 10, "data_root": "data"})
+    assert runs.read_config(tmp_path)["model"] == "My_Nets.Deep:Small_Net"
+    assert config.resolve_config(train.parse_args(["--model", "ResNet18"]))["model"] == "resnet18"
+    runs.write_config(tmp_path, {**settings, "model": "ResNet18", "samples_per_class": 10, "data_root": "data"})
+    with pytest.raises(UserError, match="invalid settings: model = 'ResNet18'"):
+        runs.read_config(tmp_path)
