@@ -119,38 +119,38 @@ STYLE_NAMES = {LOG_TABLE: {TRAINING: "training set (running average over the epo
                           CLASSIFIERS: r"classifier rows $w_c$",
                           TEST: "test set (its own class means; Figure 7: the training means)"}}
 _X = r"\mathbf{x}_c"
-NC_FIGURES = {
-    "fig2_equinorm.png": Panel(
+NC_FIGURES = dict(zip(reports.NC_FIGURE_FILES, (
+    Panel(
         "Equinorm (Figure 2)", rf"$\mathrm{{Std}}_c\,\|{_X}\|\ /\ \mathrm{{Avg}}_c\,\|{_X}\|$",
         (Quantity("equinorm_means"), Quantity("equinorm_weights", CLASSIFIERS), Quantity("equinorm_means_test", TEST)),
         log_y=True, table=NC_TABLE),
-    "fig3_equiangularity.png": Panel(
+    Panel(
         "Equiangularity (Figure 3)", rf"$\mathrm{{Std}}_{{c \neq c'}}\ \cos({_X}, \mathbf{{x}}_{{c'}})$",
         (Quantity("equiangular_means"), Quantity("equiangular_weights", CLASSIFIERS),
          Quantity("equiangular_means_test", TEST)), log_y=True, table=NC_TABLE),
-    "fig4_max_equiangularity.png": Panel(
+    Panel(
         "Maximal angle (Figure 4)",
         rf"$\mathrm{{Avg}}_{{c \neq c'}}\ |\cos({_X}, \mathbf{{x}}_{{c'}}) + 1/(C-1)|$",
         (Quantity("maxangle_means"), Quantity("maxangle_weights", CLASSIFIERS), Quantity("maxangle_means_test", TEST)),
         log_y=True, table=NC_TABLE),
-    "fig5_self_duality.png": Panel(
+    Panel(
         "Self-duality (Figure 5)", r"$\|\,W / \|W\|_F - \tilde{M} / \|\tilde{M}\|_F\,\|_F^2$",
         (Quantity("self_duality"), Quantity("self_duality_test", TEST)), log_y=True, table=NC_TABLE),
-    "fig6_nc1.png": Panel(
+    Panel(
         "Within-class variation (Figure 6)", r"$\mathrm{Tr}(\Sigma_W\,\Sigma_B^{+})\ /\ C$",
         (Quantity("nc1"), Quantity("nc1_test", TEST)), log_y=True, table=NC_TABLE),
-    "fig7_ncc_mismatch.png": Panel(
+    Panel(
         "NCC mismatch (Figure 7)",
         r"proportion with $\mathrm{argmax}_c\,(w_c \cdot h + b_c)$" "\n" r"$\neq \mathrm{argmin}_c\,\|h - \mu_c\|$",
         (Quantity("ncc_mismatch_train"), Quantity("ncc_mismatch_test", TEST)), log_y=False, table=NC_TABLE),
-}
+)))
 # Figure 8 is drawn when the table has it (validate_nc.py --adversarial); the 2x3 panel is Figures 2-7.
-ROBUSTNESS_FIGURE = ("fig8_adversarial_robustness.png", Panel(
+ROBUSTNESS_FIGURE = (reports.ROBUSTNESS_FILE, Panel(
     "Adversarial robustness (Figure 8)", r"DeepFool $\mathrm{Avg}_x\ \|r(x)\|_2\ /\ \|x\|_2$ (pixels in [0, 1])",
     (Quantity("deepfool_robustness", TEST),), log_y=False, table=NC_TABLE,
     names={TEST: "a fixed sample of test images, attacked away from the network's decision"}))
 # Figure 9: the field's other measures (nc_metrics.py), one panel each, drawn when the table has them.
-OTHER_FILE = "fig9_other_measures.png"
+OTHER_FILE = reports.OTHER_FILE
 OTHER_PANELS = (
     Panel("Trace ratio (Tirer et al. 2023)", r"$\mathrm{Tr}(\Sigma_W)\ /\ \mathrm{Tr}(\Sigma_B)$",
           (Quantity("nc1_trace_ratio"), Quantity("nc1_trace_ratio_test", TEST)), log_y=True, table=NC_TABLE),
@@ -178,7 +178,7 @@ OTHER_PANELS = (
           (Quantity("unc3_cosine_var"), Quantity("unc3_cosine_var_test", TEST)), log_y=True, table=NC_TABLE),
 )
 ENERGY_PANEL = 4  # the index in OTHER_PANELS of the energy, whose panel marks the simplex ETF's value
-LAYERS_FILE = "layerwise_nc1.png"
+LAYERS_FILE = reports.LAYERS_FILE
 CURVE_PANELS = (
     Panel("Loss", "loss", (Quantity("train_loss"), Quantity("test_loss", TEST)), log_y=True, table=LOG_TABLE),
     Panel("Accuracy", "accuracy (fraction correct)", (Quantity("train_acc"), Quantity("test_acc", TEST)),
@@ -186,10 +186,10 @@ CURVE_PANELS = (
     Panel("Calibration", "expected calibration error (ECE)", (Quantity("test_ece", TEST),), log_y=False,
           table=LOG_TABLE),
 )
-CURVES_FILE = "training_curves.png"
+CURVES_FILE = reports.CURVES_FILE
 # Minority Collapse (Fang, He, Long & Su 2021), for runs on an imbalanced training subset; the sixth panel,
 # the classifier row norms against the class sizes, is drawn by `_draw_norms`.
-MINORITY_FILE = "minority_collapse.png"
+MINORITY_FILE = reports.MINORITY_FILE
 _COSINE = r"$\mathrm{Avg}_{c \neq c'}\ \cos(w_c, w_{c'})$"
 MINORITY_PANELS = (
     Panel("Minority classes' classifiers", _COSINE, (Quantity("minority_cosine", CLASSIFIERS),),
@@ -210,27 +210,13 @@ def plot_run(run_dir: Path, out_dir: Path, suffix: str = ".png") -> list[Path]:
     curves of one run, written into `out_dir` in the format of `suffix`; the paths written."""
     out_dir, folder = Path(out_dir), _folder(run_dir)  # its tables read once for all the figures
     written = plot_runs([folder], out_dir, suffix=suffix)
-    written.append(plot_panel([folder], out_dir / f"panel{suffix}"))
+    written.append(plot_panel([folder], out_dir / Path(reports.PANEL_FILE).with_suffix(suffix)))
     written.append(plot_curves([folder], out_dir / Path(CURVES_FILE).with_suffix(suffix)))
     if runs.stage_columns(folder.measured):
         written.append(plot_layers(folder, out_dir / Path(LAYERS_FILE).with_suffix(suffix)))
-    if _has_minority_columns(folder.measured):
+    if reports.has_minority_columns(folder.measured):
         written.append(plot_minority_collapse([folder], out_dir / Path(MINORITY_FILE).with_suffix(suffix)))
     return written
-
-
-def run_figure_names(run_dir: Path, suffix: str = ".png") -> list[str]:
-    """The names of the files `plot_run` writes for the run's nc_metrics.csv as it is now."""
-    measured = runs.read_nc_metrics(run_dir)
-    names = list(NC_FIGURES)
-    if any(row.get("deepfool_robustness") is not None for row in measured):
-        names.append(ROBUSTNESS_FIGURE[0])
-    if any(row.get("cdnv") is not None for row in measured):
-        names.append(OTHER_FILE)
-    names += ["panel.png", CURVES_FILE] + ([LAYERS_FILE] if runs.stage_columns(measured) else [])
-    if _has_minority_columns(measured):
-        names.append(MINORITY_FILE)
-    return [Path(name).stem + suffix for name in names]
 
 
 def plot_runs(run_dirs: list[Path], out_dir: Path, group_by: list[str] = (), suffix: str = ".png") -> list[Path]:
@@ -734,12 +720,7 @@ def _draw_norms(ax: plt.Axes, lines: list[_Line]) -> None:
 
 def _imbalanced(run_dirs: list[Path]) -> bool:
     """Whether some run's nc_metrics.csv has the Minority Collapse columns (an imbalanced run's)."""
-    return any(_has_minority_columns(runs.read_nc_metrics(run_dir)) for run_dir in run_dirs)
-
-
-def _has_minority_columns(measured: list[dict]) -> bool:
-    """Whether rows of an nc_metrics.csv hold the Minority Collapse numbers (an imbalanced run's)."""
-    return any(row.get("minority_cosine") is not None for row in measured)
+    return any(reports.has_minority_columns(runs.read_nc_metrics(run_dir)) for run_dir in run_dirs)
 
 
 def _any_positive(panel: Panel, lines: list[_Line]) -> bool:

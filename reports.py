@@ -10,9 +10,17 @@ import numpy as np
 import config
 import runs
 from errors import UserError
-from nc_metrics import tpt_row
+from nc_metrics import OTHER_KEYS, tpt_row
+from study_files import read_json
 
 NC_TABLE = "nc_metrics.csv"
+# The files validate_nc.py writes into a run's plots folder, as far as its nc_metrics.csv calls for them.
+NC_FIGURE_FILES = ("fig2_equinorm.png", "fig3_equiangularity.png", "fig4_max_equiangularity.png",
+                   "fig5_self_duality.png", "fig6_nc1.png", "fig7_ncc_mismatch.png")
+ROBUSTNESS_FILE, OTHER_FILE = "fig8_adversarial_robustness.png", "fig9_other_measures.png"
+PANEL_FILE, CURVES_FILE, LAYERS_FILE, MINORITY_FILE = ("panel.png", "training_curves.png", "layerwise_nc1.png",
+                                                       "minority_collapse.png")
+TPT_TABLE = "tpt_table.md"
 # The paper's Table 1, per run. A grouped table has instead of `run_dir` the grouping keys and the
 # counts of its runs, and each of TABLE1_STATS as its mean, minimum and maximum over them (<stat>_mean ...).
 TABLE1_COLUMNS = ["dataset", "model", "tpt_epoch", "tpt_test_acc", "last_epoch", "last_test_acc", "change"]
@@ -31,6 +39,51 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet re
 _DEFAULT_MILESTONES = "default milestones"
 _LATEX_ESCAPES = {"_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$", "{": r"\{", "}": r"\}",
                   "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
+
+
+def done(folder: runs.RunFolder, layers: bool = False, test_collapse: bool = False,
+         adversarial: bool = False) -> bool:
+    """Whether validate_nc.py has nothing left to do for a trained run: every analysis checkpoint on disk has
+    its row in nc_metrics.csv with the measurements asked for (`lacks_measurements`), and summary.json, the
+    figures its table calls for (`figure_files`) and the TPT table are where validate_nc.py writes them. A
+    summary.json that is not a run's summary is a UserError."""
+    rows = {row["epoch"]: row for row in folder.measured}
+    checkpoints = [epoch for epoch, _ in folder.checkpoints()]
+    measured = bool(checkpoints) and all(
+        epoch in rows and not lacks_measurements(rows[epoch], folder.config, layers, test_collapse, adversarial)
+        for epoch in checkpoints)
+    return measured and _drawn(folder)
+
+
+def lacks_measurements(row: dict, run_config: dict, layers: bool, test_collapse: bool, adversarial: bool) -> bool:
+    """Whether a row of nc_metrics.csv lacks a measurement of validate_nc.py's --layers, --test-collapse or
+    --adversarial that is asked for, or, of an imbalanced run (`run_config`'s imbalance above 1), its
+    Minority Collapse columns, or the field's other measures (a row measured before they existed)."""
+    present = {key for key, value in row.items() if value is not None}
+    imbalanced = run_config.get("imbalance", 1.0) > 1
+    return (not present.issuperset(OTHER_KEYS) or (test_collapse and "nc1_test" not in present)
+            or (adversarial and "deepfool_robustness" not in present) or (layers and not runs.stage_columns([row]))
+            or (imbalanced and "minority_cosine" not in present))
+
+
+def figure_files(measured: list[dict], suffix: str = ".png") -> list[str]:
+    """The files of the figures validate_nc.py draws (plotting.plot_run) for a run whose nc_metrics.csv holds
+    the rows `measured`, in the format of `suffix`: Figures 2-7, the panel and the training curves always;
+    Figure 8, Figure 9, the layer-wise figure and the Minority Collapse figure where their columns hold values."""
+    names = list(NC_FIGURE_FILES)
+    if any(row.get("deepfool_robustness") is not None for row in measured):
+        names.append(ROBUSTNESS_FILE)
+    if any(row.get("cdnv") is not None for row in measured):
+        names.append(OTHER_FILE)
+    names += [PANEL_FILE, CURVES_FILE] + ([LAYERS_FILE] if runs.stage_columns(measured) else [])
+    if has_minority_columns(measured):
+        names.append(MINORITY_FILE)
+    return [Path(name).stem + suffix for name in names]
+
+
+def has_minority_columns(measured: list[dict]) -> bool:
+    """Whether a table holds Minority Collapse's measurements (an imbalanced run's)."""
+    return any(row.get("minority_cosine") is not None for row in measured)
 
 
 def table1(run_dirs: list[Path], group_by: list[str] = ()) -> list[dict]:
@@ -240,3 +293,18 @@ def _csv_value(value):
 
 def _percent(fraction: float | None) -> str:
     return "n/a" if fraction is None or np.isnan(fraction) else f"{100 * fraction:.2f}%"
+
+
+def _drawn(folder: runs.RunFolder) -> bool:
+    """Whether the run's summary.json, its figures and its TPT table are where validate_nc.py writes them."""
+    path = folder.path / "summary.json"
+    summary = read_json(path)
+    if summary is None:
+        return False
+    if not isinstance(summary, dict):
+        raise UserError(f"{path} is not a run's summary (a JSON object); delete it, and the study's validate_nc.py "
+                        "writes it again")
+    if "dataset" not in folder.config:
+        return False
+    plots_dir = folder.plots_dir
+    return all((plots_dir / name).is_file() for name in [*figure_files(folder.measured), TPT_TABLE])

@@ -279,17 +279,6 @@ def stage_columns(measured: list[dict]) -> list[str]:
     return [key for key in columns if key.startswith("nc1_") and key not in measures]
 
 
-def lacks_measurements(row: dict, run_config: dict, layers: bool, test_collapse: bool, adversarial: bool) -> bool:
-    """Whether a row of nc_metrics.csv lacks a measurement of validate_nc.py's --layers, --test-collapse or
-    --adversarial that is asked for, or, of an imbalanced run (`run_config`'s imbalance above 1), its
-    Minority Collapse columns, or the field's other measures (a row measured before they existed)."""
-    present = {key for key, value in row.items() if value is not None}
-    imbalanced = run_config.get("imbalance", 1.0) > 1
-    return (not present.issuperset(OTHER_KEYS) or (test_collapse and "nc1_test" not in present)
-            or (adversarial and "deepfool_robustness" not in present) or (layers and not stage_columns([row]))
-            or (imbalanced and "minority_cosine" not in present))
-
-
 @contextlib.contextmanager
 def training_lock(run_dir: Path) -> Iterator[None]:
     """Hold the run folder's training lock for the duration (creating the folder if it is new, and removing

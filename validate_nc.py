@@ -344,7 +344,7 @@ def _refuse_unwritable(run_dir: Path, plots_dir: Path, measuring: bool) -> None:
 def _lacks(row: dict, args: argparse.Namespace, run_config: dict) -> bool:
     """Whether a row of the table lacks a measurement asked for (or, of an imbalanced run, its Minority
     Collapse columns), and so is measured again."""
-    return runs.lacks_measurements(row, run_config, args.layers, args.test_collapse, args.adversarial)
+    return reports.lacks_measurements(row, run_config, args.layers, args.test_collapse, args.adversarial)
 
 
 def _report(run_config: dict, run_dir: Path, table: dict, measured: int, plots_dir: Path | None,
@@ -357,7 +357,7 @@ def _report(run_config: dict, run_dir: Path, table: dict, measured: int, plots_d
     plots_dir = plots_dir or runs.default_plots_dir(run_config, run_dir)
     written = plotting.plot_run(run_dir, plots_dir, f".{figure_format}")
     summary = reports.tpt_table(run_dir)
-    runs.write_text(plots_dir / "tpt_table.md", summary)
+    runs.write_text(plots_dir / reports.TPT_TABLE, summary)
     print(summary)
     print(f"{measured} checkpoint(s) measured, {len(table)} in {run_dir / 'nc_metrics.csv'}; "
           f"{len(written) + 1} files in {plots_dir}/")

@@ -13,6 +13,7 @@ import config
 import datasets
 import engine
 import losses
+import reports
 import runs
 import studies
 import sweep
@@ -328,7 +329,7 @@ def test_an_imbalanced_run_extends_and_trains_with_any_loss_and_mixup(imbalanced
 def test_a_row_without_the_minority_columns_lacks_them_only_for_an_imbalanced_run():
     # What validate_nc.py measures again and what a study counts as measured both ask this one question.
     row = {"epoch": 1, "nc1": 0.5, **{key: 0.1 for key in OTHER_KEYS}}
-    assert runs.lacks_measurements(row, {"imbalance": 10.0}, False, False, False)
-    assert not runs.lacks_measurements(row, {"imbalance": 1.0}, False, False, False)
-    assert not runs.lacks_measurements(row, {}, False, False, False)  # a run written before --imbalance
-    assert not runs.lacks_measurements({**row, "minority_cosine": -0.2}, {"imbalance": 10.0}, False, False, False)
+    assert reports.lacks_measurements(row, {"imbalance": 10.0}, False, False, False)
+    assert not reports.lacks_measurements(row, {"imbalance": 1.0}, False, False, False)
+    assert not reports.lacks_measurements(row, {}, False, False, False)  # a run written before --imbalance
+    assert not reports.lacks_measurements({**row, "minority_cosine": -0.2}, {"imbalance": 10.0}, False, False, False)

@@ -275,7 +275,7 @@ def write_study(root: Path, run_dirs: list[Path], varied: list[str]) -> Path:
         (run / "summary.json").write_text(json.dumps({"epochs_done": last}))
         plots = root / runs.default_plots_dir(run_settings, run)
         plots.mkdir(parents=True, exist_ok=True)
-        for name in [*plotting.run_figure_names(run), "tpt_table.md"]:
+        for name in [*reports.figure_files(runs.read_nc_metrics(run)), "tpt_table.md"]:
             (plots / name).write_bytes(b"")
         (run / "checkpoints").mkdir()
         for row in runs.read_nc_metrics(run):

@@ -172,3 +172,4 @@ def test_a_module_function_model_keeps_its_case_and_its_config_json_reads_back(t
     runs.write_config(tmp_path, {**settings, "model": "ResNet18", "samples_per_class": 10, "data_root": "data"})
     with pytest.raises(UserError, match="invalid settings: model = 'ResNet18'"):
         runs.read_config(tmp_path)
+

@@ -17,6 +17,7 @@ import pytest
 
 import config
 import plotting
+import reports
 import runs
 import studies
 import sweep
@@ -303,7 +304,7 @@ def test_the_measurement_flags_reach_each_runs_validate_nc_and_the_tables_carry_
     assert " | deepfool_robustness | " in (folder / "studies/measured/table.md").read_text()
     plots = sorted(path.name for path in (folder / "synthetic_plots" / run.name).iterdir())
     with working_directory(folder):
-        assert plots == sorted([*plotting.run_figure_names(run_folder("ce", 0)), "tpt_table.md"])
+        assert plots == sorted([*reports.figure_files(runs.read_nc_metrics(run_folder("ce", 0))), "tpt_table.md"])
     assert {"fig8_adversarial_robustness.png", "layerwise_nc1.png"} <= set(plots)
 
 
@@ -411,7 +412,7 @@ def test_an_lr_grid_table_marks_the_chosen_learning_rate_of_each_group(tmp_path)
         runs.merge_nc_metrics(run_dir, [row])  # and summary.json
         plots = tmp_path / "synthetic_plots" / run_dir.name
         plots.mkdir(parents=True)
-        for name in [*plotting.run_figure_names(run_dir), "tpt_table.md"]:
+        for name in [*reports.figure_files(runs.read_nc_metrics(run_dir)), "tpt_table.md"]:
             (plots / name).touch()
         entries.append({"run_dir": str(run_dir), "settings": {"lr": lr, "seed": seed}, "train": [], "validate": [],
                         "epochs": 2})
