@@ -292,6 +292,11 @@ IMAGE_SIZE = Setting(
     parse={"type": positive_int, "metavar": "S"}, tag="size", label="size",
     help="folder:PATH datasets: resize each image's shorter side to S and crop its centre to S x S (default: the "
     "images' own size, which must then be one square size)")
+TEST_SAMPLES = Setting(
+    "test_samples", parse={"type": positive_int, "metavar": "N"}, tag="test", label="test samples",
+    help="evaluate and measure on a seeded class-balanced subset of N test images (each class N // C, the first "
+    "N mod C classes one more; refused where a class has fewer) instead of the whole test split, in train.py's "
+    "evaluations and validate_nc.py's measurement alike (default: the whole split)")
 NUM_CHECKPOINTS = Setting(
     "num_checkpoints", default=50, on={"synthetic": 15}, parse={"type": positive_int}, group="training",
     result=False, before=REQUIRED, help="analysis checkpoints, log-spaced in 1..epochs, the last epoch always "
@@ -305,7 +310,7 @@ EVAL_EVERY = Setting(
 TRAIN = (DATASET, MODEL, WIDTH, SAMPLES_PER_CLASS, IMBALANCE, IMBALANCE_PROFILE, EPOCHS, LOSS, OPTIMIZER, LR,
          MOMENTUM, WEIGHT_DECAY, BATCH_SIZE, LR_MILESTONES, LR_GAMMA, TARGET_SCALE, LABEL_SMOOTHING, FOCAL_GAMMA,
          AUGMENT, MIXUP_ALPHA, MIXUP_SAME_CLASS, PRECISION, SEED, CLASSIFIER, BIAS, CLASSIFIER_WEIGHT_DECAY,
-         IMAGE_SIZE, NUM_CHECKPOINTS, EVAL_EVERY)
+         IMAGE_SIZE, TEST_SAMPLES, NUM_CHECKPOINTS, EVAL_EVERY)
 
 
 def _ufm(setting: Setting, **changes) -> Setting:

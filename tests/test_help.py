@@ -18,7 +18,7 @@ SELECTION = ["--dataset", "--model", "--width", "--samples-per-class", "--imbala
              "--loss", "--optimizer", "--lr", "--momentum", "--weight-decay", "--batch-size", "--lr-milestones",
              "--lr-gamma", "--target-scale", "--label-smoothing", "--focal-gamma", "--augment", "--mixup-alpha",
              "--mixup-same-class", "--precision", "--seed", "--classifier", "--no-bias", "--classifier-weight-decay",
-             "--image-size", "--run-dir"]
+             "--image-size", "--test-samples", "--run-dir"]
 TRAINING = ["--extend-to", "--num-checkpoints", "--eval-every", "--save-last", "--deterministic", "--compile",
             "--sync-bn"]
 DATA = ["--data-root", "--download", "--device"]

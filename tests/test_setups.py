@@ -173,3 +173,11 @@ def test_a_module_function_model_keeps_its_case_and_its_config_json_reads_back(t
     with pytest.raises(UserError, match="invalid settings: model = 'ResNet18'"):
         runs.read_config(tmp_path)
 
+
+
+def test_test_samples_names_the_run_and_a_config_json_without_it_meant_the_whole_split():
+    settings = config.resolve_config(train.parse_args(["--test-samples", "200"]))
+    assert settings["test_samples"] == 200 and config.run_name(settings) == "synthetic-resnet18-ce-seed0-test200"
+    assert config.selection_flags(settings) == ["--dataset", "synthetic", "--test-samples", "200"]
+    older = {key: value for key, value in config.resolve_config(train.parse_args([])).items() if key != "test_samples"}
+    assert config.result_differences(older, settings) == ["test_samples: None -> 200"]

@@ -8,6 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
+import datasets
+import engine
 import runs
 import train
 import validate_nc
@@ -230,3 +232,27 @@ def test_the_tpt_onset_is_the_clean_eval_mode_accuracy_not_the_running_one_of_a_
     assert summary["tpt_test_acc"] == next(row["test_acc"] for row in measured if row["epoch"] == onset)
     table = (run_dir.parent / "plots" / "tpt_table.md").read_text().splitlines()[2]
     assert table.split("|")[3].strip() == str(onset)
+
+
+@pytest.mark.slow
+def test_test_samples_evaluates_and_measures_on_exactly_its_subset_of_the_test_split(tmp_path):
+    """Trained and measured with --test-samples 30: the test accuracy of log.csv and nc_metrics.csv is that of
+    the checkpoint's network on the 30 chosen test images (3 per class), counted here by hand."""
+    run_dir = tmp_path / "run"
+    flags = [*TINY[:4], "--epochs", "1", "--num-checkpoints", "1", *TINY[8:], "--test-samples", "30", "--seed", "3"]
+    assert train.main(train.parse_args([*flags, "--run-dir", str(run_dir)])) == 0
+    assert validate(run_dir) == 0
+    settings = runs.read_config(run_dir)
+    assert settings["test_samples"] == 30 and run_dir.parent.joinpath("plots", "panel.png").is_file()
+    whole = datasets.load_run_data({**settings, "test_samples": None}, settings["data_root"], False,
+                                   torch.device("cpu")).test
+    chosen = datasets.test_subset_indices(whole[1], 30, seed=3)
+    assert torch.bincount(whole[1][chosen]).tolist() == [3] * 10
+    state = runs.load_checkpoint(runs.checkpoint_path(run_dir, 1))
+    model = engine.build_model(state["config"], torch.device("cpu"))
+    model.load_state_dict(state["model"])
+    with torch.no_grad():
+        logits = model.eval()(datasets.normalize(whole[0][chosen], **settings["normalization"]))
+    correct = int((logits.argmax(1) == whole[1][chosen]).sum())
+    assert runs.read_nc_metrics(run_dir)[0]["test_acc"] == pytest.approx(correct / 30, abs=1e-12)
+    assert runs.read_log(run_dir)[0]["test_acc"] == pytest.approx(correct / 30, abs=1e-12)
