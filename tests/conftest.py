@@ -1,7 +1,10 @@
-"""Test-wide settings: one torch thread, since two threads on two loaded cores can be 100x slower; and the
-fixtures several test files share."""
+"""Test-wide settings: one torch thread, since two threads on two loaded cores can be 100x slower; and what
+several test files share (`from conftest import ...`): the tiny runs' flags, running a script in its own process
+or validate_nc.py in this one, and the check of a one-line refusal."""
 import os
 import re
+import resource
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,8 +14,40 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 torch.set_num_threads(1)
+
+import validate_nc  # noqa: E402  (found once the repository is on the path)
 # The packages the design builds on; pytest runs the tests. requirements.txt's others are optional.
 DESIGN_PACKAGES = {"torch", "torchvision", "numpy", "scipy", "matplotlib", "tqdm", "pillow", "pytest"}
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # a script's environment
+
+
+def tiny_flags(epochs: int = 2, checkpoints: int | None = None, per_class: int = 20, *extra: str) -> list[str]:
+    """train.py's flags of a tiny run on the CPU: synthetic data, width 4, `per_class` images per class, `epochs`
+    epochs and `checkpoints` analysis checkpoints (default: one per epoch), then `extra`."""
+    return ["--dataset", "synthetic", "--width", "4", "--epochs", str(epochs), "--num-checkpoints",
+            str(checkpoints or epochs), "--samples-per-class", str(per_class), "--device", "cpu", *extra]
+
+
+def command(*args: str, cwd: Path = REPO, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+    """A script run in its own process with one thread; `file_size_limit` caps the bytes any file may grow to, so
+    that a write past it fails in the kernel as on a full disk (with EFBIG instead of ENOSPC)."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=ONE_THREAD, capture_output=True, text=True,
+                          timeout=600, preexec_fn=limit if file_size_limit is not None else None)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The single line a refused command printed; the command must have exited 2 without a traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def validate(run_dir: Path, *flags: str) -> int:
+    """validate_nc.py in this process on the CPU, its figures in plots/ beside the run folder."""
+    return validate_nc.main(validate_nc.parse_args(["--run-dir", str(run_dir), "--device", "cpu", "--plots-dir",
+                                                    str(Path(run_dir).parent / "plots"), *flags]))
 
 
 @pytest.fixture(name="optional_packages")

@@ -1,6 +1,5 @@
 """torchrun on the CPU (gloo, 2 processes): training and NC measurement give the numbers of one process,
 shards count every sample once, and a user error on one process stops all of them."""
-import os
 import shutil
 import subprocess
 import sys
@@ -16,9 +15,9 @@ import runs
 import train
 import validate_nc
 from nc_metrics import FeatureStats
+from conftest import ONE_THREAD
 
 REPO = Path(__file__).resolve().parents[1]
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TINY = ["--dataset", "synthetic", "--width", "4", "--samples-per-class", "20", "--device", "cpu",
         "--precision", "fp32", "--lr-milestones", "1"]
 # Without batch norm the processes compute what one process does, up to float32 reduction order

@@ -23,9 +23,9 @@ from errors import UserError
 from nc_metrics import OTHER_KEYS, FeatureStats, balancing_weights, group_cosines, mean_pair_cosine, metrics_from_stats
 from test_distributed import torchrun
 from test_nc_metrics import simplex_etf
+from conftest import tiny_flags
 
-TINY = ("--dataset", "synthetic", "--width", "4", "--epochs", "3", "--num-checkpoints", "3",
-        "--samples-per-class", "20", "--device", "cpu")
+TINY = tiny_flags(3)
 
 
 # ---------------------------------------------------------------- the class counts

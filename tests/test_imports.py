@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_flags
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--dataset", "synthetic", "--width", "4", "--epochs", "2", "--num-checkpoints", "2",
-        "--samples-per-class", "10", "--device", "cpu"]
+TINY = tiny_flags(2, 2, 10)
 
 
 def import_graph() -> dict[str, set[str]]:

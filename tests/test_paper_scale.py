@@ -2,7 +2,6 @@
 the archive it packs), a run cut by its deadline packing what it measured, --prepare, and the choice of
 precision and folder names from the known speeds."""
 import importlib.util
-import os
 import signal
 import subprocess
 import tarfile
@@ -14,9 +13,9 @@ import pytest
 from PIL import Image
 
 import runs
+from conftest import ONE_THREAD
 
 REPO = Path(__file__).resolve().parents[1]
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TABLES = ["config.json", "log.csv", "summary.json", "nc_metrics.csv", "tpt_table.md", "timings.txt", "panel.png"]
 
 

@@ -30,20 +30,15 @@ import validate_nc
 from errors import UserError
 import test_integrity
 import test_own_data
-from test_integrity import one_line_error, snapshot
+from conftest import one_line_error, tiny_flags, validate, ONE_THREAD
+from test_integrity import snapshot
 from test_own_data import write_folder
 from test_plotting import write_accuracies, write_run
 
 REPO = Path(__file__).resolve().parents[1]
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-TINY = ["--dataset", "synthetic", "--width", "4", "--epochs", "2", "--num-checkpoints", "2",
-        "--samples-per-class", "20", "--device", "cpu"]
+TINY = tiny_flags()
 SELECTING = ["--dataset", "synthetic", "--width", "4", "--device", "cpu"]  # what validate_nc.py takes of TINY
 
-
-def validate(run_dir: Path, *flags: str) -> int:
-    return validate_nc.main(validate_nc.parse_args(["--run-dir", str(run_dir), "--device", "cpu", "--plots-dir",
-                                                    str(run_dir.parent / "plots"), *flags]))
 
 
 def parse_error(parse, argv: list[str], capsys) -> str:

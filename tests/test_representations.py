@@ -13,6 +13,7 @@ import runs
 import train
 import validate_nc
 from errors import UserError
+from conftest import validate
 
 CLASSES = [1, 4, 7]
 
@@ -26,10 +27,6 @@ def mixup_run(tmp_path_factory):
     assert train.main(train.parse_args(flags)) == 0
     return run_dir
 
-
-def validate(run_dir, *flags: str) -> int:
-    return validate_nc.main(validate_nc.parse_args(
-        ["--run-dir", str(run_dir), "--plots-dir", str(run_dir.parent / "plots"), "--device", "cpu", *flags]))
 
 
 def loaded(run_dir, epoch: int):

@@ -19,13 +19,12 @@ import errors
 import runs
 import train
 from errors import UserError
+from conftest import tiny_flags, ONE_THREAD
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--dataset", "synthetic", "--width", "4", "--epochs", "4", "--num-checkpoints", "3",
-        "--samples-per-class", "20", "--device", "cpu", "--deterministic"]
+TINY = tiny_flags(4, 3, 20, "--deterministic")
 # 200 images in batches of 128: two optimizer steps per epoch. Saves per epoch: the analysis
 # checkpoint (epochs 1, 2, 4) and last.pt.
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def command(script: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:

@@ -10,9 +10,9 @@ import train
 import validate_nc
 from errors import UserError
 from models.classifier import simplex_etf
+from conftest import tiny_flags
 
-TINY = ("--dataset", "synthetic", "--width", "4", "--epochs", "3", "--num-checkpoints", "3",
-        "--samples-per-class", "20", "--device", "cpu", "--deterministic")
+TINY = tiny_flags(3, 3, 20, "--deterministic")
 CPU = torch.device("cpu")
 
 

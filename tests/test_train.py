@@ -10,9 +10,9 @@ import config
 import runs
 import train
 from errors import UserError
+from conftest import tiny_flags
 
-TINY = ("--dataset", "synthetic", "--width", "4", "--epochs", "3", "--num-checkpoints", "3",
-        "--samples-per-class", "20", "--device", "cpu")
+TINY = tiny_flags(3)
 
 
 def run_train(run_dir, *flags: str) -> int:

@@ -14,9 +14,9 @@ import runs
 import train
 import validate_nc
 from errors import UserError
+from conftest import tiny_flags, validate
 
-TINY = ("--dataset", "synthetic", "--width", "4", "--epochs", "3", "--num-checkpoints", "3",
-        "--samples-per-class", "20", "--device", "cpu")
+TINY = tiny_flags(3)
 FIGURES = ["fig2_equinorm.png", "fig3_equiangularity.png", "fig4_max_equiangularity.png", "fig5_self_duality.png",
            "fig6_nc1.png", "fig7_ncc_mismatch.png", "training_curves.png", "panel.png"]
 
@@ -33,10 +33,6 @@ def trained(tmp_path_factory):
 def run_dir(trained, tmp_path):
     return shutil.copytree(trained, tmp_path / "run")
 
-
-def validate(run_dir, *flags: str) -> int:
-    return validate_nc.main(validate_nc.parse_args(
-        ["--run-dir", str(run_dir), "--plots-dir", str(run_dir.parent / "plots"), "--device", "cpu", *flags]))
 
 
 @pytest.mark.slow
@@ -239,7 +235,7 @@ def test_test_samples_evaluates_and_measures_on_exactly_its_subset_of_the_test_s
     """Trained and measured with --test-samples 30: the test accuracy of log.csv and nc_metrics.csv is that of
     the checkpoint's network on the 30 chosen test images (3 per class), counted here by hand."""
     run_dir = tmp_path / "run"
-    flags = [*TINY[:4], "--epochs", "1", "--num-checkpoints", "1", *TINY[8:], "--test-samples", "30", "--seed", "3"]
+    flags = tiny_flags(1, 1, 20, "--test-samples", "30", "--seed", "3")
     assert train.main(train.parse_args([*flags, "--run-dir", str(run_dir)])) == 0
     assert validate(run_dir) == 0
     settings = runs.read_config(run_dir)
