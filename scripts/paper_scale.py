@@ -89,7 +89,7 @@ COMPILE_GRACE = {"gpu": 180.0, "tiny": 120.0}  # seconds a compiled trainer may 
 STOP_MARGIN = {"gpu": 30, "tiny": 12}  # seconds before the deadline at which the trainers stop
 PACK_MARGIN = {"gpu": 20, "tiny": 8}  # seconds before the deadline at which everything stops, to pack
 STOP_WAIT = 15  # seconds the processes asked to stop get before they are killed
-FOLLOW_GRACE = 5  # validate_nc.py --follow's grace: it starts once its trainer holds the lock
+SHORT_FOLLOW_GRACE = 5  # validate_nc.py --follow's grace: it starts once its trainer holds the lock
 TINY = {"flags": ["--dataset", "synthetic", "--width", "4", "--samples-per-class", "20", "--device", "cpu"],
         "epochs": 4, "num_checkpoints": 3}
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -376,10 +376,10 @@ def run_everything(plan: Plan, outcome: Outcome, clock: "_Clock") -> None:
     probing, said = len(plan.seeds) > 1, clock.now()
     while True:
         for index, job in enumerate(outcome.jobs):
-            outcome.jobs[index] = _advance(job, plan, outcome, probing, clock)
+            outcome.jobs[index] = _next_job(job, plan, outcome, probing, clock)
         if probing and _probe_over(outcome.jobs, clock):
             probing = False
-            _decide(plan, outcome, clock)
+            _keep_or_stop_seeds(plan, outcome, clock)
         if all(job.trainer.poll() is not None and (job.follower is None or job.follower.poll() is not None)
                for job in outcome.jobs):
             break
@@ -479,7 +479,7 @@ def _start(plan: Plan, seed: int, compiled: bool, clock: "_Clock") -> Job:
     return Job(seed, run_dir, _spawn(command, plan.log(name)), compiled, [command], clock.now())
 
 
-def _advance(job: Job, plan: Plan, outcome: Outcome, probing: bool, clock: "_Clock") -> Job:
+def _next_job(job: Job, plan: Plan, outcome: Outcome, probing: bool, clock: "_Clock") -> Job:
     """Note when things happened, start the follower once the trainer holds the run's lock (after the
     probe: it times training alone), and replace a compiled trainer that failed or is still compiling
     after its grace by an eager one; the job, or the one replacing it."""
@@ -488,7 +488,7 @@ def _advance(job: Job, plan: Plan, outcome: Outcome, probing: bool, clock: "_Clo
     if job.compiled and not job.stopped and _compile_failed(job, plan, clock):
         return _restart_eagerly(job, plan, outcome, clock)
     if job.follower is None and job.trainer.poll() is None and not probing and _holds_lock(job):
-        command = [sys.executable, "validate_nc.py", "--run-dir", str(job.run_dir), "--follow", str(FOLLOW_GRACE),
+        command = [sys.executable, "validate_nc.py", "--run-dir", str(job.run_dir), "--follow", str(SHORT_FOLLOW_GRACE),
                    "--plots-dir", str(job.run_dir / "plots")] + (["--device", "cpu"] if plan.tiny else [])
         job.commands.append(command)
         job.follower = _spawn(command, plan.log(f"validate-seed{job.seed}-{plan.precision}"))
@@ -535,7 +535,7 @@ def _probe_over(jobs: list[Job], clock: "_Clock") -> bool:
     return bool(firsts) and clock.now() - min(firsts) >= PROBE_SECONDS
 
 
-def _decide(plan: Plan, outcome: Outcome, clock: "_Clock") -> None:
+def _keep_or_stop_seeds(plan: Plan, outcome: Outcome, clock: "_Clock") -> None:
     """After the seeds' probe: keep every run if they finish by the deadline at the slowest one's pace,
     else stop seeds 1.. and let seed 0 go on."""
     left = clock.deadline - STOP_MARGIN[plan.kind()] - clock.now()
