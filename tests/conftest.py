@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 torch.set_num_threads(1)
 
-import validate_nc  # noqa: E402  (found once the repository is on the path)
+import train  # noqa: E402  (found once the repository is on the path)
+import validate_nc  # noqa: E402
 # The packages the design builds on; pytest runs the tests. requirements.txt's others are optional.
 DESIGN_PACKAGES = {"torch", "torchvision", "numpy", "scipy", "matplotlib", "tqdm", "pillow", "pytest"}
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # a script's environment
@@ -72,3 +73,12 @@ def design_packages_only(tmp_path_factory) -> dict[str, str]:
         f"import sys\nsys.modules.update(dict.fromkeys({optional_packages()!r}))\n")
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(REPO)]), "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory) -> Path:
+    """A run of train.py with `tiny_flags(3)`, trained once for the whole test run: tests read it and never
+    change it (one that would, copies it first)."""
+    run_dir = tmp_path_factory.mktemp("tiny-trained") / "run"
+    assert train.main(train.parse_args([*tiny_flags(3), "--run-dir", str(run_dir)])) == 0
+    return run_dir

@@ -21,17 +21,11 @@ FIGURES = ["fig2_equinorm.png", "fig3_equiangularity.png", "fig4_max_equiangular
            "fig6_nc1.png", "fig7_ncc_mismatch.png", "training_curves.png", "panel.png"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny trained run, copied afresh for each test so that tests cannot see each other's results."""
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    train.main(train.parse_args([*TINY, "--run-dir", str(run_dir)]))
-    return run_dir
-
-
 @pytest.fixture
-def run_dir(trained, tmp_path):
-    return shutil.copytree(trained, tmp_path / "run")
+def run_dir(tiny_trained, tmp_path):
+    """The tiny run of TINY's flags (trained once for the whole test run), copied afresh for each test so that
+    tests cannot see each other's results."""
+    return shutil.copytree(tiny_trained, tmp_path / "run")
 
 
 
