@@ -540,7 +540,7 @@ def checkpoint_epochs(epochs: int, count: int) -> list[int]:
     raise AssertionError("unreachable: the grid reaches every epoch")
 
 
-def run_name(config: dict, args: argparse.Namespace | None = None) -> str:
+def run_name(config: dict) -> str:
     """<DATASET>-<model>-<loss>-seed<seed>, then a tag for each setting that differs from its default."""
     return "-".join([datasets.label(config["dataset"]), config["model"].replace(":", "."), config["loss"],
                      f"seed{config['seed']}", *name_tags(TRAIN, config)])

@@ -226,7 +226,7 @@ class Plan:
     def run_dir(self, seed: int) -> Path:
         """The folder train.py itself would choose for the run."""
         parsed = _selection_args(self.run_flags(seed))
-        return self.runs_dir / config.run_name(config.resolve_config(parsed), parsed)
+        return self.runs_dir / config.run_name(config.resolve_config(parsed))
 
     def log(self, name: str) -> Path:
         return self.runs_dir / "paper_scale-logs" / f"{name}.log"

@@ -203,7 +203,7 @@ def test_the_model_flag_keeps_the_name_and_names_the_folder_after_it():
     args = train.parse_args(["--dataset", "synthetic", "--model", "My_Nets.cifar:Build"])
     settings = config.resolve_config(args)
     assert settings["model"] == "My_Nets.cifar:Build"
-    assert config.run_name(settings, args) == "synthetic-My_Nets.cifar.Build-ce-seed0"
+    assert config.run_name(settings) == "synthetic-My_Nets.cifar.Build-ce-seed0"
     with pytest.raises(SystemExit):
         train.parse_args(["--model", "not a:name"])
 

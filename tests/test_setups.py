@@ -102,7 +102,7 @@ def test_settings_show_in_the_run_name_and_flags_only_when_they_are_not_the_defa
     def name_and_flags(*flags: str) -> tuple[str, list[str]]:
         args = train.parse_args(["--dataset", "synthetic", *flags])
         resolved = config.resolve_config(args)
-        return config.run_name(resolved, args), config.selection_flags(resolved)
+        return config.run_name(resolved), config.selection_flags(resolved)
 
     assert name_and_flags() == ("synthetic-resnet18-ce-seed0", ["--dataset", "synthetic"])
     assert name_and_flags("--classifier", "learned") == ("synthetic-resnet18-ce-seed0", ["--dataset", "synthetic"])
