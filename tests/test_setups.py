@@ -109,6 +109,12 @@ def test_settings_show_in_the_run_name_and_flags_only_when_they_are_not_the_defa
     assert name_and_flags("--no-bias", "--classifier-weight-decay", "0.001") == (
         "synthetic-resnet18-ce-seed0-nobias-cwd0.001",
         ["--dataset", "synthetic", "--no-bias", "--classifier-weight-decay", "0.001"])
+    # Milestones of their own, and an optimizer other than SGD (whose default rate is then 1e-3), name their run.
+    assert name_and_flags("--epochs", "10", "--lr-milestones", "3") == (
+        "synthetic-resnet18-ce-seed0-ep10-ms3", ["--dataset", "synthetic", "--epochs", "10", "--lr-milestones", "3"])
+    assert name_and_flags("--optimizer", "adam") == ("synthetic-resnet18-ce-seed0-adam",
+                                                     ["--dataset", "synthetic", "--optimizer", "adam"])
+    assert name_and_flags("--optimizer", "adam", "--lr", "0.001")[0] == "synthetic-resnet18-ce-seed0-adam"
     # The fixed ETF has no bias and no weight decay: flags for them do not apply and leave no trace.
     assert name_and_flags("--classifier", "etf", "--no-bias", "--classifier-weight-decay", "0.1") == (
         "synthetic-resnet18-ce-seed0-etf", ["--dataset", "synthetic", "--classifier", "etf"])
