@@ -9,7 +9,7 @@ any number of runs.
     python plotting.py layers RUN_DIR --out FILE.svg               # NC1 after every stage (validate_nc.py --layers)
     python plotting.py representations CSV [--out FILE.png]        # the Mixup representation figure
     python plotting.py study studies/NAME [--out DIR]              # a study's panel and curves, seeds as bands
-    python plotting.py table RUN_DIR|STUDY_DIR ... [--group-by KEY ...] [--out FILE.md]   # Table 1: .md and .csv
+    python plotting.py table RUN_DIR|STUDY_DIR ... [--group-by KEY ...] [--out FILE.md]   # Table 1: .md .csv .tex
 
 A figure is written as PNG (150 dpi), PDF or SVG (vectors, text kept as text): a file named by --out in
 its suffix's format, the files of a folder in --format's (default png); --format and a suffix that
@@ -685,7 +685,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     study.add_argument("study_dir", type=Path, metavar="STUDY_DIR", help="studies/NAME, as sweep.py wrote it")
     table = command("table", "the paper's Table 1 over runs: TPT onset, test accuracy there and at the last "
                     "epoch, and the change; printed as Markdown", "also write it to this file as Markdown (.md) and "
-                    "beside it as CSV (.csv)", required=False)
+                    "beside it as CSV (.csv) and LaTeX (.tex, booktabs)", required=False)
     runs_and_groups(table, "run folders, or study folders (their finished runs)", "one row per group of runs with "
                     "equal values (the seeds of a setting): the mean over its runs and their range [minimum, maximum]")
     return parser.parse_args(argv)
