@@ -34,6 +34,8 @@ from PIL import Image, UnidentifiedImageError
 from devices import HOST, available_memory, to_device
 from errors import UserError
 
+TEST_SUBSET_STREAM = 7  # the random stream of --test-samples' subset, apart from the training subset's
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -149,14 +151,16 @@ def folder_classes(name: str) -> list[str]:
     return found["train"]
 
 
-def load_run_data(name: str, root: str | Path, samples_per_class: int | None, seed: int, download: bool,
-                  device: torch.device, imbalance: float = 1.0, profile: str | None = None,
-                  image_size: int | None = None, check: Callable[[dict], None] | None = None) -> RunData:
-    """A run's data on `device`: the seeded training subset (`subset_indices`), the whole test split (never
-    subsampled, so an imbalanced run is tested as a balanced one), the samples kept of the largest class
-    (a folder's images at `image_size`, see the module), and the fingerprint of both splits as read, which
-    `check` (if given) is called with first: a run refuses data other than its own before anything else is
-    said of it (that it has too few images for the run's subset)."""
+def load_run_data(run: dict, root: str | Path, download: bool, device: torch.device,
+                  check: Callable[[dict], None] | None = None) -> RunData:
+    """A run's data on `device`, by its settings `run` (config.json's: dataset, samples_per_class, seed and,
+    where a config.json written before them lacks them, imbalance 1, imbalance_profile and image_size None):
+    the seeded training subset (`subset_indices`), the whole test split (never subsampled, so an imbalanced
+    run is tested as a balanced one), the samples kept of the largest class (a folder's images at the run's
+    image size, see the module), and the fingerprint of both splits as read, which `check` (if given) is
+    called with first: a run refuses data other than its own before anything else is said of it (that it has
+    too few images for the run's subset)."""
+    name, image_size = run["dataset"], run.get("image_size")
     if is_folder(name):
         classes = folder_classes(name)
         _refuse_too_large_folder(name, image_size)
@@ -177,7 +181,11 @@ def load_run_data(name: str, root: str | Path, samples_per_class: int | None, se
     fingerprint = data_fingerprint(name, (train_images, train_labels), (test_images, test_labels), classes)
     if check is not None:
         check(fingerprint)
-    keep = subset_indices(train_labels, samples_per_class, seed, imbalance, profile)
+    if run.get("test_samples") is not None:
+        test_keep = test_subset_indices(test_labels, run["test_samples"], run["seed"])
+        test_images, test_labels = test_images[test_keep], test_labels[test_keep]
+    keep = subset_indices(train_labels, run["samples_per_class"], run["seed"], run.get("imbalance", 1.0),
+                          run.get("imbalance_profile"))
     per_class = int(torch.bincount(train_labels[keep]).max())
     return RunData((train_images[keep].to(device), train_labels[keep].to(device)),
                    (test_images.to(device), test_labels.to(device)), per_class, fingerprint)
@@ -339,6 +347,27 @@ def subset_indices(labels: torch.Tensor, samples_per_class: int | None, seed: in
     for label, count in zip(classes, counts):
         members = torch.nonzero(cpu_labels == label).squeeze(1)
         picks.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    return torch.sort(torch.cat(picks)).values.to(labels.device)
+
+
+def test_subset_indices(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """Sorted int64 indices of a seeded class-balanced subset of `count` test samples (--test-samples): each of
+    the C classes gives count // C, the first count mod C classes one more, the first of a permutation of its
+    members drawn from `seed` by a generator of its own (the training subset's draws stay as they were). A
+    class with fewer samples than its share is refused."""
+    cpu_labels = labels.cpu()
+    classes, available = torch.unique(cpu_labels, return_counts=True)
+    shares = [count // len(classes) + (c < count % len(classes)) for c in range(len(classes))]
+    short = [(int(label), share, int(have)) for label, share, have in zip(classes, shares, available) if share > have]
+    if short:
+        label, share, have = short[0]
+        most = int(available.min()) * len(classes)
+        raise UserError(f"--test-samples {count} needs {share} test images of class {label}, which has {have}; "
+                        f"choose at most {most}, the smallest class's {int(available.min())} per class")
+    state = np.random.SeedSequence([seed, TEST_SUBSET_STREAM]).generate_state(1)
+    generator = torch.Generator().manual_seed(int(state[0]))
+    members = [torch.nonzero(cpu_labels == label).squeeze(1) for label in classes]
+    picks = [ones[torch.randperm(len(ones), generator=generator)[:share]] for ones, share in zip(members, shares)]
     return torch.sort(torch.cat(picks)).values.to(labels.device)
 
 

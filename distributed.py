@@ -102,13 +102,13 @@ def broadcast_buffers(module: nn.Module) -> None:
 
 def on_every_rank(step: Callable[..., T], *args) -> T:
     """`step(*args)` on every process; a `UserError` on any of them stops them all (see the module)."""
-    return _together(step, args, everywhere=True)
+    return _run_with_one_outcome(step, args, everywhere=True)
 
 
 def on_rank_zero(step: Callable[..., T], *args) -> T | None:
     """`step(*args)` on process 0 only (None elsewhere), the others waiting for it; a `UserError`
     there stops every process."""
-    return _together(step, args, everywhere=False)
+    return _run_with_one_outcome(step, args, everywhere=False)
 
 
 def first_message(message: str | None) -> str | None:
@@ -120,7 +120,9 @@ def first_message(message: str | None) -> str | None:
     return next((found for found in messages if found is not None), None)
 
 
-def _together(step: Callable[..., T], args: tuple, everywhere: bool) -> T | None:
+def _run_with_one_outcome(step: Callable[..., T], args: tuple, everywhere: bool) -> T | None:
+    """`step(*args)` on every process (`everywhere`) or on process 0, ending the same way on all: its result,
+    or, where one failed with a UserError, that error raised by process 0 and the others exiting quietly."""
     if world_size() == 1:
         return step(*args)
     result, failure = None, None

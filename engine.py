@@ -26,13 +26,13 @@ import distributed
 import losses
 import models
 import robustness
+from datasets import Split
 from devices import HOST
 from errors import UserError
 from models import classifier
 from nc_metrics import (FEATURE_KEYS, FeatureStats, balancing_weights, calibration_bins, expected_calibration_error,
                         group_cosines, metrics_from_stats, nc1, ncc_disagreements, plane_coordinates, simplex_plane)
 
-Split = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, C, H, W) and int64 labels, on the device
 
 
 def build_model(config: dict, device: torch.device) -> nn.Module:

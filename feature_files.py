@@ -230,7 +230,8 @@ def _pt_arrays(path: Path) -> list[Array]:
     with zipfile.ZipFile(path) as archive:
         damaged = archive.testzip()
     if damaged is not None:
-        raise UserError(f"{path} is corrupt (record {damaged} fails its CRC-32); its bytes changed after it was written")
+        raise UserError(f"{path} is corrupt (record {damaged} fails its CRC-32); its bytes changed after it was "
+                        "written")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # weights_only refuses what would run code with UnpicklingError; torch raises others

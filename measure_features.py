@@ -41,7 +41,8 @@ MAX_CLASSES = 2 ** 31  # labels beyond are not class indices (without a weight, 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(__doc__)
-    add = parser.add_argument_group("input", "The checkpoints, each a file or a folder of the arrays it holds.").add_argument
+    add = parser.add_argument_group("input",
+                                    "The checkpoints, each a file or a folder of the arrays it holds.").add_argument
     add("files", type=Path, nargs="+", metavar="FILE", help="a checkpoint's .npz, .pt or .safetensors file, or a "
         "folder of its shards or .npy files")
     add("--min-class-samples", type=int, default=None, metavar="M", help="leave out the classes with fewer than M "
@@ -63,7 +64,8 @@ def main(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         row, samples, classes = measure(checkpoint, args.min_class_samples)
         runs.merge_nc_metrics(out, [{"epoch": number, **row}])
-        print(f"{checkpoint.path}: {samples:,} samples of {classes:,} classes, row {number} of {out / 'nc_metrics.csv'}, "
+        print(f"{checkpoint.path}: {samples:,} samples of {classes:,} classes, row {number} of "
+              f"{out / 'nc_metrics.csv'}, "
               f"in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
 
@@ -115,7 +117,8 @@ def _classifier(checkpoint: Checkpoint, dim: int) -> tuple[torch.Tensor | None, 
         raise UserError(f"{weight_array.path}: the weight must be floating point of shape (K, {dim}) for features of "
                         f"width {dim}, got {list(weight_array.shape)}")
     if weight_array.shape[0] < 2:
-        raise UserError(f"{weight_array.path}: a weight of {weight_array.shape[0]} row(s); a classifier has two classes "
+        raise UserError(f"{weight_array.path}: a weight of {weight_array.shape[0]} row(s); a classifier has two "
+                        "classes "
                         "at least")
     if bias_array is not None and (bias_array.shape != weight_array.shape[:1] or bias_array.kind != "float"):
         raise UserError(f"{bias_array.path}: the bias must be floating point of shape ({weight_array.shape[0]},), got "
@@ -167,7 +170,8 @@ def _kept_classes(checkpoint: Checkpoint, counts: np.ndarray, firsts: list, min_
         if len(single):
             labels, row = firsts[single[0]]
             raise UserError(f"{labels.path}, row {row}: the only sample of class {single[0]} ({len(single)} classes "
-                            "have one), which has no within-class variance; pass --min-class-samples 2 to leave them out")
+                            "have one), which has no within-class variance; pass --min-class-samples 2 to leave them "
+                            "out")
     else:
         kept = np.flatnonzero(counts >= min_samples)
         left = len(counts) - len(kept)

@@ -227,6 +227,13 @@ class FeatureStats:
                              f"{self.num_classes} classes needs at least one")
 
 
+def tpt_row(measured: list[dict]) -> dict | None:
+    """The row of a table of measured checkpoints (nc_metrics.csv's, in epoch order) where the terminal phase of
+    training begins: the first whose clean training set is classified without error (`train_acc` exactly 1),
+    or None."""
+    return next((row for row in measured if row.get("train_acc") == 1.0), None)
+
+
 def collapse_metrics(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
                      bias: torch.Tensor | None = None, num_classes: int | None = None) -> dict[str, float]:
     """Every metric of the module docstring (METRIC_KEYS) from full tensors: features (N, d), labels (N,),

@@ -9,7 +9,7 @@ any number of runs.
     python plotting.py layers RUN_DIR --out FILE.svg               # NC1 after every stage (validate_nc.py --layers)
     python plotting.py representations CSV [--out FILE.png]        # the Mixup representation figure
     python plotting.py study studies/NAME [--out DIR]              # a study's panel and curves, seeds as bands
-    python plotting.py table RUN_DIR|STUDY_DIR ... [--group-by KEY ...] [--out FILE.md]   # Table 1: .md and .csv
+    python plotting.py table RUN_DIR|STUDY_DIR ... [--group-by KEY ...] [--out FILE.md]   # Table 1: .md .csv .tex
 
 A figure is written as PNG (150 dpi), PDF or SVG (vectors, text kept as text): a file named by --out in
 its suffix's format, the files of a folder in --format's (default png); --format and a suffix that
@@ -71,9 +71,10 @@ from matplotlib.lines import Line2D
 from PIL import Image
 
 import config
-import datasets
+import reports
 import runs
 import study_files
+from nc_metrics import tpt_row
 
 DPI = 150  # of a PNG, unless --dpi says otherwise
 FONT_SIZE = 9.0  # points at the saved size: tick labels and legends one point smaller, 8-9 pt in print
@@ -105,9 +106,6 @@ REFERENCE_STYLE = {"color": "0.5", "linewidth": 1.0}  # a theory's value, such a
 MARKER_SIZE = 2.5
 LEGEND_MARKER_SIZE = 6
 NC_TABLE, LOG_TABLE = "nc_metrics.csv", "log.csv"
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet read a CSV cell as a formula
-
-
 @dataclass(frozen=True)
 class Quantity:
     """A column, drawn in the line style of what it describes (TRAINING, CLASSIFIERS or TEST); figures
@@ -193,34 +191,34 @@ STYLE_NAMES = {LOG_TABLE: {TRAINING: "training set (running average over the epo
 # Modern font cmsy10, whose zero timestamps fontTools reports on stderr ("'created' timestamp seems very low")
 # each time a PDF embeds it.
 _X = r"\mathbf{x}_c"
-NC_FIGURES = {
-    "fig2_equinorm.png": Panel(
+NC_FIGURES = dict(zip(reports.NC_FIGURE_FILES, (
+    Panel(
         "Equinorm", rf"$\mathrm{{Std}}_c\,\|{_X}\|\ /\ \mathrm{{Avg}}_c\,\|{_X}\|$",
         (Quantity("equinorm_means"), Quantity("equinorm_weights", CLASSIFIERS), Quantity("equinorm_means_test", TEST)),
         log_y=True, table=NC_TABLE, figure=2),
-    "fig3_equiangularity.png": Panel(
+    Panel(
         "Equiangularity", rf"$\mathrm{{Std}}_{{c \neq c′}}\ \cos({_X}, \mathbf{{x}}_{{c′}})$",
         (Quantity("equiangular_means"), Quantity("equiangular_weights", CLASSIFIERS),
          Quantity("equiangular_means_test", TEST)), log_y=True, table=NC_TABLE, figure=3),
-    "fig4_max_equiangularity.png": Panel(
+    Panel(
         "Maximal angle",
         rf"$\mathrm{{Avg}}_{{c \neq c′}}\ |\cos({_X}, \mathbf{{x}}_{{c′}}) + 1/(C-1)|$",
         (Quantity("maxangle_means"), Quantity("maxangle_weights", CLASSIFIERS), Quantity("maxangle_means_test", TEST)),
         log_y=True, table=NC_TABLE, figure=4),
-    "fig5_self_duality.png": Panel(
+    Panel(
         "Self-duality", r"$\|\,W / \|W\|_F - \tilde{M} / \|\tilde{M}\|_F\,\|_F^2$",
         (Quantity("self_duality"), Quantity("self_duality_test", TEST)), log_y=True, table=NC_TABLE, figure=5),
-    "fig6_nc1.png": Panel(
+    Panel(
         "Within-class variation", r"$\mathrm{Tr}(\Sigma_W\,\Sigma_B^{+})\ /\ C$",
         (Quantity("nc1"), Quantity("nc1_test", TEST)), log_y=True, table=NC_TABLE, figure=6),
-    "fig7_ncc_mismatch.png": Panel(
+    Panel(
         "NCC mismatch",
         r"proportion with $\mathrm{argmax}_c\,(w_c \cdot h + b_c)$" "\n" r"$\neq \mathrm{argmin}_c\,\|h - \mu_c\|$",
         (Quantity("ncc_mismatch_train"), Quantity("ncc_mismatch_test", TEST)), log_y=False, table=NC_TABLE, figure=7,
         names={TEST: "test set (NCC mismatch: the training class means)"}),
-}
+)))
 # Figure 8 is drawn when the table has it (validate_nc.py --adversarial); the 2x3 panel is Figures 2-7.
-ROBUSTNESS_FIGURE = ("fig8_adversarial_robustness.png", Panel(
+ROBUSTNESS_FIGURE = (reports.ROBUSTNESS_FILE, Panel(
     "Robustness to DeepFool", r"$\mathrm{Avg}_x\ \|r(x)\|_2\ /\ \|x\|_2$",
     (Quantity("deepfool_robustness", TEST),), log_y=False, table=NC_TABLE, figure=8,
     names={TEST: "a fixed sample of test images x (pixels in [0, 1]); r(x): DeepFool's step across the network's "
@@ -229,14 +227,15 @@ ROBUSTNESS_FIGURE = ("fig8_adversarial_robustness.png", Panel(
 # papers (docs/other_measures.md), left out of titles that must fit a quarter of a page's width: the trace
 # ratio Tirer et al. 2023, CDNV Galanti et al. 2022, ETF error and alignment Zhu et al. 2021, hyperspherical
 # energy Liu et al. 2023, GNC2 and UNC3 Wu & Papyan 2024.
-OTHER_FILE = "fig9_other_measures.png"
+OTHER_FILE = reports.OTHER_FILE
 OTHER_PANELS = (
     Panel("Trace ratio (NC1)", r"$\mathrm{Tr}(\Sigma_W)\ /\ \mathrm{Tr}(\Sigma_B)$",
           (Quantity("nc1_trace_ratio"), Quantity("nc1_trace_ratio_test", TEST)), log_y=True, table=NC_TABLE),
     Panel("CDNV", r"$\mathrm{Avg}_{c < c′}\ \frac{V_c + V_{c′}}{2\,\|\mu_c - \mu_{c′}\|^2}$",
           (Quantity("cdnv"), Quantity("cdnv_test", TEST)), log_y=True, table=NC_TABLE),
     Panel("ETF error (NC2)", r"$\|\,G / \|G\|_F - E\,\|_F$",  # G: the Gram matrix of the means or of W
-          (Quantity("etf_error_means"), Quantity("etf_error_weights", CLASSIFIERS), Quantity("etf_error_means_test", TEST)),
+          (Quantity("etf_error_means"), Quantity("etf_error_weights", CLASSIFIERS),
+           Quantity("etf_error_means_test", TEST)),
           log_y=True, table=NC_TABLE),
     Panel("Alignment (NC3)",
           r"$\|\,W\tilde{M}^\top / \|W\tilde{M}^\top\|_F - E\,\|_F$",
@@ -246,14 +245,15 @@ OTHER_PANELS = (
           table=NC_TABLE),
     Panel("Uniformity (GNC2)",
           r"$\mathrm{Var}_{c \neq c′}\ \log\,(1\ /\ \|m_c - m_{c′}\|)$",
-          (Quantity("gnc2_log_distance_var"), Quantity("gnc2_log_distance_var_test", TEST)), log_y=True, table=NC_TABLE),
+          (Quantity("gnc2_log_distance_var"), Quantity("gnc2_log_distance_var_test", TEST)), log_y=True,
+          table=NC_TABLE),
     Panel("Uniform duality (UNC3)", r"$\mathrm{Var}_c\ \langle w_c, \mu_c - \mu_G \rangle$",
           (Quantity("unc3_dot_var"), Quantity("unc3_dot_var_test", TEST)), log_y=True, table=NC_TABLE),
     Panel("UNC3 of cosines", r"$\mathrm{Var}_c\ \cos(w_c, \mu_c - \mu_G)$",
           (Quantity("unc3_cosine_var"), Quantity("unc3_cosine_var_test", TEST)), log_y=True, table=NC_TABLE),
 )
 ENERGY_PANEL = 4  # the index in OTHER_PANELS of the energy, whose panel marks the simplex ETF's value
-LAYERS_FILE = "layerwise_nc1.png"
+LAYERS_FILE = reports.LAYERS_FILE
 CURVE_PANELS = (
     Panel("Loss", "loss", (Quantity("train_loss"), Quantity("test_loss", TEST)), log_y=True, table=LOG_TABLE),
     Panel("Accuracy", "accuracy (fraction correct)", (Quantity("train_acc"), Quantity("test_acc", TEST)),
@@ -261,10 +261,10 @@ CURVE_PANELS = (
     Panel("Calibration", "expected calibration error (ECE)", (Quantity("test_ece", TEST),), log_y=False,
           table=LOG_TABLE),
 )
-CURVES_FILE = "training_curves.png"
+CURVES_FILE = reports.CURVES_FILE
 # Minority Collapse (Fang, He, Long & Su 2021), for runs on an imbalanced training subset; the sixth panel,
 # the classifier row norms against the class sizes, is drawn by `_draw_norms`.
-MINORITY_FILE = "minority_collapse.png"
+MINORITY_FILE = reports.MINORITY_FILE
 _COSINE = r"$\mathrm{Avg}_{c \neq c′}\ \cos(w_c, w_{c′})$"
 MINORITY_PANELS = (
     Panel("Minority classes' classifiers", _COSINE, (Quantity("minority_cosine", CLASSIFIERS),),
@@ -280,48 +280,19 @@ MINORITY_PANELS = (
 )
 
 
-# The paper's Table 1, per run. A grouped table has instead of `run_dir` the grouping keys and the
-# counts of its runs, and each of TABLE1_STATS as its mean, minimum and maximum over them (<stat>_mean ...).
-TABLE1_COLUMNS = ["dataset", "model", "tpt_epoch", "tpt_test_acc", "last_epoch", "last_test_acc", "change"]
-TABLE1_STATS = TABLE1_COLUMNS[2:]
-SPREAD = ("mean", "min", "max")
-TABLE1_HEADERS = {"run_dir": "run", "runs": "runs", "runs_tpt": "runs reaching the TPT", "dataset": "dataset",
-                  "model": "network", "tpt_epoch": "TPT onset epoch", "tpt_test_acc": "test accuracy at the TPT onset",
-                  "last_epoch": "last epoch", "last_test_acc": "test accuracy at the last epoch",
-                  "change": "change (points)"}
-TABLE1_NOTE = ("TPT onset: the first measured checkpoint whose clean training set is classified without error "
-               "(eval mode). Change: the test accuracy at the last epoch minus that at the onset, in percentage "
-               "points.")
-GROUPED_NOTE = " A group's cell: the mean over its runs [minimum, maximum]; the onset's over the runs that reach it."
-
 def plot_run(run_dir: Path, out_dir: Path, suffix: str = ".png", style: FigureStyle = FigureStyle()) -> list[Path]:
     """Figures 2-7 (and 8 and the layer-wise figure when measured), the 2x3 panel and the training
     curves of one run, written into `out_dir` in the format of `suffix`; the paths written."""
-    out_dir = Path(out_dir)
-    written = plot_runs([run_dir], out_dir, suffix=suffix, style=style)
-    written.append(plot_panel([run_dir], out_dir / f"panel{suffix}", style=style))
-    written.append(plot_curves([run_dir], out_dir / Path(CURVES_FILE).with_suffix(suffix), style=style))
-    measured = runs.read_nc_metrics(run_dir)
-    if runs.stage_columns(measured):
-        written.append(plot_layers(run_dir, out_dir / Path(LAYERS_FILE).with_suffix(suffix), style))
-    if _has_minority_columns(measured):
-        written.append(plot_minority_collapse([run_dir], out_dir / Path(MINORITY_FILE).with_suffix(suffix),
+    out_dir, folder = Path(out_dir), _folder(run_dir)  # its tables read once for all the figures
+    written = plot_runs([folder], out_dir, suffix=suffix, style=style)
+    written.append(plot_panel([folder], out_dir / Path(reports.PANEL_FILE).with_suffix(suffix), style=style))
+    written.append(plot_curves([folder], out_dir / Path(CURVES_FILE).with_suffix(suffix), style=style))
+    if runs.stage_columns(folder.measured):
+        written.append(plot_layers(folder, out_dir / Path(LAYERS_FILE).with_suffix(suffix), style))
+    if reports.has_minority_columns(folder.measured):
+        written.append(plot_minority_collapse([folder], out_dir / Path(MINORITY_FILE).with_suffix(suffix),
                                               style=style))
     return written
-
-
-def run_figure_names(run_dir: Path, suffix: str = ".png") -> list[str]:
-    """The names of the files `plot_run` writes for the run's nc_metrics.csv as it is now."""
-    measured = runs.read_nc_metrics(run_dir)
-    names = list(NC_FIGURES)
-    if any(row.get("deepfool_robustness") is not None for row in measured):
-        names.append(ROBUSTNESS_FIGURE[0])
-    if any(row.get("cdnv") is not None for row in measured):
-        names.append(OTHER_FILE)
-    names += ["panel.png", CURVES_FILE] + ([LAYERS_FILE] if runs.stage_columns(measured) else [])
-    if _has_minority_columns(measured):
-        names.append(MINORITY_FILE)
-    return [Path(name).stem + suffix for name in names]
 
 
 def plot_runs(run_dirs: list[Path], out_dir: Path, group_by: list[str] = (), suffix: str = ".png",
@@ -435,13 +406,13 @@ def other_measures_figure(lines: list["_Line"], style: FigureStyle = FigureStyle
 def layers_figure(run_dir: Path, style: FigureStyle = FigureStyle()) -> plt.Figure:
     """NC1 after each stage of the network (validate_nc.py --layers) against depth, on a log axis, one
     line per measured checkpoint coloured by its epoch; the TPT onset's checkpoint in black."""
-    measured = _read_required(Path(run_dir), NC_TABLE)
+    measured = _folder(run_dir).required(NC_TABLE)
     stages = runs.stage_columns(measured)
     if not stages:
         raise UserError(f"{run_dir} has no layer-wise NC1 yet; measure it with: python validate_nc.py --run-dir "
                         f"{run_dir} --layers")
     rows = [row for row in measured if all(row.get(column) is not None for column in stages) and row["epoch"] > 0]
-    onset = (runs.tpt_row(measured) or {}).get("epoch")
+    onset = (tpt_row(measured) or {}).get("epoch")
     norm = matplotlib.colors.LogNorm(vmin=rows[0]["epoch"], vmax=max(rows[-1]["epoch"], rows[0]["epoch"] + 1))
     colours = plt.get_cmap("viridis")
     depth = np.arange(1, len(stages) + 1)
@@ -536,84 +507,6 @@ def representations_figure(table: Path, style: FigureStyle = FigureStyle()) -> p
         _title(fig, style, lambda: f"Mixup representations of classes "
                                    f"{', '.join(str(row['class_a']) for row in arrows)}")
     return fig
-
-
-def table1(run_dirs: list[Path], group_by: list[str] = ()) -> list[dict]:
-    """The paper's Table 1 from the runs' nc_metrics.csv, as rows of `table1_columns(group_by)`: per run
-    its folder, dataset and network, the TPT onset epoch and the test accuracy there (None if the run
-    never reached it), the last measured epoch and the test accuracy there, the change (a fraction) and
-    its best clean training accuracy. With `group_by`, one row per group of runs with equal values of
-    those config.json keys: the values, the counts `runs` and `runs_tpt`, and the mean, minimum and
-    maximum of each of TABLE1_STATS over the group's runs (over those that reach the onset for the
-    onset's columns; None where none does)."""
-    run_dirs = [Path(run_dir) for run_dir in run_dirs]
-    rows = [_table1_row(run_dir) for run_dir in run_dirs]
-    if not group_by:
-        return rows
-    configs = [runs.read_config(run_dir, required=()) or {} for run_dir in run_dirs]
-    grouped = []
-    for members in _groups(configs, group_by):
-        chosen = [rows[i] for i in members]
-        row = {**{key: configs[members[0]].get(key) for key in group_by}, "runs": len(chosen),
-               "runs_tpt": sum(row["tpt_epoch"] is not None for row in chosen),
-               "dataset": _distinct(row["dataset"] for row in chosen),
-               "model": _distinct(row["model"] for row in chosen)}
-        for stat in TABLE1_STATS:
-            present = [row[stat] for row in chosen if row[stat] is not None]
-            spread = (float(np.mean(present)), min(present), max(present)) if present else (None,) * len(SPREAD)
-            row |= {f"{stat}_{part}": value for part, value in zip(SPREAD, spread)}
-        grouped.append(row)
-    return grouped
-
-
-def table1_columns(group_by: list[str] = ()) -> list[str]:
-    """The columns of `table1`'s rows, as its CSV has them."""
-    if not group_by:
-        return ["run_dir", *TABLE1_COLUMNS, "best_train_acc"]
-    return [*group_by, "runs", "runs_tpt", "dataset", "model", *(f"{stat}_{part}" for stat in TABLE1_STATS
-                                                                 for part in SPREAD)]
-
-
-def table1_markdown(rows: list[dict], group_by: list[str] = (), run_column: bool = True) -> str:
-    """`table1`'s rows as a Markdown table (accuracies in percent, a group's statistics as mean [minimum,
-    maximum]) with a note on its terms; `run_column` False leaves out the runs' folders."""
-    columns = ([*group_by, "runs", "runs_tpt"] if group_by else ["run_dir"] * run_column) + TABLE1_COLUMNS
-    header = [TABLE1_HEADERS.get(column) or config.SETTING_NAMES.get(column) or column for column in columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_table1_cell(column, row) for column in columns) + " |" for row in rows]
-    return "\n".join([*lines, "", TABLE1_NOTE + (GROUPED_NOTE if group_by else "")]) + "\n"
-
-
-def write_table1(rows: list[dict], out: Path, group_by: list[str] = ()) -> list[Path]:
-    """`table1`'s rows as Markdown and CSV, at `out` with the suffixes .md and .csv; the paths written."""
-    paths = [Path(out).with_suffix(".md"), Path(out).with_suffix(".csv")]
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
-    runs.write_text(paths[0], table1_markdown(rows, group_by))
-    runs.write_csv(paths[1], [{key: _csv_value(row[key]) for key in row} for row in rows], table1_columns(group_by))
-    return paths
-
-
-def default_plots_dir(run_config: dict, run_dir: Path) -> Path:
-    """Where validate_nc.py draws a run: <DATASET>_plots/ for the paper-default run, <DATASET>_plots/<run
-    name>/ for any other."""
-    base = Path(f"{datasets.label(run_config['dataset'])}_plots")
-    return base if Path(run_dir).name == config.paper_run_name(run_config["dataset"]) else base / Path(run_dir).name
-
-
-def tpt_table(run_dir: Path) -> str:
-    """The paper's Table 1 for one run, as Markdown (what validate_nc.py writes to tpt_table.md)."""
-    return table1_markdown(table1([run_dir]), run_column=False)
-
-def run_labels(configs: list[dict], names: list[str]) -> list[str]:
-    """A legend label per run: the user-facing settings that apply to it and whose values differ across
-    `configs` (among the runs they apply to), in short form ("seed=1, spc=50"); cross-entropy against MSE
-    reads "loss=ce" / "loss=mse", not "kappa=None" / "kappa=1". Learning-rate milestones that are the
-    default of a run's length are not named. A run with nothing to name gets its folder name from `names`."""
-    settings = [_applied_settings(run) for run in configs]
-    differing = [key for key in config.SETTING_NAMES if len({str(run[key]) for run in settings if key in run}) > 1]
-    labels = [", ".join(config.setting_text(key, run[key]) for key in differing
-                        if key in run and run[key] != _DEFAULT_MILESTONES) for run in settings]
-    return [label or name for label, name in zip(labels, names)]
 
 
 def legend_below(fig: plt.Figure, handles: list, grow: bool = True) -> Legend:
@@ -792,7 +685,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     study.add_argument("study_dir", type=Path, metavar="STUDY_DIR", help="studies/NAME, as sweep.py wrote it")
     table = command("table", "the paper's Table 1 over runs: TPT onset, test accuracy there and at the last "
                     "epoch, and the change; printed as Markdown", "also write it to this file as Markdown (.md) and "
-                    "beside it as CSV (.csv)", required=False)
+                    "beside it as CSV (.csv) and LaTeX (.tex, booktabs)", required=False)
     runs_and_groups(table, "run folders, or study folders (their finished runs)", "one row per group of runs with "
                     "equal values (the seeds of a setting): the mean over its runs and their range [minimum, maximum]")
     return parser.parse_args(argv)
@@ -827,15 +720,16 @@ def main(args: argparse.Namespace) -> int:
 
 def _print_table(args: argparse.Namespace) -> int:
     """`plotting.py table`: Table 1 of the runs (a study's finished ones for a study folder) printed as
-    Markdown and, with --out, written as Markdown and CSV."""
-    if args.out is not None and args.out.suffix.lower() not in ("", ".md", ".csv"):
-        raise UserError(f"--out {args.out}: Table 1 is written as FILE.md and FILE.csv; name a .md or .csv file")
+    Markdown and, with --out, written as Markdown, CSV and LaTeX."""
+    if args.out is not None and args.out.suffix.lower() not in ("", ".md", ".csv", ".tex"):
+        raise UserError(f"--out {args.out}: Table 1 is written as FILE.md, FILE.csv and FILE.tex; name a .md, .csv or "
+                        ".tex file")
     run_dirs = [run_dir for path in args.run_dirs
                 for run_dir in (study_runs(path)[1] if (path / study_files.STUDY_FILE).is_file() else [path])]
-    rows = table1(run_dirs, args.group_by)
-    print(table1_markdown(rows, args.group_by), end="")
+    rows = reports.table1(run_dirs, args.group_by)
+    print(reports.table1_markdown(rows, args.group_by), end="")
     if args.out is not None:
-        print("\n".join(map(str, write_table1(rows, args.out, args.group_by))))
+        print("\n".join(map(str, reports.write_table1(rows, args.out, args.group_by))))
     return 0
 
 
@@ -849,74 +743,29 @@ class _Line:
 
     @property
     def tpt_epochs(self) -> list[int | None]:
-        return [(runs.tpt_row(tables[NC_TABLE]) or {}).get("epoch") for tables in self.tables]
-
-
-# What makes each table, for the message when a run folder lacks it.
-_READERS = {NC_TABLE: (runs.read_nc_metrics, "python validate_nc.py --run-dir {}"),
-            LOG_TABLE: (runs.read_log, "python train.py --run-dir {} (with the run's --dataset and other flags)")}
-# How run_labels holds milestones that are the default of the run's length: a value, but never named.
-_DEFAULT_MILESTONES = "default milestones"
+        return [(tpt_row(tables[NC_TABLE]) or {}).get("epoch") for tables in self.tables]
 
 
 def _load_lines(run_dirs: list[Path], needed: str, group_by: list[str], given: Mapping[str, str]) -> list[_Line]:
     """The runs' tables (`needed` must exist; the other is read if present), one line per run, or per
     group of runs with equal `group_by` settings, labelled as `given` (FigureStyle.labels) names them."""
-    run_dirs = [Path(run_dir) for run_dir in run_dirs]
-    tables = []
-    for run_dir in run_dirs:
-        rows = _read_required(run_dir, needed)
-        tables.append({table: rows if table == needed else reader(run_dir) for table, (reader, _) in _READERS.items()})
-    configs = [runs.read_config(run_dir, required=()) or {} for run_dir in run_dirs]
+    folders = [_folder(run_dir) for run_dir in run_dirs]
+    for folder in folders:
+        folder.required(needed)
+    tables = [{NC_TABLE: folder.measured, LOG_TABLE: folder.log} for folder in folders]
+    configs = [folder.config for folder in folders]
     if group_by:
-        members = _groups(configs, group_by)
-        names = [[_group_label(configs[group[0]], group_by)] for group in members]
-        labels = [name[0] + f" ({len(group)} run{'s' * (len(group) > 1)})" for name, group in zip(names, members)]
+        members = reports.groups(configs, group_by)
+        names = [[reports.group_name(configs[group[0]], group_by)] for group in members]
+        labels = [reports.group_label(configs[group[0]], group_by, len(group)) for group in members]
     else:
-        members = [[i] for i in range(len(run_dirs))]
-        labels = run_labels(configs, _folder_names(run_dirs))
-        names = [[str(run_dir), run_dir.name, label] for run_dir, label in zip(run_dirs, labels)]
+        members = [[i] for i in range(len(folders))]
+        labels = reports.run_labels(configs, reports.folder_names([folder.path for folder in folders]))
+        names = [[str(folder.path), folder.path.name, label] for folder, label in zip(folders, labels)]
     labels = _given_labels(labels, names, given, "group" if group_by else "run")
     colours = _colours(len(members))
     return [_Line(label, colour, [configs[i] for i in group], [tables[i] for i in group])
             for label, colour, group in zip(labels, colours, members)]
-
-
-def _groups(configs: list[dict], group_by: list[str]) -> list[list[int]]:
-    """The indices of `configs` per group of equal values of the `group_by` keys, in order of appearance."""
-    unknown = sorted(set(group_by) - {key for run in configs for key in run})
-    if unknown:
-        raise UserError(f"--group-by {' '.join(unknown)}: no such key in the runs' config.json; "
-                        f"choose among {', '.join(config.SETTING_NAMES)}")
-    keys = [tuple(str(run.get(key)) for key in group_by) for run in configs]
-    return [[i for i, key in enumerate(keys) if key == group] for group in dict.fromkeys(keys)]
-
-
-def _group_label(run: dict, group_by: list[str]) -> str:
-    """The `group_by` settings of a group's runs that apply to them ("loss=ce", not "loss=ce, kappa=None")."""
-    applied = _applied_settings(run)
-    named = [_DEFAULT_MILESTONES if applied[key] == _DEFAULT_MILESTONES else config.setting_text(key, applied[key])
-             for key in group_by if key in applied]
-    return ", ".join(named) or ", ".join(f"no {config.SETTING_NAMES.get(key) or key}" for key in group_by)
-
-
-def _applied_settings(run: dict) -> dict:
-    """The user-facing settings (config.SETTING_NAMES) of a run's config.json that apply to it: a setting
-    its loss or optimizer does not use (None there: kappa under cross-entropy, the momentum of Adam) is
-    left out, the whole training set (samples_per_class None) is "all", a folder dataset is its folder's
-    name, and milestones that are the default of the run's length are _DEFAULT_MILESTONES."""
-    applied = {}
-    for key in config.SETTING_NAMES:
-        value = run.get(key)
-        if key == "samples_per_class" and value is None:
-            value = "all"
-        elif key == "dataset" and value is not None:
-            value = _dataset_name(value)
-        elif key == "lr_milestones" and value == config.default_milestones(run.get("epochs") or 0):
-            value = _DEFAULT_MILESTONES
-        if value is not None:
-            applied[key] = value
-    return applied
 
 
 def _colours(count: int) -> list[tuple]:
@@ -928,14 +777,9 @@ def _colours(count: int) -> list[tuple]:
     return [tuple(colour) for colour in plt.get_cmap("turbo")(np.linspace(0.05, 0.95, count))]
 
 
-def _read_required(run_dir: Path, filename: str) -> list[dict]:
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir} is not a run folder (no such directory); check the path")
-    reader, command = _READERS[filename]
-    rows = reader(run_dir)
-    if not rows:
-        raise UserError(f"{run_dir} has no {filename} (or it has no rows yet); make it with: {command.format(run_dir)}")
-    return rows
+def _folder(run_dir: "Path | runs.RunFolder") -> runs.RunFolder:
+    """A run folder as given (its tables read once for every figure drawn from it), or the one at a path."""
+    return run_dir if isinstance(run_dir, runs.RunFolder) else runs.RunFolder(run_dir)
 
 
 def _given_labels(labels: list[str], names: list[list[str]], given: Mapping[str, str], kind: str) -> list[str]:
@@ -947,22 +791,6 @@ def _given_labels(labels: list[str], names: list[list[str]], given: Mapping[str,
                         f"{', '.join(repr(line_names[-1 if kind == 'run' else 0]) for line_names in names)}")
     return [next((given[name] for name in line_names if name in given), label)
             for label, line_names in zip(labels, names)]
-
-
-def _folder_names(run_dirs: list[Path]) -> list[str]:
-    """The runs' folder names or, where two folders share a name, the fewest last parts of their paths that
-    tell them apart ("a/seed0", "b/seed0"): never a whole absolute path."""
-    parts = [run_dir.resolve().parts[1:] for run_dir in run_dirs]
-    for depth in range(1, max(map(len, parts)) + 1):
-        names = ["/".join(path[-depth:]) for path in parts]
-        if len(set(names)) == len(names):
-            return names
-    return [run_dir.resolve().name for run_dir in run_dirs]  # one folder given twice: nothing tells them apart
-
-
-def _dataset_name(name: str) -> str:
-    """A dataset as a figure names it: a folder of one's own images by the folder's name, not its path."""
-    return Path(name[len(datasets.FOLDER_PREFIX):]).name if datasets.is_folder(name) else name
 
 
 def _loss_name(line: _Line) -> str:
@@ -1096,12 +924,7 @@ def _draw_norms(ax: plt.Axes, lines: list[_Line]) -> None:
 
 def _imbalanced(run_dirs: list[Path]) -> bool:
     """Whether some run's nc_metrics.csv has the Minority Collapse columns (an imbalanced run's)."""
-    return any(_has_minority_columns(runs.read_nc_metrics(run_dir)) for run_dir in run_dirs)
-
-
-def _has_minority_columns(measured: list[dict]) -> bool:
-    """Whether rows of an nc_metrics.csv hold the Minority Collapse numbers (an imbalanced run's)."""
-    return any(row.get("minority_cosine") is not None for row in measured)
+    return any(reports.has_minority_columns(runs.read_nc_metrics(run_dir)) for run_dir in run_dirs)
 
 
 def _any_positive(panel: Panel, lines: list[_Line]) -> bool:
@@ -1197,7 +1020,7 @@ def _describe(lines: list[_Line]) -> str:
     """Dataset / model of the runs (a folder dataset by its folder's name, never its path), the departures
     from the paper's protocol they share and, for one line, whether its training error never reached zero."""
     every = [run for line in lines for run in line.configs]
-    pairs = "; ".join(dict.fromkeys(f"{_dataset_name(run.get('dataset', '?'))} / {run.get('model', '?')}"
+    pairs = "; ".join(dict.fromkeys(f"{reports.dataset_name(run.get('dataset', '?'))} / {run.get('model', '?')}"
                                     for run in every))
     shared = [text for text in config.protocol_departures(every[0])
               if all(text in config.protocol_departures(run) for run in every[1:])]
@@ -1278,74 +1101,6 @@ def _save(fig: plt.Figure, path: Path, style: FigureStyle = FigureStyle()) -> Pa
     return path
 
 
-def _table1_row(run_dir: Path) -> dict:
-    """One run's row of Table 1 (see `table1`), from the rows of its nc_metrics.csv whose accuracies are
-    numbers: one holding NaN or Inf (written by hand, or by another program) is left out with a warning."""
-    measured = [row for row in _read_required(run_dir, NC_TABLE) if _accuracies_finite(row, run_dir)]
-    if not measured:
-        raise UserError(f"{run_dir / NC_TABLE} has no row whose accuracies are numbers; measure the run again: "
-                        f"python validate_nc.py --run-dir {run_dir} --recompute")
-    settings = runs.read_config(run_dir, required=()) or {}
-    onset, last = runs.tpt_row(measured), measured[-1]
-    return {"run_dir": str(run_dir), "dataset": settings.get("dataset"), "model": settings.get("model"),
-            "tpt_epoch": onset["epoch"] if onset else None, "tpt_test_acc": onset["test_acc"] if onset else None,
-            "last_epoch": last["epoch"], "last_test_acc": last["test_acc"],
-            "change": last["test_acc"] - onset["test_acc"] if onset and None not in (onset["test_acc"], last["test_acc"])
-            else None,
-            "best_train_acc": max((row["train_acc"] for row in measured if row["train_acc"] is not None), default=None)}
-
-
-def _distinct(values) -> str:
-    return ", ".join(dict.fromkeys(str(value) for value in values))
-
-
-def _table1_cell(column: str, row: dict) -> str:
-    """A Markdown cell of Table 1: accuracies in percent, the change in percentage points, a group's
-    statistic as its mean [minimum, maximum] (the range left out when they are equal)."""
-    show = {"tpt_epoch": "{:g}".format, "last_epoch": "{:g}".format, "change": lambda value: f"{100 * value:+.2f}"}.get(
-        column, _percent)
-    if column in TABLE1_STATS and f"{column}_mean" in row:
-        mean, low, high = (row[f"{column}_{part}"] for part in SPREAD)
-        if mean is None:
-            return "n/a"
-        return show(round(mean, 1) if column.endswith("epoch") else mean) + (
-            f" [{show(low)}, {show(high)}]" if low != high else "")
-    value = row[column]
-    if column == "tpt_epoch" and value is None:
-        return f"not reached by epoch {row['last_epoch']} (best train accuracy {_percent(row['best_train_acc'])})"
-    if value is None:
-        return "n/a"
-    if column in TABLE1_STATS:
-        return show(value)
-    if column == "run_dir":
-        return f"`{value}`"
-    return f"{value:g}" if isinstance(value, float) else _setting_cell(value)
-
-
-def _accuracies_finite(row: dict, run_dir: Path) -> bool:
-    """Whether a row of nc_metrics.csv has numbers for its accuracies (or none, as a run without a test split
-    has no test accuracy); if not, a warning says it is left out."""
-    broken = [column for column in ("train_acc", "test_acc") if row[column] is not None and not np.isfinite(row[column])]
-    if broken:
-        print(f"warning: {run_dir / NC_TABLE}, epoch {row['epoch']}: {', '.join(broken)} is not a number; the row is "
-              "left out of Table 1", file=sys.stderr)
-    return not broken
-
-
-def _setting_cell(value) -> str:
-    """A setting as a Markdown cell: a list as "10,20", anything else as it prints."""
-    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
-
-
-def _csv_value(value):
-    """A value as a CSV cell: numbers (negative ones included) and None as they are; text, a list as "10,20",
-    behind a quote that keeps it text if a spreadsheet would run it as a formula (one beginning with =, +,
-    -, @, a tab or a carriage return: a run folder named "=HYPERLINK(...)")."""
-    if value is None or isinstance(value, (int, float)):
-        return value
-    text = _setting_cell(value)
-    return "'" + text if text.startswith(FORMULA_STARTS) else text
-
 def _read_representations(table: Path) -> list[dict]:
     if not table.is_file():
         raise UserError(f"{table} not found; make it with: python validate_nc.py --run-dir RUN --representations")
@@ -1373,10 +1128,6 @@ def _style_params(style_file: str | None) -> dict:
         raise UserError(f"--style {style_file}: no such file, nor one of matplotlib's styles "
                         f"({', '.join(sorted(plt.style.library)[:5])}, ...)")
     return {key: value for key, value in params.items() if key != "backend"}
-
-
-def _percent(fraction: float | None) -> str:
-    return "n/a" if fraction is None or np.isnan(fraction) else f"{100 * fraction:.2f}%"
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ folder has one writer of its training files: train.py holds an OS lock on `.trai
 (the kernel releases it when the process ends, however it ends), and only the holder removes temporary
 files left by dead writers, only those named as this module names them. It writes each epoch's files on
 a background thread (`BackgroundWriter`) while the next epoch trains, one epoch's files at a time;
-`training_process` tells another process (validate_nc.py --follow) whether a trainer holds the lock. Table updates that read before
+`training_process` tells another process (validate_nc.py --follow) whether a trainer holds the lock. Table updates
+that read before
 they write (nc_metrics.csv, summary.json) hold `.tables.lock` for the moment of the update, so processes
 measuring the same run never lose each other's rows. The tables are read row by row: a row that does not
 parse completely (a cut or edited file) is left out with a warning naming the file and line.
@@ -35,6 +36,7 @@ import contextlib
 import csv
 import errno
 import fcntl
+import functools
 import io
 import json
 import os
@@ -54,8 +56,9 @@ import torch
 from PIL import Image
 
 import config
+import datasets
 from errors import UserError
-from nc_metrics import CLASSIFIER_KEYS, FEATURE_KEYS, OTHER_KEYS, PAPER_KEYS
+from nc_metrics import CLASSIFIER_KEYS, FEATURE_KEYS, OTHER_KEYS, PAPER_KEYS, tpt_row
 
 TMP_SUFFIX = ".tmp"
 TRAIN_LOCK, TABLES_LOCK = ".train.lock", ".tables.lock"
@@ -126,11 +129,9 @@ _NC_REQUIRED = [column for column in NC_COLUMNS if column not in OTHER_KEYS]
 # or held-out features where measure_features.py had none (validate_nc.py fills them all), and the test columns
 # of ufm.py's runs, which have no test split (both tables' `epoch` column counts its steps: config.json's time_unit).
 _MAY_BE_EMPTY = {"log.csv": {"test_loss", "test_acc", "test_ece"},
-                 "nc_metrics.csv": {"train_acc", "train_loss", "test_acc", "test_loss", "test_ece", "ncc_mismatch_train",
+                 "nc_metrics.csv": {"train_acc", "train_loss", "test_acc", "test_loss", "test_ece",
+                                    "ncc_mismatch_train",
                                     "ncc_mismatch_test", *CLASSIFIER_KEYS}}
-# What a run's config.json must hold for the scripts to rebuild its network and data.
-CONFIG_KEYS = ("dataset", "num_classes", "in_channels", "model", "width", "epochs", "num_checkpoints", "loss",
-               "lr_milestones", "seed", "precision", "samples_per_class", "data_root")
 
 
 def checkpoint_path(run_dir: Path, epoch: int) -> Path:
@@ -173,7 +174,7 @@ def load_checkpoint(path: Path, epoch: int | None = None) -> dict:
     state = load_archive(path)
     if not isinstance(state, dict) or "model" not in state or not isinstance(state.get("config"), dict):
         raise UserError(f"{path} is not a checkpoint written by train.py (no model or config in it)")
-    problems = config.settings_problems(state["config"], CONFIG_KEYS)
+    problems = config.settings_problems(state["config"], config.CONFIG_KEYS)
     if type(state.get("epoch")) is not int or state["epoch"] < 1:
         problems.append(f"its epoch is {state.get('epoch')!r}")
     if problems:
@@ -209,7 +210,7 @@ def load_archive(path: Path, writer: str = "train.py"):
         raise UserError(f"{path} is truncated or not a checkpoint ({reason}); delete it") from None
 
 
-def read_config(run_dir: Path, required: tuple[str, ...] = CONFIG_KEYS) -> dict | None:
+def read_config(run_dir: Path, required: tuple[str, ...] = config.CONFIG_KEYS) -> dict | None:
     """The run's config.json, or None if the folder has none; a file that is not a run's config (bad
     JSON, binary, not an object, a `required` setting missing or holding a value no command line gives)
     is a UserError."""
@@ -276,23 +277,6 @@ def stage_columns(measured: list[dict]) -> list[str]:
     columns = dict.fromkeys(key for row in measured for key, value in row.items() if value is not None)
     measures = {*NC_COLUMNS, *(f"{key}_test" for key in FEATURE_KEYS)}
     return [key for key in columns if key.startswith("nc1_") and key not in measures]
-
-
-def lacks_measurements(row: dict, run_config: dict, layers: bool, test_collapse: bool, adversarial: bool) -> bool:
-    """Whether a row of nc_metrics.csv lacks a measurement of validate_nc.py's --layers, --test-collapse or
-    --adversarial that is asked for, or, of an imbalanced run (`run_config`'s imbalance above 1), its
-    Minority Collapse columns, or the field's other measures (a row measured before they existed)."""
-    present = {key for key, value in row.items() if value is not None}
-    imbalanced = run_config.get("imbalance", 1.0) > 1
-    return (not present.issuperset(OTHER_KEYS) or (test_collapse and "nc1_test" not in present)
-            or (adversarial and "deepfool_robustness" not in present) or (layers and not stage_columns([row]))
-            or (imbalanced and "minority_cosine" not in present))
-
-
-def tpt_row(measured: list[dict]) -> dict | None:
-    """The row of nc_metrics.csv (in epoch order) where the TPT begins: the first with `train_acc`
-    exactly 1, or None."""
-    return next((row for row in measured if row.get("train_acc") == 1.0), None)
 
 
 @contextlib.contextmanager
@@ -424,6 +408,60 @@ def locked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(descriptor)
+
+
+class RunFolder:
+    """One run folder and its files. Its tables and config.json are read once, when first asked for: a figure
+    or a table made from them reads the disk once however many of them use it."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @functools.cached_property
+    def config(self) -> dict:
+        """config.json (every key as written; {} where there is none)."""
+        return read_config(self.path, required=()) or {}
+
+    @functools.cached_property
+    def log(self) -> list[dict]:
+        return read_log(self.path)
+
+    @functools.cached_property
+    def measured(self) -> list[dict]:
+        return read_nc_metrics(self.path)
+
+    @property
+    def plots_dir(self) -> Path:
+        """Where validate_nc.py draws the run (see `default_plots_dir`)."""
+        return default_plots_dir(self.config, self.path)
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        return checkpoint_files(self.path)
+
+    def required(self, table: str) -> list[dict]:
+        """The rows of `table` (log.csv or nc_metrics.csv), or a UserError saying how to make them."""
+        if not self.path.is_dir():
+            raise UserError(f"{self.path} is not a run folder (no such directory); check the path")
+        rows = self.measured if table == "nc_metrics.csv" else self.log
+        if not rows:
+            command = "python validate_nc.py --run-dir {}" if table == "nc_metrics.csv" else \
+                "python train.py --run-dir {} (with the run's --dataset and other flags)"
+            raise UserError(f"{self.path} has no {table} (or it has no rows yet); make it with: "
+                            f"{command.format(self.path)}")
+        return rows
+
+
+def default_plots_dir(run_config: dict, run_dir: Path) -> Path:
+    """Where validate_nc.py draws a run: <DATASET>_plots/ for the paper-default run, <DATASET>_plots/<run
+    name>/ for any other."""
+    base = Path(f"{datasets.label(run_config['dataset'])}_plots")
+    return base if Path(run_dir).name == config.paper_run_name(run_config["dataset"]) else base / Path(run_dir).name
 
 
 class BackgroundWriter:

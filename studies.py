@@ -45,11 +45,11 @@ from typing import Callable
 import numpy as np
 
 import config
-import plotting
+import reports
 import runs
 import unconstrained
 from errors import ArgumentParser, UserError
-from nc_metrics import OTHER_KEYS, PAPER_KEYS
+from nc_metrics import OTHER_KEYS, PAPER_KEYS, tpt_row
 from study_files import LOCK, MARKDOWN_TABLE, OUTCOMES_FILE, RUNS_TABLE, STUDY_FILE, Run, read_json, read_study_file
 
 REPO = Path(__file__).resolve().parent
@@ -155,7 +155,8 @@ def run_state(run: Run) -> str:
     log = runs.read_log(run_dir)
     if not log or log[-1]["epoch"] != run.epochs:
         return "partial"
-    return "done" if _measured(run) and _drawn(run_dir) else "trained"
+    asked = [flag in run.validate for flag in MEASUREMENT_FLAGS]
+    return "done" if reports.done(runs.RunFolder(run_dir), *asked) else "trained"
 
 
 def check(study: Study) -> None:
@@ -388,34 +389,6 @@ def _flag(action: argparse.Action, value) -> list[str]:
                     for item in (value if isinstance(value, list) else [value]))]
 
 
-def _measured(run: Run) -> bool:
-    """Whether every analysis checkpoint of the run on disk has its row in nc_metrics.csv, with the
-    measurements the study asks of validate_nc.py."""
-    run_dir = Path(run.run_dir)
-    checkpoints = [epoch for epoch, _ in runs.checkpoint_files(run_dir)]
-    rows = {row["epoch"]: row for row in runs.read_nc_metrics(run_dir)}
-    asked = [flag in run.validate for flag in MEASUREMENT_FLAGS]
-    run_config = runs.read_config(run_dir, required=()) or {}
-    return bool(checkpoints) and all(epoch in rows and not runs.lacks_measurements(rows[epoch], run_config, *asked)
-                                     for epoch in checkpoints)
-
-
-def _drawn(run_dir: Path) -> bool:
-    """Whether the run's summary.json, its figures and its TPT table are where validate_nc.py writes them."""
-    path = run_dir / "summary.json"
-    summary = read_json(path)
-    if summary is None:
-        return False
-    if not isinstance(summary, dict):
-        raise UserError(f"{path} is not a run's summary (a JSON object); delete it, and the study's validate_nc.py "
-                        "writes it again")
-    settings = runs.read_config(run_dir, required=("dataset",))
-    if settings is None:
-        return False
-    plots_dir = plotting.default_plots_dir(settings, run_dir)
-    return all((plots_dir / name).is_file() for name in [*plotting.run_figure_names(run_dir), "tpt_table.md"])
-
-
 def _steps(run: Run, state: str, log, environment: dict[str, str]) -> dict | None:
     """Run the job's commands one after the other, their output appended to `log`; None if they all
     succeeded, else the outcome of the one that did not. A run whose training lock another process holds,
@@ -534,7 +507,7 @@ def _row(run: Run, varied: list[str], outcome: dict | None) -> dict:
         status = outcome["status"] if outcome and outcome["status"] in ("failed", "busy") else "pending"
         return {**row, "status": status, "reason": outcome["reason"] if outcome else ""}
     measured = runs.read_nc_metrics(Path(run.run_dir))
-    onset, last = runs.tpt_row(measured), measured[-1]
+    onset, last = tpt_row(measured), measured[-1]
     return {**row, "status": "done", "tpt_epoch": onset and onset["epoch"], "tpt_test_acc": onset and onset["test_acc"],
             "last_epoch": last["epoch"], "last_test_acc": last["test_acc"],
             **{key: last.get(key) for key in FINAL_COLUMNS[4:]},
@@ -557,7 +530,7 @@ def _markdown(study: dict, rows: list[dict], columns: list[str], choices: list[d
 
 
 def _markdown_table(columns: list[str], rows: list[dict]) -> list[str]:
-    header = [config.SETTING_NAMES.get(column) or column for column in columns]
+    header = [config.LABELS.get(column) or column for column in columns]
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns),
             *("| " + " | ".join(_cell(column, row.get(column)) for column in columns) + " |" for row in rows)]
 

@@ -74,7 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "slurm, the submission; start and write nothing")
     add = slurm.add_argument
     add("--partition", help="the partition (default: the cluster's default)")
-    add("--gpus-per-job", type=config.non_negative_int, default=1, metavar="N", help="GPUs per job (default 1; 0 for CPU nodes)")
+    add("--gpus-per-job", type=config.non_negative_int, default=1, metavar="N",
+        help="GPUs per job (default 1; 0 for CPU nodes)")
     add("--cpus-per-job", type=config.positive_int, default=4, metavar="N",
         help="CPU cores per job, and its OpenMP/MKL threads (default 4)")
     add("--time", type=_minutes, default=240, metavar="MINUTES", help="time limit of each job (default "
@@ -187,7 +188,8 @@ def _print_plan(study: studies.Study, states: dict[str, str], todo: list[study_f
     shape = " x ".join(f"{len(study.grid[key])} {key}" for key in study.varied)
     print(f"study {study.folder}: {len(study.runs)} runs{f' ({shape})' if shape else ''}, {len(todo)} to run")
     for run in study.runs:
-        settings = ", ".join(config.setting_text(key, value) for key, value in run.settings.items() if value is not None)
+        settings = ", ".join(config.setting_text(key, value) for key, value in run.settings.items()
+                             if value is not None)
         print(f"  {states[run.run_dir]:<8} {run.run_dir}{'  ' + settings if settings else ''}")
     if args.executor == "local":
         print(f"local: {args.parallel} at a time" + (f", {threads} OpenMP/MKL threads each" if threads else ""))

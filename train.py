@@ -128,17 +128,12 @@ def load_data(settings: dict, args: argparse.Namespace, device: torch.device,
     """The training subset and the test split on the device; records in `settings` the subset's size (of its
     largest class, and of each class), the normalisation (per-channel statistics of the training subset) and
     the fingerprint of the data (`datasets.data_fingerprint`, which `check` is given first)."""
-    train, test, per_class, fingerprint = datasets.load_run_data(
-        settings["dataset"], args.data_root, settings["samples_per_class"], settings["seed"], args.download, device,
-        settings["imbalance"], settings["imbalance_profile"], settings["image_size"], check)
+    train, test, per_class, fingerprint = datasets.load_run_data(settings, args.data_root, args.download, device,
+                                                                 check)
     mean, std = datasets.channel_stats(train[0])
-    settings["samples_per_class"] = per_class
-    settings["class_counts"] = torch.bincount(train[1], minlength=settings["num_classes"]).tolist()
-    if datasets.is_folder(settings["dataset"]):
-        settings["image_size"] = train[0].shape[-1]
-    settings["normalization"] = {"mean": mean, "std": std}
-    settings["data_root"] = str(args.data_root)
-    settings["data_fingerprint"] = fingerprint
+    config.DataFacts(settings["num_classes"], settings["in_channels"], per_class,
+                     torch.bincount(train[1], minlength=settings["num_classes"]).tolist(), train[0].shape[-1],
+                     {"mean": mean, "std": std}, str(args.data_root), fingerprint).record(settings)
     return train, test
 
 

@@ -35,22 +35,7 @@ from nc_metrics import FeatureStats, balancing_weights, group_cosines, metrics_f
 
 SCRIPT = "ufm.py"
 FINAL = "final.pt"
-DEFAULTS = {"classes": 10, "dim": 512, "samples_per_class": 500, "loss": "ce", "target_scale": 1.0,
-            "label_smoothing": 0.1, "focal_gamma": 3.0, "bias": True, "weight_decay_features": 5e-4,
-            "weight_decay_classifier": 5e-4, "weight_decay_bias": 0.0, "imbalance": 1.0, "imbalance_profile": "step",
-            "mixup_alpha": 0.0, "mixup_same_class": False, "optimizer": "gd", "lr": 8.0, "batch_size": 128,
-            "steps": 5000, "precision": "fp64", "num_checkpoints": 50}
 PRECISIONS = {"fp64": torch.float64, "fp32": torch.float32}
-# Settings that change what a run computes: a run folder belongs to one value of each.
-RESULT_KEYS = ("classes", "dim", "samples_per_class", "loss", "target_scale", "label_smoothing", "focal_gamma", "bias",
-               "weight_decay_features", "weight_decay_classifier", "weight_decay_bias", "imbalance",
-               "imbalance_profile", "mixup_alpha", "mixup_same_class", "optimizer", "lr", "batch_size", "steps",
-               "precision", "seed")
-# How a setting shows in the run folder's name when it is not its default (the first five always show).
-NAME_TAGS = (("imbalance", "imb"), ("optimizer", ""), ("lr", "lr"), ("batch_size", "bs"),
-             ("weight_decay_classifier", "lamW"), ("weight_decay_features", "lamH"), ("weight_decay_bias", "lamb"),
-             ("bias", "nobias"), ("target_scale", "kappa"), ("label_smoothing", "eps"), ("focal_gamma", "fgamma"),
-             ("mixup_alpha", "mixup"), ("mixup_same_class", "sameclass"), ("steps", "steps"), ("precision", ""))
 # log.csv's columns beyond train.py's: the objective f and the norm of its gradient, at the logged steps.
 LOG_EXTRA = ["objective", "grad_norm"]
 
@@ -70,73 +55,25 @@ class Model:
 
 def add_selection_arguments(group: config.FlagGroup) -> None:
     """ufm.py's flags that select a run (and so its default folder); their dests are config.json's keys."""
-    add = group.add_argument
-    add("--classes", type=_classes, default=DEFAULTS["classes"], metavar="K", help="number of classes (default 10)")
-    add("--dim", type=config.positive_int, default=DEFAULTS["dim"], metavar="D",
-        help="feature dimension d (default 512, ResNet-18's); the optima of docs/ufm.md need K <= d + 1 (MSE: K <= d)")
-    add("--per-class", dest="samples_per_class", type=config.positive_int, default=DEFAULTS["samples_per_class"],
-        metavar="n", help="training samples per class, of the largest classes under --imbalance (default 500)")
-    config.add_loss_arguments(add)
-    add("--no-bias", dest="bias", action="store_false", default=True, help="a classifier without bias (default: "
-        "with an unregularised bias)")
-    add("--weight-decay-features", type=config.non_negative_float, default=DEFAULTS["weight_decay_features"],
-        metavar="LAMBDA_H", help="lamH, the weight decay of the features (default 5e-4, the paper's weight decay)")
-    add("--weight-decay-classifier", type=config.non_negative_float, default=DEFAULTS["weight_decay_classifier"],
-        metavar="LAMBDA_W", help="lamW, the weight decay of the classifier (default 5e-4)")
-    add("--weight-decay-bias", type=config.non_negative_float, metavar="LAMBDA_B",
-        help="lamb, the weight decay of the bias (default 0: unregularised)")
-    add("--imbalance", type=config.imbalance_ratio, default=DEFAULTS["imbalance"], metavar="R",
-        help="the largest class has R times the samples of the smallest (default 1: balanced)")
-    add("--imbalance-profile", choices=datasets.IMBALANCE_PROFILES, help="with --imbalance: step (Fang et al. 2021, "
-        "default): the first ceil(K/2) classes keep n samples, the others ceil(n/R); exp: class c keeps "
-        "floor(n R^(-c/(K-1)))")
-    config.add_mixup_arguments(add)
-    add("--optimizer", choices=("gd", "sgd"), default=DEFAULTS["optimizer"], help="gd: gradient descent on the "
-        "whole training set (default); sgd: on shuffled batches of --batch-size; no momentum")
-    add("--lr", type=config.positive_float, default=DEFAULTS["lr"], help="learning rate (default 8: large, since a "
-        "feature's share of the mean loss is 1/N; docs/ufm.md)")
-    add("--batch-size", type=config.positive_int, help="with --optimizer sgd: samples per step (default 128)")
-    add("--steps", type=config.positive_int, default=DEFAULTS["steps"], metavar="S",
-        help="optimizer steps (default 5000)")
-    add("--precision", choices=tuple(PRECISIONS), default=DEFAULTS["precision"],
-        help="fp64 (default) or fp32 for every tensor and the loss")
-    add("--seed", type=config.seed, default=0,
-        help="fixes the initialisation, the batches and Mixup's draws (default 0)")
-    add("--run-dir", type=Path, help="the run folder (default: runs/UFM-K<K>-d<D>-n<n>-<loss>-seed<seed>"
-        "[-<non-default settings>])")
+    config.add_settings(group, config.UFM, "run")
+    group.add_argument("--run-dir", type=Path, help="the run folder (default: runs/UFM-K<K>-d<D>-n<n>-<loss>-seed<seed>"
+                       "[-<non-default settings>])")
 
 
 def add_run_arguments(group: config.FlagGroup) -> None:
     """ufm.py's other flags: how often it measures, and where it runs; none changes the run's numbers beyond
     rounding (the device)."""
-    add = group.add_argument
-    add("--num-checkpoints", type=config.positive_int, default=DEFAULTS["num_checkpoints"], metavar="M",
-        help="steps at which nc_metrics.csv and log.csv get a row: M log-spaced in 1..S, the last always "
-        "included (default 50)")
-    add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    config.add_settings(group, config.UFM, "training")
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
     """Every setting of the run from the flags, a setting the run does not use (a loss's parameter under
     another loss, the batch size of gd, the profile of a balanced set, same-class pairs without Mixup)
     None, and what derives from them: the classes' sizes and the figures' names for the run."""
-    regression = args.loss in losses.REGRESSION_LOSSES
+    settings = config.resolve(config.UFM, args)
     run = {"script": SCRIPT, "time_unit": "step", "dataset": "UFM", "model": f"K={args.classes}, d={args.dim}",
-           "classes": args.classes, "num_classes": args.classes, "dim": args.dim,
-           "samples_per_class": args.samples_per_class, "loss": args.loss,
-           "target_scale": _used(args.target_scale, "target_scale", regression),
-           "label_smoothing": _used(args.label_smoothing, "label_smoothing", args.loss == "label_smoothing"),
-           "focal_gamma": _used(args.focal_gamma, "focal_gamma", args.loss == "focal"), "bias": args.bias,
-           "weight_decay_features": args.weight_decay_features,
-           "weight_decay_classifier": args.weight_decay_classifier,
-           "weight_decay_bias": _used(args.weight_decay_bias, "weight_decay_bias", args.bias),
-           "imbalance": args.imbalance,
-           "imbalance_profile": _used(args.imbalance_profile, "imbalance_profile", args.imbalance > 1),
-           "mixup_alpha": args.mixup_alpha or 0.0,
-           "mixup_same_class": _used(args.mixup_same_class, "mixup_same_class", bool(args.mixup_alpha)),
-           "optimizer": args.optimizer, "lr": args.lr,
-           "batch_size": _used(args.batch_size, "batch_size", args.optimizer == "sgd"), "steps": args.steps,
-           "precision": args.precision, "seed": args.seed, "num_checkpoints": args.num_checkpoints}
+           **settings, "num_classes": settings["classes"]}
     run["class_counts"] = datasets.imbalanced_counts(args.classes, args.samples_per_class, args.imbalance,
                                                      run["imbalance_profile"])
     if run["batch_size"] is not None and run["batch_size"] > sum(run["class_counts"]):
@@ -147,19 +84,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
 
 def run_name(run: dict) -> str:
     """UFM-K<K>-d<D>-n<n>-<loss>-seed<seed>, then a tag for each setting that is not its default."""
-    parts = ["UFM", f"K{run['classes']}", f"d{run['dim']}", f"n{run['samples_per_class']}", run["loss"],
-             f"seed{run['seed']}"]
-    for key, tag in NAME_TAGS:
-        value = run[key]
-        if value is None or value == DEFAULTS[key]:
-            continue
-        if isinstance(value, bool):
-            parts.append(tag)
-        elif key == "imbalance":
-            parts.append(f"{tag}{value:g}{run['imbalance_profile']}")
-        else:
-            parts.append(f"{tag}{value:g}" if isinstance(value, float) else f"{tag}{value}")
-    return "-".join(parts)
+    return "-".join(["UFM", f"K{run['classes']}", f"d{run['dim']}", f"n{run['samples_per_class']}", run["loss"],
+                     f"seed{run['seed']}", *config.name_tags(config.UFM, run)])
 
 
 def default_run_dir(run: dict, args: argparse.Namespace) -> Path:
@@ -290,7 +216,7 @@ def finished(run_dir: Path, steps: int) -> bool:
 
 def result_differences(old: dict, new: dict) -> list[str]:
     """The result-changing settings on which two UFM configs differ, as 'key: old -> new'."""
-    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in RESULT_KEYS if old.get(key) != new.get(key)]
+    return config.result_differences(old, new, config.UFM)
 
 
 def _batches(count: int, run: dict) -> Iterator[torch.Tensor | None]:
@@ -343,20 +269,6 @@ def _final_problem(state) -> str | None:
     if labels.dtype != torch.int64 or labels.min() < 0 or labels.max() >= classes:
         return "labels outside 0..K-1"
     return None
-
-
-def _used(value, key: str, relevant: bool):
-    """A setting's value (its default if not given) when the run uses it, else None."""
-    if not relevant:
-        return None
-    return DEFAULTS[key] if value is None else value
-
-
-def _classes(text: str) -> int:
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2, got {text}")
-    return value
 
 
 def _generator(seed: int, stream: int) -> torch.Generator:

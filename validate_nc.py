@@ -45,6 +45,7 @@ import engine
 import losses
 import plotting
 import progress
+import reports
 import runs
 
 REPRESENTATION_LAMBDAS = [step / 10 for step in range(11)]
@@ -111,7 +112,8 @@ def main(args: argparse.Namespace) -> int:
         if args.follow:
             return follow(args, device, held)
         run_dir, run_config, checkpoints, table = distributed.on_every_rank(_find_run, args, device)
-        distributed.on_rank_zero(_refuse_unwritable, run_dir, args.plots_dir or plotting.default_plots_dir(run_config, run_dir),
+        distributed.on_rank_zero(_refuse_unwritable, run_dir,
+                                 args.plots_dir or runs.default_plots_dir(run_config, run_dir),
                                  not args.representations)
         if args.representations:
             return distributed.on_rank_zero(draw_representations, dict(checkpoints), run_config, run_dir, args,
@@ -261,10 +263,9 @@ def draw_representations(checkpoints: dict[int, Path], run_config: dict, run_dir
         raise UserError(f"{run_dir} has no checkpoint of epoch {missing[0]}; choose among {sorted(checkpoints)}")
     classes = _representation_classes(args.classes, run_config)
     root = args.data_root or Path(run_config["data_root"])
-    train = datasets.load_run_data(run_config["dataset"], root, run_config["samples_per_class"], run_config["seed"],
-                                   args.download, device, *_data_settings(run_config),
+    train = datasets.load_run_data(run_config, root, args.download, device,
                                    functools.partial(_check_data, run_config, run_dir)).train
-    plots_dir = args.plots_dir or plotting.default_plots_dir(run_config, run_dir)
+    plots_dir = args.plots_dir or runs.default_plots_dir(run_config, run_dir)
     for epoch in epochs:
         state = runs.load_checkpoint(checkpoints[epoch], epoch)
         model = engine.build_model(state["config"], device)
@@ -297,9 +298,8 @@ def _load_data(run_config: dict, args: argparse.Namespace, device: torch.device,
     root = args.data_root or Path(run_config["data_root"])
     if args.download:
         distributed.on_rank_zero(datasets.fetch, run_config["dataset"], root)
-    return distributed.on_every_rank(datasets.load_run_data, run_config["dataset"], root,
-                                     run_config["samples_per_class"], run_config["seed"], args.download, device,
-                                     *_data_settings(run_config), functools.partial(_check_data, run_config, run_dir))
+    return distributed.on_every_rank(datasets.load_run_data, run_config, root, args.download, device,
+                                     functools.partial(_check_data, run_config, run_dir))
 
 
 def _check_data(run_config: dict, run_dir: Path, fingerprint: dict) -> None:
@@ -325,13 +325,6 @@ def _given(parser: argparse.ArgumentParser, argv: list[str] | None, args: argpar
     unset = object()
     probe = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
     return frozenset(dest for dest, value in vars(probe).items() if value is not unset)
-
-
-def _data_settings(run_config: dict) -> tuple[float, str | None, int | None]:
-    """What datasets.load_run_data takes of the run's settings besides the subset's size and seed: the
-    imbalance ratio and profile, and a folder dataset's image size (a run written before a setting existed
-    has its default)."""
-    return run_config.get("imbalance", 1.0), run_config.get("imbalance_profile"), run_config.get("image_size")
 
 
 def _measure(epoch: int, path: Path, run_config: dict, train: engine.Split, test: engine.Split,
@@ -380,7 +373,7 @@ def _refuse_unwritable(run_dir: Path, plots_dir: Path, measuring: bool) -> None:
 def _lacks(row: dict, args: argparse.Namespace, run_config: dict) -> bool:
     """Whether a row of the table lacks a measurement asked for (or, of an imbalanced run, its Minority
     Collapse columns), and so is measured again."""
-    return runs.lacks_measurements(row, run_config, args.layers, args.test_collapse, args.adversarial)
+    return reports.lacks_measurements(row, run_config, args.layers, args.test_collapse, args.adversarial)
 
 
 def _report(run_config: dict, run_dir: Path, table: dict, measured: int, plots_dir: Path | None,
@@ -390,10 +383,10 @@ def _report(run_config: dict, run_dir: Path, table: dict, measured: int, plots_d
     if not table:
         return []
     runs.write_summary(run_dir)  # also where it was lost: a study counts a run done once it is there
-    plots_dir = plots_dir or plotting.default_plots_dir(run_config, run_dir)
+    plots_dir = plots_dir or runs.default_plots_dir(run_config, run_dir)
     written = plotting.plot_run(run_dir, plots_dir, f".{figure_format}", style)
-    summary = plotting.tpt_table(run_dir)
-    runs.write_text(plots_dir / "tpt_table.md", summary)
+    summary = reports.tpt_table(run_dir)
+    runs.write_text(plots_dir / reports.TPT_TABLE, summary)
     print(summary)
     print(f"{measured} checkpoint(s) measured, {len(table)} in {run_dir / 'nc_metrics.csv'}; "
           f"{len(written) + 1} files in {plots_dir}/")
@@ -415,7 +408,8 @@ def _run_config(run_dir: Path, args: argparse.Namespace, requested: dict) -> dic
     run_config = runs.read_config(run_dir) if run_dir.is_dir() else None
     if run_config is None:
         data = "" if requested["dataset"] == "synthetic" else \
-            f" --data-root {args.data_root}" if args.data_root else " --download (or --data-root DIR, a folder with a copy)"
+            f" --data-root {args.data_root}" if args.data_root else \
+            " --download (or --data-root DIR, a folder with a copy)"
         train_flags = config.selection_flags(requested) + (["--run-dir", str(run_dir)] if args.run_dir else [])
         raise UserError(f"no run folder at {run_dir}; {_nearest_runs(run_dir.parent, requested)}train it with: "
                         f"python train.py {' '.join(train_flags)}{data}")

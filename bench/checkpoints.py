@@ -84,7 +84,8 @@ def main(args: argparse.Namespace) -> int:
         lost, during = zip(*(_background_cost(state, Path(folder) / "background.pt") for _ in range(args.repeats)))
     median = {name: common.median(series) for name, series in seconds.items()}
     print(f"last.pt (resnet18 width {args.width}, {size / 2 ** 20:.1f} MiB, median of {args.repeats}, cpu): "
-          f"save_checkpoint {median['save_checkpoint']:.3g} s vs torch.save and rename {median['save and rename']:.3g} s "
+          f"save_checkpoint {median['save_checkpoint']:.3g} s vs torch.save and rename "
+          f"{median['save and rename']:.3g} s "
           f"({common.ratio(median['save_checkpoint'], median['save and rename'])}; torch.save alone "
           f"{median['torch.save']:.3g} s, without its CRCs {median['save, no CRC']:.3g} s); load_checkpoint "
           f"{median['load_checkpoint']:.3g} s vs torch.load "

@@ -44,9 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--dataset", default="synthetic", help="as train.py's --dataset (default synthetic, offline)")
     add("--data-root", default="data", help="as train.py's --data-root (default ./data)")
     add("--model", default="resnet18", help="a network of the registry (default resnet18)")
-    add("--width", type=config.positive_int, help=f"channel width (default {FULL['width']}; {QUICK['width']} with --quick)")
+    add("--width", type=config.positive_int, help=f"channel width (default {FULL['width']}; "
+        f"{QUICK['width']} with --quick)")
     add("--samples-per-class", type=config.positive_int, metavar="K",
-        help=f"training images per class (default {FULL['samples_per_class']}; {QUICK['samples_per_class']} with --quick)")
+        help=f"training images per class (default {FULL['samples_per_class']}; "
+        f"{QUICK['samples_per_class']} with --quick)")
     add("--repeats", type=config.positive_int, help="timed repetitions of each contender, interleaved; the "
         f"median is reported (default {FULL['repeats']}; {QUICK['repeats']} with --quick)")
     add("--threads", type=config.positive_int, help="torch threads (default 1 on the CPU, where two threads on "

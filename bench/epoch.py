@@ -42,7 +42,7 @@ from bench import common  # noqa: E402
 
 TARGET = 1.2
 # The paper's protocol: 350 epochs, 50 of them analysis checkpoints.
-PROTOCOL_EPOCHS, PROTOCOL_CHECKPOINTS = config.PROTOCOL["epochs"], config.PROTOCOL["num_checkpoints"]
+PROTOCOL_EPOCHS, PROTOCOL_CHECKPOINTS = config.EPOCHS.default, config.NUM_CHECKPOINTS.default
 DEFAULT_EPOCHS, QUICK_EPOCHS = (8, 3), (4, 2)  # (epochs, analysis checkpoints) of the train.py run
 
 

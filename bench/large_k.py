@@ -15,7 +15,8 @@ features. Then, each in a fresh process with --threads torch threads:
     tiled     the statistics pass, then nc_metrics' `metrics_from_stats`: the time of the metrics alone.
     dense     the same pass, then the pairwise measures as nc_metrics.py computed them before its tiles: whole
               C x C matrices, and a difference vector per pair for the CDNV and the energy (C^2 d / 2 numbers,
-              twice); run only where that fits --dense-limit GiB and half the memory available. Reported beside `tiled`: time, peak resident set and
+              twice); run only where that fits --dense-limit GiB and half the memory available. Reported beside `tiled`:
+              time, peak resident set and
               the largest relative difference of the pairwise measures.
 
 Every line printed is also a row of --out's CSV, with the machine's one-minute load average when it began.

@@ -68,9 +68,11 @@ def main(args: argparse.Namespace) -> int:
     what = common.describe(work, f"batch {args.batch_size}", "strict fp32", f"median of {args.repeats}")
     print(f"checkpoint measurement ({what}): measure_collapse {measured:.3g} s vs bare forward {bare:.3g} s "
           f"({common.ratio(measured, bare)}, target <= {TARGET:.2f}x); with --layers --test-collapse "
-          f"{extended:.3g} s ({common.ratio(extended, measured)} the plain measurement, target <= {EXTENDED_TARGET:.2f}x)")
+          f"{extended:.3g} s ({common.ratio(extended, measured)} the plain measurement, "
+          f"target <= {EXTENDED_TARGET:.2f}x)")
     if args.adversarial:
-        deepfool = common.seconds_of(lambda: engine.adversarial_robustness(model, work.test, settings, args.adversarial),
+        deepfool = common.seconds_of(lambda: engine.adversarial_robustness(model, work.test, settings,
+                                                                           args.adversarial),
                                      work.device)
         print(f"DeepFool on {args.adversarial} test images: {deepfool:.3g} s per checkpoint")
     return 0

@@ -164,7 +164,8 @@ class Checks:
         ours, reference = runs.read_log(bf16), runs.read_log(fp32)
         finite = all(math.isfinite(row["train_loss"]) for row in ours)
         gap = abs(ours[-1]["train_loss"] - reference[-1]["train_loss"]) / reference[-1]["train_loss"]
-        return Result("bf16", finite and gap <= BF16_TOLERANCE, f"train loss after 3 epochs {ours[-1]['train_loss']:.4f}"
+        return Result("bf16", finite and gap <= BF16_TOLERANCE,
+                      f"train loss after 3 epochs {ours[-1]['train_loss']:.4f}"
                       f" in bf16 vs {reference[-1]['train_loss']:.4f} in fp32 (relative difference {gap:.1e}, "
                       f"tolerance {BF16_TOLERANCE:g}){'' if finite else '; NOT finite'}", _peak(outputs))
 

@@ -72,6 +72,7 @@ import datasets  # noqa: E402
 import engine  # noqa: E402
 import losses  # noqa: E402
 import plotting  # noqa: E402
+import reports  # noqa: E402
 import runs  # noqa: E402
 
 # Seconds per training epoch of full CIFAR-10 on ResNet-18 (width 64, batch 128) with CUDA graphs.
@@ -88,7 +89,7 @@ COMPILE_GRACE = {"gpu": 180.0, "tiny": 120.0}  # seconds a compiled trainer may 
 STOP_MARGIN = {"gpu": 30, "tiny": 12}  # seconds before the deadline at which the trainers stop
 PACK_MARGIN = {"gpu": 20, "tiny": 8}  # seconds before the deadline at which everything stops, to pack
 STOP_WAIT = 15  # seconds the processes asked to stop get before they are killed
-FOLLOW_GRACE = 5  # validate_nc.py --follow's grace: it starts once its trainer holds the lock
+SHORT_FOLLOW_GRACE = 5  # validate_nc.py --follow's grace: it starts once its trainer holds the lock
 TINY = {"flags": ["--dataset", "synthetic", "--width", "4", "--samples-per-class", "20", "--device", "cpu"],
         "epochs": 4, "num_checkpoints": 3}
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -121,9 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "unpacked from .gpu/cifar10-jpeg.zip when missing)")
     add("--seeds", type=config.positive_int, default=1, help="seeds 0..N-1 trained at once as N processes on the "
         "GPU, if the probe shows that they finish by the deadline (seed 0 alone otherwise); default 1")
-    add("--epochs", type=config.positive_int, help=f"default {config.PROTOCOL['epochs']} "
+    add("--epochs", type=config.positive_int, help=f"default {config.EPOCHS.default} "
         f"({TINY['epochs']} with --tiny)")
-    add("--num-checkpoints", type=config.positive_int, help=f"default {config.PROTOCOL['num_checkpoints']} "
+    add("--num-checkpoints", type=config.positive_int, help=f"default {config.NUM_CHECKPOINTS.default} "
         f"({TINY['num_checkpoints']} with --tiny)")
     add("extra", nargs=argparse.REMAINDER, metavar="-- FLAGS", help="flags after -- go to train.py and "
         "validate_nc.py alike: the flags that select the run (e.g. -- --width 32)")
@@ -225,7 +226,7 @@ class Plan:
     def run_dir(self, seed: int) -> Path:
         """The folder train.py itself would choose for the run."""
         parsed = _selection_args(self.run_flags(seed))
-        return self.runs_dir / config.run_name(config.resolve_config(parsed), parsed)
+        return self.runs_dir / config.run_name(config.resolve_config(parsed))
 
     def log(self, name: str) -> Path:
         return self.runs_dir / "paper_scale-logs" / f"{name}.log"
@@ -233,7 +234,7 @@ class Plan:
     def name(self) -> str:
         """results/<name>: dataset-model[-loss if not ce][-settings], -bf16, -<N>seeds."""
         parts = self.run_dir(0).name.split("-")
-        kept = parts[:2] + ([parts[2]] if parts[2] != config.PROTOCOL["loss"] else []) + parts[4:]
+        kept = parts[:2] + ([parts[2]] if parts[2] != config.LOSS.default else []) + parts[4:]
         return "-".join(kept) + (f"-{len(self.seeds)}seeds" if len(self.seeds) > 1 else "")
 
     def results_dir(self) -> Path:
@@ -285,8 +286,8 @@ def make_plan(args: argparse.Namespace, clock: "_Clock") -> Plan:
     if not cuda and not args.tiny:
         raise UserError("no CUDA GPU here: the paper-scale run needs one; scripts/paper_scale.sh --tiny runs every "
                         "step of it on the CPU")
-    epochs = args.epochs or (TINY["epochs"] if args.tiny else config.PROTOCOL["epochs"])
-    checkpoints = args.num_checkpoints or (TINY["num_checkpoints"] if args.tiny else config.PROTOCOL["num_checkpoints"])
+    epochs = args.epochs or (TINY["epochs"] if args.tiny else config.EPOCHS.default)
+    checkpoints = args.num_checkpoints or (TINY["num_checkpoints"] if args.tiny else config.NUM_CHECKPOINTS.default)
     data_root = None if args.tiny else args.data_root.resolve()
     dataset = TINY["flags"] if args.tiny else ["--dataset", "CIFAR10", "--data-root", str(data_root)]
     if args.precision != "auto":
@@ -375,10 +376,10 @@ def run_everything(plan: Plan, outcome: Outcome, clock: "_Clock") -> None:
     probing, said = len(plan.seeds) > 1, clock.now()
     while True:
         for index, job in enumerate(outcome.jobs):
-            outcome.jobs[index] = _advance(job, plan, outcome, probing, clock)
+            outcome.jobs[index] = _next_job(job, plan, outcome, probing, clock)
         if probing and _probe_over(outcome.jobs, clock):
             probing = False
-            _decide(plan, outcome, clock)
+            _keep_or_stop_seeds(plan, outcome, clock)
         if all(job.trainer.poll() is not None and (job.follower is None or job.follower.poll() is not None)
                for job in outcome.jobs):
             break
@@ -409,7 +410,7 @@ def pack(plan: Plan, outcome: Outcome, clock: "_Clock") -> None:
                 with runs.atomic_path(target / name) as tmp:
                     shutil.copyfile(job.run_dir / name, tmp)
         if runs.read_nc_metrics(target):
-            runs.write_text(target / "tpt_table.md", plotting.tpt_table(target))
+            runs.write_text(target / "tpt_table.md", reports.tpt_table(target))
             measured.append(target)
     runs.write_text(results / "timings.txt", earlier + timings(plan, outcome, clock))
     print((results / "timings.txt").read_text(), end="", flush=True)
@@ -471,13 +472,14 @@ def known_precision(epochs: int, checkpoints: int, seconds_left: float) -> tuple
 def _start(plan: Plan, seed: int, compiled: bool, clock: "_Clock") -> Job:
     """Start seed's trainer on a run folder of its own (which it resumes if the folder holds a last.pt)."""
     run_dir = plan.run_dir(seed)
-    command = [sys.executable, "train.py", *plan.run_flags(seed), "--num-checkpoints", str(plan.num_checkpoints), "--eval-every", "0", "--save-last", "checkpoint",
+    command = [sys.executable, "train.py", *plan.run_flags(seed), "--num-checkpoints", str(plan.num_checkpoints),
+               "--eval-every", "0", "--save-last", "checkpoint",
                "--run-dir", str(run_dir)] + (["--compile"] if compiled else [])
     name = f"train-seed{seed}-{plan.precision}" + ("" if compiled or not plan.compiled else "-eager")
     return Job(seed, run_dir, _spawn(command, plan.log(name)), compiled, [command], clock.now())
 
 
-def _advance(job: Job, plan: Plan, outcome: Outcome, probing: bool, clock: "_Clock") -> Job:
+def _next_job(job: Job, plan: Plan, outcome: Outcome, probing: bool, clock: "_Clock") -> Job:
     """Note when things happened, start the follower once the trainer holds the run's lock (after the
     probe: it times training alone), and replace a compiled trainer that failed or is still compiling
     after its grace by an eager one; the job, or the one replacing it."""
@@ -486,7 +488,7 @@ def _advance(job: Job, plan: Plan, outcome: Outcome, probing: bool, clock: "_Clo
     if job.compiled and not job.stopped and _compile_failed(job, plan, clock):
         return _restart_eagerly(job, plan, outcome, clock)
     if job.follower is None and job.trainer.poll() is None and not probing and _holds_lock(job):
-        command = [sys.executable, "validate_nc.py", "--run-dir", str(job.run_dir), "--follow", str(FOLLOW_GRACE),
+        command = [sys.executable, "validate_nc.py", "--run-dir", str(job.run_dir), "--follow", str(SHORT_FOLLOW_GRACE),
                    "--plots-dir", str(job.run_dir / "plots")] + (["--device", "cpu"] if plan.tiny else [])
         job.commands.append(command)
         job.follower = _spawn(command, plan.log(f"validate-seed{job.seed}-{plan.precision}"))
@@ -533,7 +535,7 @@ def _probe_over(jobs: list[Job], clock: "_Clock") -> bool:
     return bool(firsts) and clock.now() - min(firsts) >= PROBE_SECONDS
 
 
-def _decide(plan: Plan, outcome: Outcome, clock: "_Clock") -> None:
+def _keep_or_stop_seeds(plan: Plan, outcome: Outcome, clock: "_Clock") -> None:
     """After the seeds' probe: keep every run if they finish by the deadline at the slowest one's pace,
     else stop seeds 1.. and let seed 0 go on."""
     left = clock.deadline - STOP_MARGIN[plan.kind()] - clock.now()

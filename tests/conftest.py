@@ -1,9 +1,12 @@
-"""Test-wide settings: one torch thread, since two threads on two loaded cores can be 100x slower; and the
-fixtures several test files share."""
+"""Test-wide settings: one torch thread, since two threads on two loaded cores can be 100x slower; what several
+test files share (`from conftest import ...`): the tiny runs' flags, running a script in its own process or
+validate_nc.py in this one, and the check of a one-line refusal; and a time limit per test."""
 import faulthandler
 import os
 import re
+import resource
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -15,8 +18,41 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 torch.set_num_threads(1)
+
+import train  # noqa: E402  (found once the repository is on the path)
+import validate_nc  # noqa: E402
 # The packages the design builds on; pytest runs the tests. requirements.txt's others are optional.
 DESIGN_PACKAGES = {"torch", "torchvision", "numpy", "scipy", "matplotlib", "tqdm", "pillow", "pytest"}
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # a script's environment
+
+
+def tiny_flags(epochs: int = 2, checkpoints: int | None = None, per_class: int = 20, *extra: str) -> list[str]:
+    """train.py's flags of a tiny run on the CPU: synthetic data, width 4, `per_class` images per class, `epochs`
+    epochs and `checkpoints` analysis checkpoints (default: one per epoch), then `extra`."""
+    return ["--dataset", "synthetic", "--width", "4", "--epochs", str(epochs), "--num-checkpoints",
+            str(checkpoints or epochs), "--samples-per-class", str(per_class), "--device", "cpu", *extra]
+
+
+def command(*args: str, cwd: Path = REPO, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+    """A script run in its own process with one thread; `file_size_limit` caps the bytes any file may grow to, so
+    that a write past it fails in the kernel as on a full disk (with EFBIG instead of ENOSPC)."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=ONE_THREAD, capture_output=True, text=True,
+                          timeout=600, preexec_fn=limit if file_size_limit is not None else None)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The single line a refused command printed; the command must have exited 2 without a traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def validate(run_dir: Path, *flags: str) -> int:
+    """validate_nc.py in this process on the CPU, its figures in plots/ beside the run folder."""
+    return validate_nc.main(validate_nc.parse_args(["--run-dir", str(run_dir), "--device", "cpu", "--plots-dir",
+                                                    str(Path(run_dir).parent / "plots"), *flags]))
 
 
 @pytest.fixture(name="optional_packages")
@@ -37,10 +73,19 @@ def design_packages_only(tmp_path_factory) -> dict[str, str]:
     """An environment for subprocesses (and theirs) in which only the design's packages import: a
     sitecustomize on PYTHONPATH makes every optional package's import fail as a missing one's does."""
     folder = tmp_path_factory.mktemp("design-packages-only")
-    (folder / "sitecustomize.py").write_text(f"import sys\nsys.modules.update(dict.fromkeys({optional_packages()!r}))\n")
+    (folder / "sitecustomize.py").write_text(
+        f"import sys\nsys.modules.update(dict.fromkeys({optional_packages()!r}))\n")
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(REPO)]), "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1"}
 
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory) -> Path:
+    """A run of train.py with `tiny_flags(3)`, trained once for the whole test run: tests read it and never
+    change it (one that would, copies it first)."""
+    run_dir = tmp_path_factory.mktemp("tiny-trained") / "run"
+    assert train.main(train.parse_args([*tiny_flags(3), "--run-dir", str(run_dir)])) == 0
+    return run_dir
 
 
 # ---------------------------------------------------------------- a time limit per test

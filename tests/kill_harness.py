@@ -2,7 +2,8 @@
 
     python tests/kill_harness.py steps N TRAIN_ARGS...   # killed right after the N-th optimizer step, the
                                                          # files of the epochs before it written
-    python tests/kill_harness.py save N TRAIN_ARGS...    # killed half-way through writing the N-th file torch.save writes
+    python tests/kill_harness.py save N TRAIN_ARGS...    # killed half-way through writing the N-th file
+                                                         # torch.save writes
     python tests/kill_harness.py pause N TRAIN_ARGS...   # as `steps`, but stopped (SIGSTOP) until sent SIGCONT
 
 Nothing of train.py is changed: the harness wraps torch's optimizer step and torch.save, which is

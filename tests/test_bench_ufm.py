@@ -16,5 +16,6 @@ def test_quick_run_prints_a_line_per_case_against_the_first(capsys):
               r"whose K N it has x(\S+)"
     found = [re.fullmatch(pattern, line) for line in lines]
     assert all(found) and len(found) == 3, lines
-    assert [(int(match[1]), int(match[2]), float(match[4])) for match in found] == [(4, 40, 1), (8, 40, 2), (4, 400, 10)]
+    assert [(int(match[1]), int(match[2]), float(match[4])) for match in found] == \
+        [(4, 40, 1), (8, 40, 2), (4, 400, 10)]
     assert float(found[0][3]) == 1

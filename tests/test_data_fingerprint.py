@@ -18,19 +18,15 @@ from PIL import Image
 import datasets
 import runs
 import train
-import validate_nc
 from errors import UserError
 from test_integrity import snapshot
 from test_own_data import write_folder
 from test_safety import write_cifar10
+from conftest import validate
 
 TINY = ["--width", "4", "--epochs", "1", "--num-checkpoints", "1", "--device", "cpu"]
 FOLDER = {"a": (6, 3), "b": (6, 3), "c": (6, 3)}  # class -> (train images, test images)
 
-
-def validate(run_dir: Path, *flags: str) -> int:
-    return validate_nc.main(validate_nc.parse_args(["--run-dir", str(run_dir), "--device", "cpu", "--plots-dir",
-                                                    str(run_dir.parent / "plots"), *flags]))
 
 
 @pytest.fixture(scope="module")

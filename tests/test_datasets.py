@@ -296,11 +296,13 @@ def test_batches_augment_when_asked():
 
 def test_load_run_data_keeps_the_balanced_subset():
     (train_images, train_labels), (test_images, test_labels), per_class, _ = datasets.load_run_data(
-        "synthetic", "ignored", 3, seed=0, download=False, device=torch.device("cpu"))
+        {"dataset": "synthetic", "samples_per_class": 3, "seed": 0}, "ignored", download=False,
+        device=torch.device("cpu"))
     assert per_class == 3 and train_images.shape == (30, 3, 32, 32)
     assert torch.bincount(train_labels).tolist() == [3] * 10
     assert len(test_labels) == 500 and test_images.shape == (500, 3, 32, 32)
-    _, _, everything, _ = datasets.load_run_data("synthetic", "ignored", None, 0, False, torch.device("cpu"))
+    _, _, everything, _ = datasets.load_run_data({"dataset": "synthetic", "samples_per_class": None, "seed": 0},
+                                                 "ignored", False, torch.device("cpu"))
     assert everything == 100
 
 
@@ -381,3 +383,25 @@ def _crop_of(padded: np.ndarray, out: np.ndarray) -> tuple[int, int, bool] | Non
                 if np.array_equal(candidate, out):
                     return dy, dx, flipped
     return None
+
+
+def test_the_test_subset_is_class_balanced_seeded_and_refused_beyond_the_split():
+    labels = torch.arange(50) % 10  # five test images of each of ten classes
+    picked = datasets.test_subset_indices(labels, 23, seed=0)
+    assert torch.bincount(labels[picked]).tolist() == [3, 3, 3] + [2] * 7 and len(set(picked.tolist())) == 23
+    assert torch.equal(picked, datasets.test_subset_indices(labels, 23, seed=0))
+    assert not torch.equal(picked, datasets.test_subset_indices(labels, 23, seed=1))
+    assert not torch.equal(picked[:20], datasets.test_subset_indices(labels, 20, seed=0))
+    assert torch.bincount(labels[datasets.test_subset_indices(labels, 50, seed=0)]).tolist() == [5] * 10
+    with pytest.raises(UserError, match=r"--test-samples 51 needs 6 test images of class 0, which has 5; choose at "
+                                        r"most 50"):
+        datasets.test_subset_indices(labels, 51, seed=0)
+
+
+def test_a_run_with_test_samples_is_tested_on_that_subset_of_the_test_split():
+    run = {"dataset": "synthetic", "samples_per_class": 3, "seed": 4}
+    whole = datasets.load_run_data(run, "ignored", False, torch.device("cpu"))
+    some = datasets.load_run_data({**run, "test_samples": 30}, "ignored", False, torch.device("cpu"))
+    chosen = datasets.test_subset_indices(whole.test[1], 30, seed=4)
+    assert torch.equal(some.test[0], whole.test[0][chosen]) and torch.equal(some.test[1], whole.test[1][chosen])
+    assert torch.bincount(some.test[1]).tolist() == [3] * 10 and torch.equal(some.train[0], whole.train[0])

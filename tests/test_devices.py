@@ -18,9 +18,9 @@ import runs
 import train
 import validate_nc
 from errors import UserError
+from conftest import tiny_flags
 
-TINY = ["--dataset", "synthetic", "--width", "4", "--epochs", "2", "--num-checkpoints", "2",
-        "--samples-per-class", "10", "--device", "cpu"]
+TINY = tiny_flags(2, 2, 10)
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, scripts/gpu_check.sh resumes on it")
 
 

@@ -1,6 +1,5 @@
 """torchrun on the CPU (gloo, 2 processes): training and NC measurement give the numbers of one process,
 shards count every sample once, and a user error on one process stops all of them."""
-import os
 import shutil
 import subprocess
 import sys
@@ -16,9 +15,9 @@ import runs
 import train
 import validate_nc
 from nc_metrics import FeatureStats
+from conftest import ONE_THREAD
 
 REPO = Path(__file__).resolve().parents[1]
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TINY = ["--dataset", "synthetic", "--width", "4", "--samples-per-class", "20", "--device", "cpu",
         "--precision", "fp32", "--lr-milestones", "1"]
 # Without batch norm the processes compute what one process does, up to float32 reduction order
@@ -82,12 +81,13 @@ def test_validation_under_torchrun_equals_one_process(tmp_path):
     """200 training and 500 test images in batches of 48: shards of 3 and 2 batches, and of 6 and 5."""
     train_here(tmp_path / "alone", "--epochs", "3", "--num-checkpoints", "3")
     alone = validate_nc.main(validate_nc.parse_args(["--run-dir", str(tmp_path / "alone"), "--device", "cpu",
-                                                     "--eval-batch-size", "48", "--plots-dir", str(tmp_path / "plots")]))
+                                                     "--eval-batch-size", "48",
+                                                     "--plots-dir", str(tmp_path / "plots")]))
     assert alone == 0
     shutil.copytree(tmp_path / "alone", tmp_path / "shared")
     (tmp_path / "shared" / "nc_metrics.csv").unlink()
-    done = torchrun("validate_nc.py", "--run-dir", str(tmp_path / "shared"), "--device", "cpu", "--eval-batch-size", "48",
-                    "--plots-dir", str(tmp_path / "shared_plots"), cwd=tmp_path)
+    done = torchrun("validate_nc.py", "--run-dir", str(tmp_path / "shared"), "--device", "cpu",
+                    "--eval-batch-size", "48", "--plots-dir", str(tmp_path / "shared_plots"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("3 checkpoint(s) measured") == 1  # process 0 alone reports
     expected, got = runs.read_nc_metrics(tmp_path / "alone"), runs.read_nc_metrics(tmp_path / "shared")

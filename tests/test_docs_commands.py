@@ -194,7 +194,7 @@ def section(page: Path, heading: str) -> str:
 
 def run_name(flags: list[str]) -> str:
     args = train.parse_args(flags)
-    return config.run_name(config.resolve_config(args), args)
+    return config.run_name(config.resolve_config(args))
 
 
 def git(folder: Path, *arguments: str) -> str:

@@ -4,8 +4,6 @@ labelled at both ends without crowding, one onset line per run, one loss per axi
 the row-norm panel's points off the frame); no absolute path in a title; nothing on stderr."""
 import itertools
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib.colors
@@ -16,11 +14,11 @@ import pytest
 
 import plotting
 import validate_nc
+from conftest import command
 from errors import UserError
 from test_plotting import (NC_ROWS, TPT_EPOCH, fully_measured, png_size, set_columns, write_representations,
                            write_run, write_study)
 
-REPO = Path(__file__).resolve().parent.parent
 TITLE, LABEL = "Collapse of a toy run", "the toy run"
 
 
@@ -71,11 +69,11 @@ def test_every_figure_command_writes_the_title_label_and_size_asked_for(tmp_path
                 "layers": ["layers", run, "--out", f"{out}/l.svg"],
                 "representations": ["representations", str(table), "--out", f"{out}/r.svg"],
                 "study": ["study", str(study), "--out", f"{out}/study"]}
-    for name, command in commands.items():
+    for name, argv in commands.items():
         group = "synthetic" if name == "study" else run  # a study of seeds is one group, named by its dataset
         label = [] if name in ("layers", "representations") else ["--label", group, LABEL]
         options = ["--title", TITLE, "--size", "5", "3.2", "--format", "svg", *label]
-        assert plotting.main(plotting.parse_args([*command, *options])) == 0, name
+        assert plotting.main(plotting.parse_args([*argv, *options])) == 0, name
     written = sorted(out.rglob("*.svg"))
     assert len(written) == 15  # Figures 2-9, curves, panel, layers, representations; the study's panel, curves, fig9
     for path in written:
@@ -161,8 +159,8 @@ def test_a_label_for_no_run_is_refused_on_one_line_naming_the_runs(tmp_path):
 def test_validate_nc_takes_the_figure_options():
     args = validate_nc.parse_args(["--title", TITLE, "--size", "4", "3", "--dpi", "300", "--number-figures",
                                    "--label", "runs/a", "A", "--label", "runs/b", "B"])
-    assert plotting.figure_style(args) == plotting.FigureStyle(title=TITLE, size=(4.0, 3.0), dpi=300,
-                                                                number_figures=True, labels={"runs/a": "A", "runs/b": "B"})
+    assert plotting.figure_style(args) == plotting.FigureStyle(
+        title=TITLE, size=(4.0, 3.0), dpi=300, number_figures=True, labels={"runs/a": "A", "runs/b": "B"})
     assert args.given >= {"title", "size", "dpi", "number_figures", "labels"}
 
 
@@ -178,8 +176,7 @@ def test_a_pdf_is_written_without_a_warning_or_a_line_on_stderr(tmp_path, capsys
 @pytest.mark.slow
 def test_a_pdf_from_the_command_line_leaves_stderr_empty(tmp_path):
     out = tmp_path / "panel.pdf"
-    done = subprocess.run([sys.executable, str(REPO / "plotting.py"), "panel", str(write_run(tmp_path / "run")),
-                           "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    done = command("plotting.py", "panel", str(write_run(tmp_path / "run")), "--out", str(out))
     assert done.returncode == 0 and done.stderr == "" and out.read_bytes().startswith(b"%PDF-")
 
 

@@ -16,11 +16,11 @@ import pytest
 import runs
 import validate_nc
 from errors import UserError
+from conftest import ONE_THREAD
 from test_logs import run_on_a_terminal
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "synthetic", "--width", "4", "--samples-per-class", "20", "--device", "cpu"]
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def start(script: str, *args: str) -> subprocess.Popen:

@@ -14,20 +14,20 @@ import validate_nc
 
 REPO = Path(__file__).resolve().parents[1]
 # train.py's flags that select a run, in the order --help lists them.
-SELECTION = ["--dataset", "--image-size", "--model", "--width", "--loss", "--target-scale", "--label-smoothing",
-             "--focal-gamma", "--optimizer", "--lr", "--momentum", "--weight-decay", "--batch-size",
-             "--lr-milestones", "--lr-gamma", "--samples-per-class", "--imbalance", "--imbalance-profile", "--epochs",
-             "--augment", "--mixup-alpha", "--mixup-same-class", "--precision", "--classifier", "--no-bias",
-             "--classifier-weight-decay", "--seed", "--run-dir"]
+SELECTION = ["--dataset", "--model", "--width", "--samples-per-class", "--imbalance", "--imbalance-profile", "--epochs",
+             "--loss", "--optimizer", "--lr", "--momentum", "--weight-decay", "--batch-size", "--lr-milestones",
+             "--lr-gamma", "--target-scale", "--label-smoothing", "--focal-gamma", "--augment", "--mixup-alpha",
+             "--mixup-same-class", "--precision", "--seed", "--classifier", "--no-bias", "--classifier-weight-decay",
+             "--image-size", "--test-samples", "--run-dir"]
 TRAINING = ["--extend-to", "--num-checkpoints", "--eval-every", "--save-last", "--deterministic", "--compile",
             "--sync-bn"]
 DATA = ["--data-root", "--download", "--device"]
 MEASUREMENT = ["--layers", "--test-collapse", "--adversarial", "--adversarial-samples"]
 # ufm.py's flags that select a run, and its others.
-UFM_SELECTION = ["--classes", "--dim", "--per-class", "--loss", "--target-scale", "--label-smoothing", "--focal-gamma",
-                 "--no-bias", "--weight-decay-features", "--weight-decay-classifier", "--weight-decay-bias",
-                 "--imbalance", "--imbalance-profile", "--mixup-alpha", "--mixup-same-class", "--optimizer", "--lr",
-                 "--batch-size", "--steps", "--precision", "--seed", "--run-dir"]
+UFM_SELECTION = ["--classes", "--dim", "--per-class", "--loss", "--seed", "--imbalance", "--imbalance-profile",
+                 "--optimizer", "--lr", "--batch-size", "--weight-decay-classifier", "--weight-decay-features",
+                 "--weight-decay-bias", "--no-bias", "--target-scale", "--label-smoothing", "--focal-gamma",
+                 "--mixup-alpha", "--mixup-same-class", "--steps", "--precision", "--run-dir"]
 UFM_OTHER = ["--num-checkpoints", "--device"]
 STUDY = ["--script", "--name", "--executor", "--parallel", "--dry-run"]
 SLURM = ["--partition", "--gpus-per-job", "--cpus-per-job", "--time", "--max-parallel", "--sbatch"]

@@ -13,6 +13,7 @@ import config
 import datasets
 import engine
 import losses
+import reports
 import runs
 import studies
 import sweep
@@ -22,9 +23,9 @@ from errors import UserError
 from nc_metrics import OTHER_KEYS, FeatureStats, balancing_weights, group_cosines, mean_pair_cosine, metrics_from_stats
 from test_distributed import torchrun
 from test_nc_metrics import simplex_etf
+from conftest import tiny_flags
 
-TINY = ("--dataset", "synthetic", "--width", "4", "--epochs", "3", "--num-checkpoints", "3",
-        "--samples-per-class", "20", "--device", "cpu")
+TINY = tiny_flags(3)
 
 
 # ---------------------------------------------------------------- the class counts
@@ -84,7 +85,8 @@ def test_the_subset_is_drawn_from_the_seed_and_nested_in_the_balanced_one():
 
 def test_the_run_data_keeps_the_whole_test_split():
     (_, train_labels), (_, test_labels), per_class, _ = datasets.load_run_data(
-        "synthetic", "ignored", 40, 0, False, torch.device("cpu"), 4, "exp")
+        {"dataset": "synthetic", "samples_per_class": 40, "seed": 0, "imbalance": 4, "imbalance_profile": "exp"},
+        "ignored", False, torch.device("cpu"))
     assert torch.bincount(train_labels).tolist() == datasets.imbalanced_counts(10, 40, 4, "exp") and per_class == 40
     assert torch.bincount(test_labels).tolist() == [50] * 10
 
@@ -266,8 +268,9 @@ def test_the_run_records_its_counts_and_its_table_the_minority_collapse_columns(
 @pytest.mark.slow
 def test_the_measurement_is_class_balanced_and_its_cosines_those_of_the_checkpoint(imbalanced_run):
     settings = runs.read_config(imbalanced_run)
-    train_split, test_split, *_ = datasets.load_run_data("synthetic", "ignored", 20, 0, False, torch.device("cpu"),
-                                                         10, "step")
+    train_split, test_split, *_ = datasets.load_run_data(
+        {"dataset": "synthetic", "samples_per_class": 20, "seed": 0, "imbalance": 10, "imbalance_profile": "step"},
+        "ignored", False, torch.device("cpu"))
     state = runs.load_checkpoint(runs.checkpoint_path(imbalanced_run, 3))
     model = engine.build_model(settings, torch.device("cpu"))
     model.load_state_dict(state["model"])
@@ -298,7 +301,8 @@ def test_changing_the_ratio_of_a_run_is_refused(imbalanced_run, tmp_path):
 @pytest.mark.slow
 def test_a_balanced_run_measured_class_balanced_gives_the_same_bits(imbalanced_run):
     settings = {**runs.read_config(imbalanced_run), "imbalance": 1.0, "imbalance_profile": None}
-    train_split, test_split, *_ = datasets.load_run_data("synthetic", "ignored", 20, 0, False, torch.device("cpu"))
+    train_split, test_split, *_ = datasets.load_run_data(
+        {"dataset": "synthetic", "samples_per_class": 20, "seed": 0}, "ignored", False, torch.device("cpu"))
     state = runs.load_checkpoint(runs.checkpoint_path(imbalanced_run, 2))
     model = engine.build_model(settings, torch.device("cpu"))
     model.load_state_dict(state["model"])
@@ -333,7 +337,8 @@ def test_class_balanced_validation_under_torchrun_equals_one_process(imbalanced_
 @pytest.mark.slow
 def test_an_imbalanced_run_extends_and_trains_with_any_loss_and_mixup(imbalanced_run, tmp_path):
     run_dir = shutil.copytree(imbalanced_run, tmp_path / "run")
-    assert train.main(train.parse_args([*TINY, "--imbalance", "10", "--run-dir", str(run_dir), "--extend-to", "4"])) == 0
+    assert train.main(train.parse_args([*TINY, "--imbalance", "10", "--run-dir", str(run_dir),
+                                        "--extend-to", "4"])) == 0
     assert [row["epoch"] for row in runs.read_log(run_dir)] == [1, 2, 3, 4]
     assert runs.read_config(run_dir)["class_counts"] == [20] * 5 + [2] * 5
     mixed = tmp_path / "mixed"
@@ -349,7 +354,7 @@ def test_an_imbalanced_run_extends_and_trains_with_any_loss_and_mixup(imbalanced
 def test_a_row_without_the_minority_columns_lacks_them_only_for_an_imbalanced_run():
     # What validate_nc.py measures again and what a study counts as measured both ask this one question.
     row = {"epoch": 1, "nc1": 0.5, **{key: 0.1 for key in OTHER_KEYS}}
-    assert runs.lacks_measurements(row, {"imbalance": 10.0}, False, False, False)
-    assert not runs.lacks_measurements(row, {"imbalance": 1.0}, False, False, False)
-    assert not runs.lacks_measurements(row, {}, False, False, False)  # a run written before --imbalance
-    assert not runs.lacks_measurements({**row, "minority_cosine": -0.2}, {"imbalance": 10.0}, False, False, False)
+    assert reports.lacks_measurements(row, {"imbalance": 10.0}, False, False, False)
+    assert not reports.lacks_measurements(row, {"imbalance": 1.0}, False, False, False)
+    assert not reports.lacks_measurements(row, {}, False, False, False)  # a run written before --imbalance
+    assert not reports.lacks_measurements({**row, "minority_cosine": -0.2}, {"imbalance": 10.0}, False, False, False)

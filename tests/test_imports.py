@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_flags
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--dataset", "synthetic", "--width", "4", "--epochs", "2", "--num-checkpoints", "2",
-        "--samples-per-class", "10", "--device", "cpu"]
+TINY = tiny_flags(2, 2, 10)
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -108,3 +108,12 @@ def test_every_script_runs_with_only_the_design_packages(tmp_path, design_packag
 def _module_name(path: Path) -> str:
     relative = path.relative_to(REPO).with_suffix("")
     return ".".join(relative.parts[:-1] + (() if relative.name == "__init__" else (relative.name,)))
+
+
+@pytest.mark.parametrize("module", ["runs", "reports", "studies"])
+def test_the_run_folder_table_1_and_the_studies_import_no_plotting(module):
+    """Printing Table 1 or deciding that a run is done draws nothing, so it imports neither plotting.py nor
+    matplotlib (whose import alone takes seconds)."""
+    probe = f"import sys, {module}; print(sorted(name for name in ('plotting', 'matplotlib') if name in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr

@@ -4,7 +4,6 @@ are cleaned up, runs of other lengths never share a folder, and the last traceba
 import errno
 import json
 import os
-import resource
 import shutil
 import struct
 import subprocess
@@ -19,28 +18,13 @@ import runs
 import train
 import validate_nc
 from errors import UserError
+from conftest import command, one_line_error, tiny_flags, validate
 
 REPO = Path(__file__).resolve().parents[1]
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-TINY = ["--dataset", "synthetic", "--width", "4", "--epochs", "2", "--num-checkpoints", "2",
-        "--samples-per-class", "20", "--device", "cpu"]
+TINY = tiny_flags()
 LOCKS = (runs.TRAIN_LOCK, runs.TABLES_LOCK)
 
 
-def command(*args: str, cwd: Path = REPO, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
-    """A script run in its own process; `file_size_limit` caps the bytes any file may grow to, so that a
-    write past it fails in the kernel as on a full disk (with EFBIG instead of ENOSPC)."""
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=ONE_THREAD, capture_output=True, text=True,
-                          timeout=600, preexec_fn=limit if file_size_limit is not None else None)
-
-
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    """The single line a refused command printed; the command must have exited 2 without a traceback."""
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -59,10 +43,6 @@ def flip_bytes(path: Path) -> None:
     data[middle:middle + 64] = bytes(byte ^ 0xFF for byte in data[middle:middle + 64])
     path.write_bytes(data)
 
-
-def validate(run_dir: Path, *flags: str) -> int:
-    return validate_nc.main(validate_nc.parse_args(["--run-dir", str(run_dir), "--device", "cpu", "--plots-dir",
-                                                    str(run_dir.parent / "plots"), *flags]))
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +128,8 @@ def test_runs_of_other_lengths_have_their_own_folders_and_validate_finds_each(tm
     flags = ["--dataset", "synthetic", "--width", "4", "--samples-per-class", "20", "--device", "cpu"]
     assert train.main(train.parse_args([*flags, "--epochs", "1", "--num-checkpoints", "1"])) == 0
     assert train.main(train.parse_args([*flags, "--epochs", "2", "--num-checkpoints", "1"])) == 0
-    short, longer = tmp_path / "runs/synthetic-resnet18-ce-seed0-w4-spc20-ep1", tmp_path / "runs/synthetic-resnet18-ce-seed0-w4-spc20-ep2"
+    short = tmp_path / "runs/synthetic-resnet18-ce-seed0-w4-spc20-ep1"
+    longer = tmp_path / "runs/synthetic-resnet18-ce-seed0-w4-spc20-ep2"
     assert [row["epoch"] for row in runs.read_log(short)] == [1]
     assert [row["epoch"] for row in runs.read_log(longer)] == [1, 2]
     assert validate_nc.main(validate_nc.parse_args([*flags, "--epochs", "1"])) == 0

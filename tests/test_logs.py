@@ -13,11 +13,10 @@ import pytest
 
 import progress
 import runs
+from conftest import ONE_THREAD, tiny_flags
 
 REPO = Path(__file__).resolve().parents[1]
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-TINY = ["--dataset", "synthetic", "--width", "4", "--samples-per-class", "20", "--epochs", "4",
-        "--num-checkpoints", "3", "--device", "cpu"]
+TINY = tiny_flags(4, 3)
 
 
 def run_on_a_terminal(command: list[str], cwd: Path = REPO) -> tuple[int, str]:

@@ -34,7 +34,8 @@ def problem(seed: int = 0, per_class: int = 4, test_per_class: int = 3) -> dict[
 
 
 def write(path: Path, arrays: dict[str, np.ndarray]) -> Path:
-    """The arrays in the format of `path`'s suffix; a folder of .npy files (features split in two shards) for no suffix."""
+    """The arrays in the format of `path`'s suffix; a folder of .npy files (features split in two shards) for no
+    suffix."""
     if path.suffix == ".npz":
         np.savez(path, **arrays)
     elif path.suffix == ".pt":
@@ -136,7 +137,8 @@ def test_shards_are_read_in_the_order_of_the_numbers_in_their_names(tmp_path):
 def test_bfloat16_and_float16_features_read_as_their_values(tmp_path):
     arrays = problem()
     features = torch.from_numpy(arrays["features"]).to(torch.bfloat16)
-    save_torch_file({"features": features, "labels": torch.from_numpy(arrays["labels"])}, str(tmp_path / "b.safetensors"))
+    save_torch_file({"features": features, "labels": torch.from_numpy(arrays["labels"])},
+                    str(tmp_path / "b.safetensors"))
     np.savez(tmp_path / "h.npz", features=arrays["features"].astype(np.float16), labels=arrays["labels"])
     read = open_checkpoint(tmp_path / "b.safetensors").arrays["features"][0].whole()
     assert torch.equal(read, features.to(torch.float32))
@@ -183,7 +185,8 @@ def test_bad_inputs_are_named_with_their_file_and_row(tmp_path):
     assert "class 4 of 0..5 has no samples" in single and "--min-class-samples 2" in single
     lone = problem()
     row = int(np.flatnonzero(lone["labels"] == 1)[0])
-    message = bad(tmp_path / "lone", "x.npz", lambda a: a["labels"].__setitem__(np.flatnonzero(a["labels"] == 1)[1:], 0))
+    message = bad(tmp_path / "lone", "x.npz",
+                  lambda a: a["labels"].__setitem__(np.flatnonzero(a["labels"] == 1)[1:], 0))
     assert re.search(rf"x\.npz, row {row}: the only sample of class 1", message)
     assert re.search(r"x\.npz: the weight must be floating point of shape \(K, 5\)",
                      bad(tmp_path / "wide", "x.npz", lambda a: a.update(weight=np.zeros((6, 4), np.float32))))

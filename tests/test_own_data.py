@@ -24,6 +24,13 @@ from errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
+
+
+def own_run(folder: Path) -> dict:
+    """The settings by which datasets.load_run_data reads a run of the images in `folder` (whole, seed 0)."""
+    return {"dataset": datasets.canonical_name(f"folder:{folder}"), "samples_per_class": None, "seed": 0}
+
+
 TINY_NETS = '''
 import torch.nn as nn
 
@@ -112,7 +119,7 @@ def test_a_folder_reads_its_pixels_and_labels_its_classes_in_sorted_order(tmp_pa
 def test_an_unbalanced_folder_trains_on_its_largest_balanced_subset(tmp_path):
     write_folder(tmp_path / "data", {"a": (5, 1), "b": (2, 1), "c": (4, 1)})
     train_split, test_split, per_class, _ = datasets.load_run_data(
-        datasets.canonical_name(f"folder:{tmp_path / 'data'}"), "unused", None, 0, False, CPU)
+        own_run(tmp_path / "data"), "unused", False, CPU)
     assert per_class == 2 and torch.bincount(train_split[1]).tolist() == [2, 2, 2]
     assert len(test_split[1]) == 3
 
@@ -154,7 +161,7 @@ def test_a_folder_that_does_not_fit_is_refused_with_one_line(tmp_path, layout, m
         else:
             path.write_bytes(content or b"")
     with pytest.raises(UserError, match=message):
-        datasets.load_run_data(datasets.canonical_name(f"folder:{tmp_path / 'data'}"), "unused", None, 0, False, CPU)
+        datasets.load_run_data(own_run(tmp_path / "data"), "unused", False, CPU)
 
 
 def test_download_is_refused_for_a_folder(tmp_path):
@@ -198,7 +205,7 @@ def test_the_model_flag_keeps_the_name_and_names_the_folder_after_it():
     args = train.parse_args(["--dataset", "synthetic", "--model", "My_Nets.cifar:Build"])
     settings = config.resolve_config(args)
     assert settings["model"] == "My_Nets.cifar:Build"
-    assert config.run_name(settings, args) == "synthetic-My_Nets.cifar.Build-ce-seed0"
+    assert config.run_name(settings) == "synthetic-My_Nets.cifar.Build-ce-seed0"
     with pytest.raises(SystemExit):
         train.parse_args(["--model", "not a:name"])
 
@@ -226,8 +233,7 @@ def test_own_images_and_own_network_train_measure_and_draw_every_figure(tmp_path
     model.load_state_dict(state["model"])  # strict: the same keys
     # The penultimate stage's NC1 is that of the output of the layer before the last nn.Linear (the Sequential
     # cut there, no hook), by numpy's trace(Sigma_W pinv(Sigma_B)) / C on the run's 24 training images.
-    images, labels = datasets.load_run_data(f"folder:{tmp_path / 'shapes'}", "ignored", 8, 0, False, CPU,
-                                            image_size=8)[0]
+    images, labels = datasets.load_run_data(settings, "ignored", False, CPU)[0]
     normalization = settings["normalization"]
     with torch.no_grad():
         features = model.net.eval()[:-1](datasets.normalize(images, normalization["mean"], normalization["std"]))

@@ -2,7 +2,6 @@
 the archive it packs), a run cut by its deadline packing what it measured, --prepare, and the choice of
 precision and folder names from the known speeds."""
 import importlib.util
-import os
 import signal
 import subprocess
 import tarfile
@@ -14,9 +13,9 @@ import pytest
 from PIL import Image
 
 import runs
+from conftest import ONE_THREAD
 
 REPO = Path(__file__).resolve().parents[1]
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TABLES = ["config.json", "log.csv", "summary.json", "nc_metrics.csv", "tpt_table.md", "timings.txt", "panel.png"]
 
 
@@ -218,7 +217,7 @@ def test_a_panel_that_cannot_be_drawn_leaves_the_tables_and_the_archive_packed(t
         raise RuntimeError("no fonts")
 
     monkeypatch.setattr(module.plotting, "plot_panel", broken)
-    monkeypatch.setattr(module.plotting, "tpt_table", lambda folder: "table\n")
+    monkeypatch.setattr(module.reports, "tpt_table", lambda folder: "table\n")
     module.pack(plan, module.Outcome(jobs=[job]), module._Clock(60))
     assert "the panel could not be drawn (RuntimeError: no fonts); the tables are packed" in capsys.readouterr().out
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["paper_scale.tar.gz", "timings.txt"]

@@ -12,7 +12,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
+import nc_metrics
 import plotting
+import reports
 import runs
 import studies
 import study_files
@@ -83,7 +85,7 @@ def test_the_same_tables_give_byte_identical_figures(tmp_path):
 
 
 def test_tpt_table_takes_the_onset_from_the_clean_eval_mode_accuracy_not_the_running_one(tmp_path):
-    table = plotting.tpt_table(write_run(tmp_path / "run"))
+    table = reports.tpt_table(write_run(tmp_path / "run"))
     rows = [line for line in table.splitlines() if line.startswith("|")]
     assert len(rows) == 3 and set(rows[1]) <= set("|-")
     cells = [cell.strip() for cell in rows[2].strip("|").split("|")]
@@ -91,15 +93,15 @@ def test_tpt_table_takes_the_onset_from_the_clean_eval_mode_accuracy_not_the_run
 
 
 def test_tpt_table_says_when_zero_training_error_is_never_reached(tmp_path):
-    table = plotting.tpt_table(write_run(tmp_path / "run", reaches_tpt=False))
+    table = reports.tpt_table(write_run(tmp_path / "run", reaches_tpt=False))
     assert "not reached by epoch 20" in table and "99.00%" in table and "84.00%" in table
 
 
 def test_tpt_onset_is_the_first_checkpoint_of_exactly_full_training_accuracy():
     measured = [{"epoch": 1, "train_acc": 0.9}, {"epoch": 2, "train_acc": 0.9999}, {"epoch": 3, "train_acc": 1.0},
                 {"epoch": 4, "train_acc": 0.998}, {"epoch": 5, "train_acc": 1.0}]
-    assert runs.tpt_row(measured)["epoch"] == 3
-    assert runs.tpt_row(measured[:2]) is None
+    assert nc_metrics.tpt_row(measured)["epoch"] == 3
+    assert nc_metrics.tpt_row(measured[:2]) is None
 
 
 def test_run_labels_name_the_user_facing_settings_that_differ_never_derived_ones():
@@ -108,10 +110,10 @@ def test_run_labels_name_the_user_facing_settings_that_differ_never_derived_ones
                 "normalization": {"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}},
                {**base, "loss": "mse", "mixup_alpha": 1.0, "seed": 1, "samples_per_class": 50,
                 "normalization": {"mean": [0.5, 0.47, 0.44], "std": [0.24, 0.25, 0.27]}}]
-    assert plotting.run_labels(configs, ["a", "b"]) == ["spc=100, loss=ce, mixup=0, seed=0",
+    assert reports.run_labels(configs, ["a", "b"]) == ["spc=100, loss=ce, mixup=0, seed=0",
                                                        "spc=50, loss=mse, mixup=1, seed=1"]
     same = [{**base, "seed": 0}, {**base, "seed": 0}]
-    assert plotting.run_labels(same, ["run-a", "run-b"]) == ["run-a", "run-b"]
+    assert reports.run_labels(same, ["run-a", "run-b"]) == ["run-a", "run-b"]
 
 
 def test_cli_overlays_two_runs_into_the_six_figures(tmp_path, capsys):
@@ -151,10 +153,11 @@ def test_a_run_without_nc_metrics_names_the_folder_and_validate_nc(tmp_path):
     (run / "nc_metrics.csv").unlink()
     for command in (["nc", str(run), "--out", str(tmp_path / "out")],
                     ["panel", str(run), "--out", str(tmp_path / "panel.png")]):
-        with pytest.raises(UserError, match=f"{re.escape(str(run))}.*python validate_nc.py --run-dir {re.escape(str(run))}"):
+        with pytest.raises(UserError,
+                           match=f"{re.escape(str(run))}.*python validate_nc.py --run-dir {re.escape(str(run))}"):
             plotting.main(plotting.parse_args(command))
     with pytest.raises(UserError, match="python validate_nc.py"):
-        plotting.tpt_table(run)
+        reports.tpt_table(run)
     assert not (tmp_path / "out").exists() and not (tmp_path / "panel.png").exists()
 
 
@@ -270,9 +273,9 @@ def write_study(root: Path, run_dirs: list[Path], varied: list[str]) -> Path:
         if not (run / "log.csv").exists():
             runs.write_log(run, [{**dict.fromkeys(runs.LOG_COLUMNS, 0.5), "epoch": last}])
         (run / "summary.json").write_text(json.dumps({"epochs_done": last}))
-        plots = root / plotting.default_plots_dir(run_settings, run)
+        plots = root / runs.default_plots_dir(run_settings, run)
         plots.mkdir(parents=True, exist_ok=True)
-        for name in [*plotting.run_figure_names(run), "tpt_table.md"]:
+        for name in [*reports.figure_files(runs.read_nc_metrics(run)), "tpt_table.md"]:
             (plots / name).write_bytes(b"")
         (run / "checkpoints").mkdir()
         for row in runs.read_nc_metrics(run):
@@ -392,7 +395,7 @@ def test_every_subcommand_writes_the_format_asked_for(tmp_path, monkeypatch):
     (["panel", "RUN", "--out", "x.pdf", "--format", "svg"], "names a .pdf file but --format is svg"),
     (["curves", "RUN", "--out", "x.png", "--format", "pdf"], "names a .png file but --format is pdf"),
     (["representations", "CSV", "--out", "x.svg", "--format", "png"], "names a .svg file but --format is png"),
-    (["table", "RUN", "--out", "x.png"], "name a .md or .csv file"),
+    (["table", "RUN", "--out", "x.png"], "name a .md, .csv or .tex file"),
 ])
 def test_an_output_name_that_cannot_be_honoured_is_a_one_line_error_and_nothing_is_written(
         tmp_path, monkeypatch, capsys, command, message):
@@ -415,16 +418,16 @@ def test_overlay_labels_name_only_the_settings_that_differ_and_apply():
           "optimizer": "sgd", "momentum": 0.9, "loss": "ce", "target_scale": None, "label_smoothing": None}
     mse = {**ce, "loss": "mse", "target_scale": 1.0}
     names = ["a", "b", "c"]
-    assert plotting.run_labels([ce, mse], names[:2]) == ["loss=ce", "loss=mse"]
-    assert plotting.run_labels([ce, mse, {**mse, "target_scale": 10.0}], names) == [
+    assert reports.run_labels([ce, mse], names[:2]) == ["loss=ce", "loss=mse"]
+    assert reports.run_labels([ce, mse, {**mse, "target_scale": 10.0}], names) == [
         "loss=ce", "loss=mse, kappa=1", "loss=mse, kappa=10"]
     # Each length's default milestones (floor(E/3), floor(2E/3)) are derived, not chosen: not named.
-    assert plotting.run_labels([ce, {**ce, "epochs": 60, "lr_milestones": [20, 40]}], names[:2]) == [
+    assert reports.run_labels([ce, {**ce, "epochs": 60, "lr_milestones": [20, 40]}], names[:2]) == [
         "epochs=30", "epochs=60"]
-    assert plotting.run_labels([ce, {**ce, "lr_milestones": [5, 25]}], names[:2]) == ["a", "milestones=5,25"]
-    assert plotting.run_labels([ce, {**ce, "optimizer": "adam", "momentum": None, "lr": 0.001}], names[:2]) == [
+    assert reports.run_labels([ce, {**ce, "lr_milestones": [5, 25]}], names[:2]) == ["a", "milestones=5,25"]
+    assert reports.run_labels([ce, {**ce, "optimizer": "adam", "momentum": None, "lr": 0.001}], names[:2]) == [
         "sgd, lr=0.0679", "adam, lr=0.001"]
-    assert plotting.run_labels([{**ce, "samples_per_class": None}, {**ce, "samples_per_class": 100}], names[:2]) == [
+    assert reports.run_labels([{**ce, "samples_per_class": None}, {**ce, "samples_per_class": 100}], names[:2]) == [
         "spc=all", "spc=100"]
 
 
@@ -534,6 +537,41 @@ def test_table_1_gives_each_runs_onset_accuracies_and_change_as_markdown_and_csv
     assert [float(row["last_test_acc"]) for row in rows] == [0.76, 0.75, 0.80, 0.60, 0.65]
     assert [float(row["change"]) if row["change"] else None for row in rows] == pytest.approx(
         [0.06, 0.0, 0.08, None, 0.10])
+
+
+def test_table_1_as_latex_has_booktabs_rules_and_names_each_run_by_its_figure_label_escaped(tmp_path, capsys):
+    run_dirs = [write_accuracies(tmp_path / "runs/a_run", CE_RUNS[0], loss="label_smoothing", seed=0),
+                write_accuracies(tmp_path / "runs/b_run", MSE_RUNS[0], loss="ce", seed=0)]
+    out = tmp_path / "t1"
+    assert plotting.main(plotting.parse_args(["table", *map(str, run_dirs), "--out", str(out)])) == 0
+    assert str(out.with_suffix(".tex")) in capsys.readouterr().out
+    tex = out.with_suffix(".tex").read_text().splitlines()
+    assert tex[0].startswith("% TPT onset: ") and tex[1] == r"\begin{tabular}{lllrrrrr}"
+    assert tex[2:] == [
+        r"\toprule",
+        r"run & dataset & network & TPT onset epoch & test accuracy at the TPT onset & last epoch & test accuracy at "
+        r"the last epoch & change (points) \\",
+        r"\midrule",
+        r"loss=label\_smoothing & synthetic & resnet18 & 5 & 70.00\% & 10 & 76.00\% & +6.00 \\",
+        r"loss=ce & synthetic & resnet18 & not reached by epoch 10 (best train accuracy 99.00\%) & n/a & 10 & 60.00\% "
+        r"& n/a \\",
+        r"\bottomrule", r"\end{tabular}"]
+    same = [write_accuracies(tmp_path / "same/x_1", CE_RUNS[0], loss="ce"),
+            write_accuracies(tmp_path / "same/y_2", CE_RUNS[1], loss="ce")]
+    assert plotting.main(plotting.parse_args(["table", *map(str, same), "--out", str(out)])) == 0
+    assert [line.split(" & ")[0] for line in out.with_suffix(".tex").read_text().splitlines()[5:7]] == [
+        r"x\_1", r"y\_2"]  # runs that differ in nothing are named by their folders, as in the figures
+    assert plotting.main(plotting.parse_args(["table", *map(str, table_runs(tmp_path / "runs")), "--group-by", "loss",
+                                              "--out", str(out)])) == 0
+    grouped = out.with_suffix(".tex").read_text().splitlines()
+    assert grouped[1] == r"\begin{tabular}{lrrllrrrrr}" and grouped[3].startswith("group & runs & ")
+    assert [line.split(" & ")[:3] for line in grouped[5:7]] == [["loss=ce (3 runs)", "3", "3"],
+                                                                ["loss=mse (2 runs)", "2", "1"]]
+
+
+def test_reports_latex_text_escapes_what_latex_would_read_as_commands():
+    assert reports.latex_text(r"a_b 5% & #1 $x$ {y} ~^\z") == \
+        r"a\_b 5\% \& \#1 \$x\$ \{y\} \textasciitilde{}\textasciicircum{}\textbackslash{}z"
 
 
 def test_table_1_grouped_gives_the_mean_over_seeds_with_their_range(tmp_path, capsys):

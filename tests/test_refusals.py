@@ -23,26 +23,22 @@ import datasets
 import engine
 import models
 import plotting
+import reports
 import runs
 import train
 import validate_nc
 from errors import UserError
 import test_integrity
 import test_own_data
-from test_integrity import one_line_error, snapshot
+from conftest import one_line_error, tiny_flags, validate, ONE_THREAD
+from test_integrity import snapshot
 from test_own_data import write_folder
 from test_plotting import write_accuracies, write_run
 
 REPO = Path(__file__).resolve().parents[1]
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-TINY = ["--dataset", "synthetic", "--width", "4", "--epochs", "2", "--num-checkpoints", "2",
-        "--samples-per-class", "20", "--device", "cpu"]
+TINY = tiny_flags()
 SELECTING = ["--dataset", "synthetic", "--width", "4", "--device", "cpu"]  # what validate_nc.py takes of TINY
 
-
-def validate(run_dir: Path, *flags: str) -> int:
-    return validate_nc.main(validate_nc.parse_args(["--run-dir", str(run_dir), "--device", "cpu", "--plots-dir",
-                                                    str(run_dir.parent / "plots"), *flags]))
 
 
 def parse_error(parse, argv: list[str], capsys) -> str:
@@ -326,7 +322,8 @@ def test_a_network_function_of_another_signature_is_one_line_naming_the_signatur
 
 
 def test_a_network_whose_output_is_not_its_last_linear_layer_s_is_refused_before_training(tiny_nets, tmp_path):
-    with pytest.raises(UserError, match=r"the network of --model tiny_nets:doubled does not end with its last nn.Linear "
+    with pytest.raises(UserError, match=r"the network of --model tiny_nets:doubled does not end with its last "
+                                        r"nn.Linear "
                                         r"\(fc\): its output must be that layer's output"):
         train.main(train.parse_args([*TINY, "--model", "tiny_nets:doubled", "--run-dir", str(tmp_path / "run")]))
     assert not (tmp_path / "run").exists()
@@ -336,11 +333,11 @@ def test_a_network_whose_output_is_not_its_last_linear_layer_s_is_refused_before
 
 def test_a_nan_row_is_left_out_of_table_1_with_a_warning(tmp_path, capsys):
     run = write_accuracies(tmp_path / "run", [(1, math.nan, math.nan), (5, 0.95, 0.70), (10, 0.99, 0.75)])
-    row, = plotting.table1([run])
+    row, = reports.table1([run])
     assert (row["best_train_acc"], row["last_epoch"], row["last_test_acc"], row["tpt_epoch"]) == (0.99, 10, 0.75, None)
     assert capsys.readouterr().err.splitlines() == [f"warning: {run / 'nc_metrics.csv'}, epoch 1: train_acc, test_acc "
                                                     "is not a number; the row is left out of Table 1"]
-    assert "best train accuracy 99.00%" in plotting.tpt_table(run)
+    assert "best train accuracy 99.00%" in reports.tpt_table(run)
 
 
 @pytest.mark.parametrize("name", ['=HYPERLINK("evil","click")', "+1", "-1", "@SUM(1)"])

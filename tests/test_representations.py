@@ -13,6 +13,7 @@ import runs
 import train
 import validate_nc
 from errors import UserError
+from conftest import validate
 
 CLASSES = [1, 4, 7]
 
@@ -27,17 +28,13 @@ def mixup_run(tmp_path_factory):
     return run_dir
 
 
-def validate(run_dir, *flags: str) -> int:
-    return validate_nc.main(validate_nc.parse_args(
-        ["--run-dir", str(run_dir), "--plots-dir", str(run_dir.parent / "plots"), "--device", "cpu", *flags]))
-
 
 def loaded(run_dir, epoch: int):
     state = runs.load_checkpoint(runs.checkpoint_path(run_dir, epoch))
     model = engine.build_model(state["config"], torch.device("cpu"))
     model.load_state_dict(state["model"])
-    train_split = datasets.load_run_data("synthetic", state["config"]["data_root"],
-                                         state["config"]["samples_per_class"], 0, False, torch.device("cpu")).train
+    train_split = datasets.load_run_data(state["config"], state["config"]["data_root"], False,
+                                         torch.device("cpu")).train
     return model, train_split, state["config"]
 
 

@@ -19,13 +19,12 @@ import errors
 import runs
 import train
 from errors import UserError
+from conftest import tiny_flags, ONE_THREAD
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--dataset", "synthetic", "--width", "4", "--epochs", "4", "--num-checkpoints", "3",
-        "--samples-per-class", "20", "--device", "cpu", "--deterministic"]
+TINY = tiny_flags(4, 3, 20, "--deterministic")
 # 200 images in batches of 128: two optimizer steps per epoch. Saves per epoch: the analysis
 # checkpoint (epochs 1, 2, 4) and last.pt.
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def command(script: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -208,7 +207,8 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     marker.unlink()
 
     run_dir = tmp_path / "run"
-    assert command("train.py", *TINY, "--epochs", "1", "--num-checkpoints", "1", "--run-dir", str(run_dir)).returncode == 0
+    assert command("train.py", *TINY, "--epochs", "1", "--num-checkpoints", "1",
+                   "--run-dir", str(run_dir)).returncode == 0
     torch.save(evil, runs.checkpoint_path(run_dir, 1))
     result = command("validate_nc.py", "--run-dir", str(run_dir), "--device", "cpu",
                      "--plots-dir", str(tmp_path / "plots"))

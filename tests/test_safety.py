@@ -21,16 +21,11 @@ import runs
 import train
 import validate_nc
 from errors import UserError
+from conftest import command, one_line_error, tiny_flags, ONE_THREAD
 
 REPO = Path(__file__).resolve().parents[1]
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-TINY = ["--dataset", "synthetic", "--width", "4", "--epochs", "2", "--num-checkpoints", "2",
-        "--samples-per-class", "20", "--device", "cpu"]
+TINY = tiny_flags()
 
-
-def command(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=ONE_THREAD, capture_output=True, text=True,
-                          timeout=600)
 
 
 def start(*args: str) -> subprocess.Popen:
@@ -45,12 +40,6 @@ def wait_for_lock(run_dir: Path, process: subprocess.Popen) -> None:
         assert process.poll() is None and time.monotonic() < deadline, "the first run never took the lock"
         time.sleep(0.05)
 
-
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    """The single line a refused command printed; the command must have exited 2 without a traceback."""
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 # ------------------------------------------------------------------ one writer per run folder

@@ -10,9 +10,9 @@ import train
 import validate_nc
 from errors import UserError
 from models.classifier import simplex_etf
+from conftest import tiny_flags
 
-TINY = ("--dataset", "synthetic", "--width", "4", "--epochs", "3", "--num-checkpoints", "3",
-        "--samples-per-class", "20", "--device", "cpu", "--deterministic")
+TINY = tiny_flags(3, 3, 20, "--deterministic")
 CPU = torch.device("cpu")
 
 
@@ -102,13 +102,19 @@ def test_settings_show_in_the_run_name_and_flags_only_when_they_are_not_the_defa
     def name_and_flags(*flags: str) -> tuple[str, list[str]]:
         args = train.parse_args(["--dataset", "synthetic", *flags])
         resolved = config.resolve_config(args)
-        return config.run_name(resolved, args), config.selection_flags(resolved)
+        return config.run_name(resolved), config.selection_flags(resolved)
 
     assert name_and_flags() == ("synthetic-resnet18-ce-seed0", ["--dataset", "synthetic"])
     assert name_and_flags("--classifier", "learned") == ("synthetic-resnet18-ce-seed0", ["--dataset", "synthetic"])
     assert name_and_flags("--no-bias", "--classifier-weight-decay", "0.001") == (
         "synthetic-resnet18-ce-seed0-nobias-cwd0.001",
         ["--dataset", "synthetic", "--no-bias", "--classifier-weight-decay", "0.001"])
+    # Milestones of their own, and an optimizer other than SGD (whose default rate is then 1e-3), name their run.
+    assert name_and_flags("--epochs", "10", "--lr-milestones", "3") == (
+        "synthetic-resnet18-ce-seed0-ep10-ms3", ["--dataset", "synthetic", "--epochs", "10", "--lr-milestones", "3"])
+    assert name_and_flags("--optimizer", "adam") == ("synthetic-resnet18-ce-seed0-adam",
+                                                     ["--dataset", "synthetic", "--optimizer", "adam"])
+    assert name_and_flags("--optimizer", "adam", "--lr", "0.001")[0] == "synthetic-resnet18-ce-seed0-adam"
     # The fixed ETF has no bias and no weight decay: flags for them do not apply and leave no trace.
     assert name_and_flags("--classifier", "etf", "--no-bias", "--classifier-weight-decay", "0.1") == (
         "synthetic-resnet18-ce-seed0-etf", ["--dataset", "synthetic", "--classifier", "etf"])
@@ -116,7 +122,8 @@ def test_settings_show_in_the_run_name_and_flags_only_when_they_are_not_the_defa
 
 def test_a_config_written_before_these_settings_existed_means_the_defaults():
     current = settings()
-    older = {key: value for key, value in current.items() if key not in config.ADDED_SETTINGS}
+    added = ("imbalance", "classifier", "bias", "classifier_weight_decay", "image_size")
+    older = {key: value for key, value in current.items() if key not in added}
     assert config.result_differences(older, current) == []
     assert config.result_differences(older, settings("--no-bias")) == ["bias: True -> False"]
 
@@ -160,3 +167,23 @@ def test_each_group_decays_at_its_own_rate(optimizer):
     for name, parameter in model.named_parameters():
         factor = 1 - 0.5 * (0.3 if name.startswith("fc.") else 0.01)
         assert torch.allclose(parameter.detach(), factor * before[name], rtol=1e-6, atol=0), name
+
+
+def test_a_module_function_model_keeps_its_case_and_its_config_json_reads_back(tmp_path):
+    settings = config.resolve_config(train.parse_args(["--model", "My_Nets.Deep:Small_Net"]))
+    assert settings["model"] == "My_Nets.Deep:Small_Net"
+    runs.write_config(tmp_path, {**settings, "samples_per_class": 10, "data_root": "data"})
+    assert runs.read_config(tmp_path)["model"] == "My_Nets.Deep:Small_Net"
+    assert config.resolve_config(train.parse_args(["--model", "ResNet18"]))["model"] == "resnet18"
+    runs.write_config(tmp_path, {**settings, "model": "ResNet18", "samples_per_class": 10, "data_root": "data"})
+    with pytest.raises(UserError, match="invalid settings: model = 'ResNet18'"):
+        runs.read_config(tmp_path)
+
+
+
+def test_test_samples_names_the_run_and_a_config_json_without_it_meant_the_whole_split():
+    settings = config.resolve_config(train.parse_args(["--test-samples", "200"]))
+    assert settings["test_samples"] == 200 and config.run_name(settings) == "synthetic-resnet18-ce-seed0-test200"
+    assert config.selection_flags(settings) == ["--dataset", "synthetic", "--test-samples", "200"]
+    older = {key: value for key, value in config.resolve_config(train.parse_args([])).items() if key != "test_samples"}
+    assert config.result_differences(older, settings) == ["test_samples: None -> 200"]

@@ -17,6 +17,7 @@ import pytest
 
 import config
 import plotting
+import reports
 import runs
 import studies
 import sweep
@@ -79,7 +80,8 @@ def test_a_study_writes_its_tables_and_each_run_is_the_run_train_py_alone_makes(
     table = (study_dir / "table.md").read_text()
     assert "4 runs: 4 done, 0 failed, 0 busy, 0 pending." in table
     assert sum(line.startswith("| ce |") or line.startswith("| mse |") for line in table.splitlines()) == 4
-    assert sum(line.startswith("start ") for line in output.splitlines()) == 4 and "4 done, 0 failed, 0 busy, 0 interrupted, 0 skipped" in output
+    assert sum(line.startswith("start ") for line in output.splitlines()) == 4
+    assert "4 done, 0 failed, 0 busy, 0 interrupted, 0 skipped" in output
 
 
 @pytest.mark.slow
@@ -164,7 +166,8 @@ def test_a_killed_study_resumes_to_the_tables_and_bits_of_an_uninterrupted_one(s
     killed = subprocess.Popen([sys.executable, str(REPO / "sweep.py"), *flags], cwd=tmp_path, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while not ((tmp_path / second / "last.pt").exists() and _status(tmp_path / "studies/grid/runs.csv", 0) == "done"):
+        while not ((tmp_path / second / "last.pt").exists()
+                   and _status(tmp_path / "studies/grid/runs.csv", 0) == "done"):
             assert killed.poll() is None, "the sweep ended before the second run had begun"
             time.sleep(0.02)
     finally:
@@ -361,7 +364,7 @@ def test_the_measurement_flags_reach_each_runs_validate_nc_and_the_tables_carry_
     assert " | deepfool_robustness | " in (folder / "studies/measured/table.md").read_text()
     plots = sorted(path.name for path in (folder / "synthetic_plots" / run.name).iterdir())
     with working_directory(folder):
-        assert plots == sorted([*plotting.run_figure_names(run_folder("ce", 0)), "tpt_table.md"])
+        assert plots == sorted([*reports.figure_files(runs.read_nc_metrics(run_folder("ce", 0))), "tpt_table.md"])
     assert {"fig8_adversarial_robustness.png", "layerwise_nc1.png"} <= set(plots)
 
 
@@ -469,7 +472,7 @@ def test_an_lr_grid_table_marks_the_chosen_learning_rate_of_each_group(tmp_path)
         runs.merge_nc_metrics(run_dir, [row])  # and summary.json
         plots = tmp_path / "synthetic_plots" / run_dir.name
         plots.mkdir(parents=True)
-        for name in [*plotting.run_figure_names(run_dir), "tpt_table.md"]:
+        for name in [*reports.figure_files(runs.read_nc_metrics(run_dir)), "tpt_table.md"]:
             (plots / name).touch()
         entries.append({"run_dir": str(run_dir), "settings": {"lr": lr, "seed": seed}, "train": [], "validate": [],
                         "epochs": 2})

@@ -10,20 +10,19 @@ import config
 import runs
 import train
 from errors import UserError
+from conftest import tiny_flags
 
-TINY = ("--dataset", "synthetic", "--width", "4", "--epochs", "3", "--num-checkpoints", "3",
-        "--samples-per-class", "20", "--device", "cpu")
+TINY = tiny_flags(3)
 
 
 def run_train(run_dir, *flags: str) -> int:
     return train.main(train.parse_args([*TINY, "--run-dir", str(run_dir), *flags]))
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    assert run_train(run_dir) == 0
-    return run_dir
+@pytest.fixture
+def tiny_run(tiny_trained):
+    """The tiny run of TINY's flags, trained once for the whole test run (read only)."""
+    return tiny_trained
 
 
 def test_the_run_folder_holds_config_log_and_checkpoints(tiny_run):

@@ -16,6 +16,7 @@ import torch
 
 import config
 import plotting
+import reports
 import runs
 import studies
 import study_files
@@ -263,7 +264,7 @@ def test_the_panel_the_minority_figure_and_table1_draw_a_ufm_run_with_steps_on_t
     for figure in (plotting.panel_figure([folder]), plotting.minority_figure([folder])):
         assert {ax.get_xlabel() for ax in figure.axes if ax.get_xlabel() and "N_c" not in ax.get_xlabel()} == {"step"}
         plotting.plt.close(figure)
-    row = plotting.table1([folder])[0]
+    row = reports.table1([folder])[0]
     assert (row["dataset"], row["model"], row["last_epoch"]) == ("UFM", "K=4, d=5", 30)
     assert row["last_test_acc"] is None and row["change"] is None
 

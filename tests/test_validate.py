@@ -8,33 +8,25 @@ import pytest
 import torch
 from PIL import Image
 
+import datasets
+import engine
 import runs
 import train
 import validate_nc
 from errors import UserError
+from conftest import tiny_flags, validate
 
-TINY = ("--dataset", "synthetic", "--width", "4", "--epochs", "3", "--num-checkpoints", "3",
-        "--samples-per-class", "20", "--device", "cpu")
+TINY = tiny_flags(3)
 FIGURES = ["fig2_equinorm.png", "fig3_equiangularity.png", "fig4_max_equiangularity.png", "fig5_self_duality.png",
            "fig6_nc1.png", "fig7_ncc_mismatch.png", "training_curves.png", "panel.png"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny trained run, copied afresh for each test so that tests cannot see each other's results."""
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    train.main(train.parse_args([*TINY, "--run-dir", str(run_dir)]))
-    return run_dir
-
-
 @pytest.fixture
-def run_dir(trained, tmp_path):
-    return shutil.copytree(trained, tmp_path / "run")
+def run_dir(tiny_trained, tmp_path):
+    """The tiny run of TINY's flags (trained once for the whole test run), copied afresh for each test so that
+    tests cannot see each other's results."""
+    return shutil.copytree(tiny_trained, tmp_path / "run")
 
-
-def validate(run_dir, *flags: str) -> int:
-    return validate_nc.main(validate_nc.parse_args(
-        ["--run-dir", str(run_dir), "--plots-dir", str(run_dir.parent / "plots"), "--device", "cpu", *flags]))
 
 
 @pytest.mark.slow
@@ -157,7 +149,8 @@ def test_the_same_flags_find_the_folder_train_wrote(tmp_path, monkeypatch):
     assert [row["epoch"] for row in runs.read_nc_metrics(run_dir)] == [1]
     assert (tmp_path / "synthetic_plots" / run_dir.name / "fig6_nc1.png").is_file()
     train.main(train.parse_args([*flags, "--batch-size", "64", "--epochs", "1", "--num-checkpoints", "1"]))
-    assert validate_nc.main(validate_nc.parse_args([*flags, "--batch-size", "64", "--epochs", "1"])) == 0  # the training batch
+    # the training batch
+    assert validate_nc.main(validate_nc.parse_args([*flags, "--batch-size", "64", "--epochs", "1"])) == 0
     assert runs.read_nc_metrics(tmp_path / "runs" / "synthetic-resnet18-ce-seed0-w4-spc20-ep1-bs64")
 
 
@@ -229,3 +222,27 @@ def test_the_tpt_onset_is_the_clean_eval_mode_accuracy_not_the_running_one_of_a_
     assert summary["tpt_test_acc"] == next(row["test_acc"] for row in measured if row["epoch"] == onset)
     table = (run_dir.parent / "plots" / "tpt_table.md").read_text().splitlines()[2]
     assert table.split("|")[3].strip() == str(onset)
+
+
+@pytest.mark.slow
+def test_test_samples_evaluates_and_measures_on_exactly_its_subset_of_the_test_split(tmp_path):
+    """Trained and measured with --test-samples 30: the test accuracy of log.csv and nc_metrics.csv is that of
+    the checkpoint's network on the 30 chosen test images (3 per class), counted here by hand."""
+    run_dir = tmp_path / "run"
+    flags = tiny_flags(1, 1, 20, "--test-samples", "30", "--seed", "3")
+    assert train.main(train.parse_args([*flags, "--run-dir", str(run_dir)])) == 0
+    assert validate(run_dir) == 0
+    settings = runs.read_config(run_dir)
+    assert settings["test_samples"] == 30 and run_dir.parent.joinpath("plots", "panel.png").is_file()
+    whole = datasets.load_run_data({**settings, "test_samples": None}, settings["data_root"], False,
+                                   torch.device("cpu")).test
+    chosen = datasets.test_subset_indices(whole[1], 30, seed=3)
+    assert torch.bincount(whole[1][chosen]).tolist() == [3] * 10
+    state = runs.load_checkpoint(runs.checkpoint_path(run_dir, 1))
+    model = engine.build_model(state["config"], torch.device("cpu"))
+    model.load_state_dict(state["model"])
+    with torch.no_grad():
+        logits = model.eval()(datasets.normalize(whole[0][chosen], **settings["normalization"]))
+    correct = int((logits.argmax(1) == whole[1][chosen]).sum())
+    assert runs.read_nc_metrics(run_dir)[0]["test_acc"] == pytest.approx(correct / 30, abs=1e-12)
+    assert runs.read_log(run_dir)[0]["test_acc"] == pytest.approx(correct / 30, abs=1e-12)
