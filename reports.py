@@ -27,7 +27,8 @@ TPT_TABLE = "tpt_table.md"
 TABLE1_COLUMNS = ["dataset", "model", "tpt_epoch", "tpt_test_acc", "last_epoch", "last_test_acc", "change"]
 TABLE1_STATS = TABLE1_COLUMNS[2:]
 SPREAD = ("mean", "min", "max")
-TABLE1_HEADERS = {"run_dir": "run", "runs": "runs", "runs_tpt": "runs reaching the TPT", "dataset": "dataset",
+TABLE1_HEADERS = {"run_dir": "run", "label": "run",
+                  "runs": "runs", "runs_tpt": "runs reaching the TPT", "dataset": "dataset",
                   "model": "network", "tpt_epoch": "TPT onset epoch", "tpt_test_acc": "test accuracy at the TPT onset",
                   "last_epoch": "last epoch", "last_test_acc": "test accuracy at the last epoch",
                   "change": "change (points)"}
@@ -127,8 +128,9 @@ def table1_columns(group_by: list[str] = ()) -> list[str]:
 
 def table1_markdown(rows: list[dict], group_by: list[str] = (), run_column: bool = True) -> str:
     """`table1`'s rows as a Markdown table (accuracies in percent, a group's statistics as mean [minimum,
-    maximum]) with a note on its terms; `run_column` False leaves out the runs' folders."""
-    columns = ([*group_by, "runs", "runs_tpt"] if group_by else ["run_dir"] * run_column) + TABLE1_COLUMNS
+    maximum]) with a note on its terms, each run named by its label as the figures name it; `run_column` False
+    leaves out the runs' names."""
+    columns = ([*group_by, "runs", "runs_tpt"] if group_by else ["label"] * run_column) + TABLE1_COLUMNS
     header = [TABLE1_HEADERS.get(column) or config.LABELS.get(column) or column for column in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_table1_cell(column, row) for column in columns) + " |" for row in rows]
@@ -284,8 +286,8 @@ def _table1_cell(column: str, row: dict) -> str:
         return "n/a"
     if column in TABLE1_STATS:
         return show(value)
-    if column == "run_dir":
-        return f"`{value}`"
+    if column == "label":
+        return value.replace("|", r"\|")
     return f"{value:g}" if isinstance(value, float) else _setting_cell(value)
 
 

@@ -524,12 +524,13 @@ def test_table_1_gives_each_runs_onset_accuracies_and_change_as_markdown_and_csv
     printed = capsys.readouterr().out
     assert printed.startswith(out.read_text()) and str(out.with_suffix(".csv")) in printed
     assert markdown_rows(out.read_text()) == [
-        [f"`{run_dirs[0]}`", "synthetic", "resnet18", "5", "70.00%", "10", "76.00%", "+6.00"],
-        [f"`{run_dirs[1]}`", "synthetic", "resnet18", "10", "75.00%", "10", "75.00%", "+0.00"],
-        [f"`{run_dirs[2]}`", "synthetic", "resnet18", "5", "72.00%", "10", "80.00%", "+8.00"],
-        [f"`{run_dirs[3]}`", "synthetic", "resnet18", "not reached by epoch 10 (best train accuracy 99.00%)", "n/a",
+        ["loss=ce, seed=0", "synthetic", "resnet18", "5", "70.00%", "10", "76.00%", "+6.00"],
+        ["loss=ce, seed=1", "synthetic", "resnet18", "10", "75.00%", "10", "75.00%", "+0.00"],
+        ["loss=ce, seed=2", "synthetic", "resnet18", "5", "72.00%", "10", "80.00%", "+8.00"],
+        ["loss=mse, seed=0", "synthetic", "resnet18", "not reached by epoch 10 (best train accuracy 99.00%)", "n/a",
          "10", "60.00%", "n/a"],
-        [f"`{run_dirs[4]}`", "synthetic", "resnet18", "5", "55.00%", "10", "65.00%", "+10.00"]]
+        ["loss=mse, seed=1", "synthetic", "resnet18", "5", "55.00%", "10", "65.00%", "+10.00"]]
+    assert str(tmp_path) not in out.read_text()  # runs named as the figures name them, never by their paths
     with open(out.with_suffix(".csv"), newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["run_dir"] for row in rows] == [str(run) for run in run_dirs]
@@ -597,7 +598,7 @@ def test_table_1_of_a_study_folder_is_that_of_its_finished_runs(tmp_path, monkey
     run_dirs = table_runs(tmp_path / "runs")[:3]
     study = write_study(tmp_path, run_dirs, ["seed"])
     assert plotting.main(plotting.parse_args(["table", str(study)])) == 0
-    assert [row[0] for row in markdown_rows(capsys.readouterr().out)] == [f"`{run}`" for run in run_dirs]
+    assert [row[0] for row in markdown_rows(capsys.readouterr().out)] == ["seed=0", "seed=1", "seed=2"]
     assert plotting.main(plotting.parse_args(["table", str(study), "--group-by", "loss"])) == 0
     assert markdown_rows(capsys.readouterr().out)[0][:6] == ["ce", "3", "3", "synthetic", "resnet18", "6.7 [5, 10]"]
 
