@@ -126,26 +126,17 @@ def test_a_compiled_run_matches_the_eager_one_and_saves_plain_weights(tmp_path):
         assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-3)
 
 
-def test_evaluating_less_often_leaves_training_unchanged(tmp_path):
+@pytest.mark.parametrize("eval_every, evaluated", [("3", [3, 4]), ("0", [])])
+def test_evaluating_less_often_or_never_leaves_training_unchanged(tmp_path, eval_every, evaluated):
+    # --eval-every 3: every third epoch and the last (the only analysis checkpoint); 0: never, test columns empty
     assert run_train(tmp_path / "every", "--epochs", "4", "--num-checkpoints", "1") == 0
-    assert run_train(tmp_path / "sparse", "--epochs", "4", "--num-checkpoints", "1", "--eval-every", "3") == 0
-    every = torch.load(tmp_path / "every" / "last.pt", weights_only=True)["model"]
-    sparse = torch.load(tmp_path / "sparse" / "last.pt", weights_only=True)["model"]
+    assert run_train(tmp_path / "sparse", "--epochs", "4", "--num-checkpoints", "1", "--eval-every", eval_every) == 0
+    every, sparse = (runs.load_checkpoint(tmp_path / name / "last.pt")["model"] for name in ("every", "sparse"))
     assert all(torch.equal(every[key], sparse[key]) for key in every)
-    evaluated = [row["epoch"] for row in runs.read_log(tmp_path / "sparse") if row["test_acc"] is not None]
-    assert evaluated == [3, 4]  # every third epoch, and the last (the only analysis checkpoint)
+    log = runs.read_log(tmp_path / "sparse")
+    assert [row["epoch"] for row in log] == [1, 2, 3, 4]
+    assert [row["epoch"] for row in log if row["test_acc"] is not None] == evaluated
     dense = {row["epoch"]: row for row in runs.read_log(tmp_path / "every")}
-    assert all(row["test_acc"] == dense[row["epoch"]]["test_acc"] for row in runs.read_log(tmp_path / "sparse")
-               if row["test_acc"] is not None)
-
-
-def test_without_evaluation_the_test_columns_stay_empty_and_training_is_unchanged(tmp_path):
-    assert run_train(tmp_path / "every", "--epochs", "2", "--num-checkpoints", "1") == 0
-    assert run_train(tmp_path / "never", "--epochs", "2", "--num-checkpoints", "1", "--eval-every", "0") == 0
-    every = torch.load(tmp_path / "every" / "last.pt", weights_only=True)["model"]
-    never = torch.load(tmp_path / "never" / "last.pt", weights_only=True)["model"]
-    assert all(torch.equal(every[key], never[key]) for key in every)
-    log = runs.read_log(tmp_path / "never")
-    assert [row["epoch"] for row in log] == [1, 2]
-    assert all(row[key] is None for row in log for key in ("test_loss", "test_acc", "test_ece"))
+    assert all(row[key] == dense[row["epoch"]][key] if row["epoch"] in evaluated else row[key] is None
+               for row in log for key in ("test_loss", "test_acc", "test_ece"))
 
