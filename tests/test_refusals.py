@@ -10,6 +10,7 @@ import math
 import os
 import re
 import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -401,8 +402,11 @@ sys.meta_path.insert(0, InterruptAtTorch())
 @pytest.mark.slow
 def test_ctrl_c_while_torch_loads_is_one_line(tmp_path, script):
     (tmp_path / "sitecustomize.py").write_text(INTERRUPT_AT_TORCH)
+    # SIGINT at its default, as in a user's shell: a suite started in the background (`&` without job control)
+    # ignores it, and children inherit that
     result = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**ONE_THREAD, "PYTHONPATH": str(tmp_path)})
+                            env={**ONE_THREAD, "PYTHONPATH": str(tmp_path)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert result.returncode == 130 and result.stderr.splitlines() == [
         "interrupted: run the same command again to continue where it stopped"], result.stderr
 
