@@ -1020,7 +1020,7 @@ def _describe(lines: list[_Line]) -> str:
     """Dataset / model of the runs (a folder dataset by its folder's name, never its path), the departures
     from the paper's protocol they share and, for one line, whether its training error never reached zero."""
     every = [run for line in lines for run in line.configs]
-    pairs = "; ".join(dict.fromkeys(f"{reports.dataset_name(run.get('dataset', '?'))} / {run.get('model', '?')}"
+    pairs = "; ".join(dict.fromkeys(f"{reports.dataset_label(run.get('dataset', '?'))} / {run.get('model', '?')}"
                                     for run in every))
     shared = [text for text in config.protocol_departures(every[0])
               if all(text in config.protocol_departures(run) for run in every[1:])]

@@ -222,7 +222,7 @@ def folder_names(run_dirs: list[Path]) -> list[str]:
     return [Path(run_dir).resolve().name for run_dir in run_dirs]  # one folder given twice: nothing tells them apart
 
 
-def dataset_name(name: str) -> str:
+def dataset_label(name: str) -> str:
     """A dataset as figures and labels name it: a folder of one's own images by the folder's name, not its path."""
     return Path(name[len(datasets.FOLDER_PREFIX):]).name if datasets.is_folder(name) else name
 
@@ -238,7 +238,7 @@ def _applied_settings(run: dict) -> dict:
         if key == "samples_per_class" and value is None:
             value = "all"
         elif key == "dataset" and value is not None:
-            value = dataset_name(value)
+            value = dataset_label(value)
         elif key == "lr_milestones" and value == config.default_milestones(run.get("epochs") or 0):
             value = _DEFAULT_MILESTONES
         if value is not None:

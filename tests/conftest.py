@@ -2,6 +2,7 @@
 test files share (`from conftest import ...`): the tiny runs' flags, running a script in its own process or
 validate_nc.py in this one, and the check of a one-line refusal; and a time limit per test."""
 import faulthandler
+import importlib.util
 import os
 import re
 import resource
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -40,6 +42,26 @@ def command(*args: str, cwd: Path = REPO, file_size_limit: int | None = None) ->
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
     return subprocess.run([sys.executable, *args], cwd=cwd, env=ONE_THREAD, capture_output=True, text=True,
                           timeout=600, preexec_fn=limit if file_size_limit is not None else None)
+
+
+def start(*args: str) -> subprocess.Popen:
+    """`command` without waiting: a script (a path in the repository) in its own process with one thread, its
+    stderr piped."""
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=ONE_THREAD, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def load_script(path: str) -> ModuleType:
+    """A script under scripts/ (not a package) imported as a module, as its tests call its functions."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem + "_script", REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def without_seconds(rows: list[dict]) -> list[dict]:
+    """log.csv's rows without their `seconds`, the one column that differs between equal runs."""
+    return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:

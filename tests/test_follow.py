@@ -16,16 +16,11 @@ import pytest
 import runs
 import validate_nc
 from errors import UserError
-from conftest import ONE_THREAD
+from conftest import start, ONE_THREAD
 from test_logs import run_on_a_terminal
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "synthetic", "--width", "4", "--samples-per-class", "20", "--device", "cpu"]
-
-
-def start(script: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / script), *args], cwd=REPO, env=ONE_THREAD,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def follower_args(run_dir: Path, grace: str) -> list[str]:

@@ -1,7 +1,6 @@
 """scripts/gpu_check.sh: on a CPU it refuses to run the GPU checks, and --tiny --compile adds the compiled
 trainer against the eager one (the rest of --tiny runs inside scripts/paper_scale.sh --tiny, in
 test_paper_scale.py)."""
-import importlib.util
 import os
 import subprocess
 from pathlib import Path
@@ -9,16 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_script
 from errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def script():
-    spec = importlib.util.spec_from_file_location("gpu_check_script", REPO / "scripts" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/gpu_check.py")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the check would run")

@@ -1,19 +1,17 @@
 """scripts/paper_scale.sh: its --tiny dry run end to end (the tables, panel, timings with the command and
 the archive it packs), a run cut by its deadline packing what it measured, --prepare, and the choice of
 precision and folder names from the known speeds."""
-import importlib.util
 import signal
 import subprocess
 import tarfile
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from PIL import Image
 
 import runs
-from conftest import ONE_THREAD
+from conftest import load_script, ONE_THREAD
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = ["config.json", "log.csv", "summary.json", "nc_metrics.csv", "tpt_table.md", "timings.txt", "panel.png"]
@@ -26,11 +24,8 @@ def paper_scale(tmp_path: Path, *flags: str, env: dict | None = None) -> subproc
                           capture_output=True, text=True, timeout=900)
 
 
-def script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("paper_scale_script", REPO / "scripts" / "paper_scale.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def script():
+    return load_script("scripts/paper_scale.py")
 
 
 def archived(path: Path) -> dict[str, bytes]:

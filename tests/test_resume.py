@@ -19,17 +19,12 @@ import errors
 import runs
 import train
 from errors import UserError
-from conftest import tiny_flags, ONE_THREAD
+from conftest import command, tiny_flags, without_seconds, ONE_THREAD
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = tiny_flags(4, 3, 20, "--deterministic")
 # 200 images in batches of 128: two optimizer steps per epoch. Saves per epoch: the analysis
 # checkpoint (epochs 1, 2, 4) and last.pt.
-
-
-def command(script: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=ONE_THREAD,
-                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +50,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_one(uninterrupted, tmp_path, 
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after epoch 1" in resumed.stdout
     assert not list(run_dir.rglob("*.tmp"))
-    assert _without_seconds(runs.read_log(run_dir)) == _without_seconds(runs.read_log(uninterrupted))
+    assert without_seconds(runs.read_log(run_dir)) == without_seconds(runs.read_log(uninterrupted))
     for name in ["last.pt", *(f"checkpoints/epoch_{epoch:04d}.pt" for epoch in (1, 2, 4))]:
         expected = torch.load(uninterrupted / name, weights_only=True)["model"]
         got = torch.load(run_dir / name, weights_only=True)["model"]
@@ -74,7 +69,7 @@ def test_last_pt_at_the_checkpoints_only_resumes_to_the_uninterrupted_run(uninte
     assert runs.read_log(run_dir)[-1]["epoch"] == 3
     resumed = command("train.py", *TINY, "--save-last", "checkpoint", "--run-dir", str(run_dir))
     assert resumed.returncode == 0 and "resuming after epoch 2" in resumed.stdout, resumed.stderr
-    assert _without_seconds(runs.read_log(run_dir)) == _without_seconds(runs.read_log(uninterrupted))
+    assert without_seconds(runs.read_log(run_dir)) == without_seconds(runs.read_log(uninterrupted))
     expected = torch.load(uninterrupted / "last.pt", weights_only=True)["model"]
     got = torch.load(run_dir / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(expected[key], got[key]) for key in expected)
@@ -260,7 +255,8 @@ def test_user_errors_are_one_line_and_a_non_zero_exit(tmp_path, script, args, me
     (tmp_path / "file.txt").write_text("not a folder")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{half")
-    result = command(script, *(arg.format(tmp=tmp_path) for arg in args), "--device", "cpu", cwd=tmp_path)
+    result = command(str(REPO / script), *(arg.format(tmp=tmp_path) for arg in args), "--device", "cpu",
+                     cwd=tmp_path)
     assert result.returncode == 2
     last_line = result.stderr.strip().splitlines()[-1]  # argparse prints its usage above it
     assert "error: " in last_line and message in last_line
@@ -277,8 +273,3 @@ def _assert_plain(value) -> None:
             _assert_plain(item)
     else:
         assert value is None or isinstance(value, (torch.Tensor, str, int, float, bool)), type(value)
-
-
-def _without_seconds(rows: list[dict]) -> list[dict]:
-    return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
-

@@ -21,16 +21,11 @@ import runs
 import train
 import validate_nc
 from errors import UserError
-from conftest import command, one_line_error, tiny_flags, ONE_THREAD
+from conftest import command, one_line_error, start, tiny_flags
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = tiny_flags()
 
-
-
-def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=ONE_THREAD,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_lock(run_dir: Path, process: subprocess.Popen) -> None:
@@ -47,7 +42,8 @@ def wait_for_lock(run_dir: Path, process: subprocess.Popen) -> None:
 @pytest.mark.slow
 def test_a_second_train_on_a_folder_being_trained_is_refused_and_touches_nothing(tmp_path):
     run_dir = tmp_path / "run"
-    first = start(*TINY, "--epochs", "40", "--num-checkpoints", "2", "--lr", "0.05", "--run-dir", str(run_dir))
+    first = start("train.py", *TINY, "--epochs", "40", "--num-checkpoints", "2", "--lr", "0.05",
+                  "--run-dir", str(run_dir))
     try:
         wait_for_lock(run_dir, first)
         before = {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")}
@@ -69,7 +65,7 @@ def test_a_second_train_on_a_folder_being_trained_is_refused_and_touches_nothing
 @pytest.mark.slow
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     run_dir = tmp_path / "run"
-    first = start(*TINY, "--epochs", "40", "--run-dir", str(run_dir))
+    first = start("train.py", *TINY, "--epochs", "40", "--run-dir", str(run_dir))
     wait_for_lock(run_dir, first)
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)

@@ -10,7 +10,7 @@ import config
 import runs
 import train
 from errors import UserError
-from conftest import tiny_flags
+from conftest import tiny_flags, without_seconds
 
 TINY = tiny_flags(3)
 
@@ -60,7 +60,7 @@ def test_the_same_seed_gives_identical_weights_and_log(tiny_run, tmp_path):
     first = torch.load(tiny_run / "last.pt", weights_only=True)["model"]
     second = torch.load(tmp_path / "again" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(first[key], second[key]) for key in first)
-    assert _without_seconds(runs.read_log(tiny_run)) == _without_seconds(runs.read_log(tmp_path / "again"))
+    assert without_seconds(runs.read_log(tiny_run)) == without_seconds(runs.read_log(tmp_path / "again"))
 
 
 def test_another_seed_gives_other_weights(tiny_run, tmp_path):
@@ -98,10 +98,6 @@ def test_a_missing_dataset_names_the_folder_and_the_flag(tmp_path):
     with pytest.raises(UserError, match=r"CIFAR10 not found in .*data.*--download"):
         train.main(train.parse_args(["--dataset", "cifar10", "--data-root", str(tmp_path / "data"),
                                      "--run-dir", str(tmp_path / "run"), "--device", "cpu"]))
-
-
-def _without_seconds(rows: list[dict]) -> list[dict]:
-    return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
